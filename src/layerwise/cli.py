@@ -1,0 +1,160 @@
+"""``layerwise`` command line: fit | plan | evaluate | predict | export | models.
+
+Every flag defaults to "unset", so a ``--config`` file supplies what the flags do not.
+User errors exit with code 2 and a one-paragraph message, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from layerwise.errors import LayerwiseError
+
+S = argparse.SUPPRESS
+
+
+def _kv_map(cast: Callable[[str], Any]) -> Callable[[str], dict]:
+    def parse(text: str) -> dict:
+        out = {}
+        for item in filter(None, text.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise argparse.ArgumentTypeError(f"expected key=value pairs separated by commas, got {item!r}")
+            try:
+                out[key.strip()] = cast(value.strip())
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(f"bad value in {item!r}: {e}") from e
+        return out
+
+    return parse
+
+
+def _schedule(text: str) -> dict[int, str]:
+    """``0:fc,2:layer4`` -> {0: 'fc', 2: 'layer4'} (the tutorial's gradual schedule)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        epoch, sep, group = item.partition(":")
+        if not sep or not epoch.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected epoch:group pairs like 0:head,2:layer4, got {item!r}")
+        out[int(epoch)] = group.strip()
+    return out
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from layerwise.models import HEADS
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=S, help="torchvision or timm name; timm/NAME or torchvision/NAME forces one "
+                   "(default efficientnet_lite0, offline ImageNet weights)")
+    g.add_argument("--weights", default=S, help="default | none | torchvision weights name (IMAGENET1K_V2) | "
+                   "timm tag | path to .pth/.safetensors")
+    g.add_argument("--head", choices=HEADS, default=S, help="new classifier: linear, or the tutorial's dropout MLP")
+    g.add_argument("--hidden", type=int, default=S, help="MLP head width (512)")
+    g.add_argument("--groups", type=_kv_map(str), default=S, metavar="NAME=PATTERN,...",
+                   help="your own grouping: group name -> module path or regex, stem first")
+
+
+def _add_strategy_args(p: argparse.ArgumentParser) -> None:
+    from layerwise.strategies import STRATEGIES
+
+    g = p.add_argument_group("strategy")
+    g.add_argument("--strategy", choices=list(STRATEGIES), default=S, help="default auto")
+    g.add_argument("--epochs", type=int, default=S, help="default 4")
+    g.add_argument("--lr", type=float, default=S, help="base LR: the head's (default 1e-3)")
+    g.add_argument("--from-group", dest="from_group", default=S, help="partial: first trainable group")
+    g.add_argument("--decay", type=float, default=S, help="discriminative: LR divisor per group (2.6)")
+    g.add_argument("--every", type=int, default=S, help="gradual: epochs between unfreezes")
+    g.add_argument("--schedule", type=_schedule, default=S, metavar="E:GROUP,...",
+                   help="gradual: the tutorial's {epoch: group} schedule, e.g. 0:head,2:layer4,4:layer3")
+    g.add_argument("--probe-epochs", dest="probe_epochs", type=int, default=S, help="lp-ft: head-only epochs")
+    g.add_argument("--ft-lr-mult", dest="ft_lr_mult", type=float, default=S, help="lp-ft: LR multiplier after the probe")
+    g.add_argument("--lr-map", dest="lr_map", type=_kv_map(float), default=S, metavar="GROUP=MULT,...",
+                   help="differential: LR multiplier per group (missing groups stay frozen)")
+    g.add_argument("--wd-map", dest="wd_map", type=_kv_map(float), default=S, metavar="GROUP=WD,...",
+                   help="weight decay per group, e.g. head=1e-2")
+    g.add_argument("--layer-decay", dest="layer_decay", type=float, default=S,
+                   help="timm-style layer-wise LR decay over blocks (e.g. 0.75)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 1e-4; norms/biases exempt")
+    g.add_argument("--bn", choices=["frozen", "train"], default=S, help="frozen groups' BatchNorm (default frozen)")
+
+
+def _config_from(args: argparse.Namespace, skip: Sequence[str] = ()) -> "RunConfig":
+    from layerwise.config import RunConfig, from_mapping, load_yaml
+
+    values = vars(args).copy()
+    for k in ("command", "func", "config", "json", "num_classes", "images_per_class", *skip):
+        values.pop(k, None)
+    base = from_mapping(load_yaml(args.config)) if getattr(args, "config", None) else RunConfig()
+    return from_mapping(values, base)
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from layerwise.plan import setup
+
+    cfg = _config_from(args)
+    s = setup(cfg, args.num_classes, images_per_class=args.images_per_class)
+    print(json.dumps(s.plan.to_dict(), indent=2) if args.json else s.plan.table())
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from layerwise.models import KNOWN_MODELS, describe
+
+    names = args.names or KNOWN_MODELS
+    for name in names:
+        print(describe(name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from layerwise.strategies import STRATEGIES
+
+    p = argparse.ArgumentParser(
+        prog="layerwise",
+        description="Fine-tune pretrained image classifiers with per-layer control. "
+        f"Strategies: {', '.join(STRATEGIES)}.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pl = sub.add_parser("plan", help="print which groups train, when, at which LR and weight decay")
+    _add_model_args(pl)
+    _add_strategy_args(pl)
+    pl.add_argument("--num-classes", dest="num_classes", type=int, default=10)
+    pl.add_argument("--images-per-class", dest="images_per_class", type=float, default=None,
+                    help="dataset size, for --strategy auto")
+    pl.add_argument("--config", default=None, help="YAML config; flags override it")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (the documented contract)")
+    pl.set_defaults(func=cmd_plan)
+
+    mo = sub.add_parser("models", help="known architectures, their layer groups and offline weights")
+    mo.add_argument("names", nargs="*", help="model names (default: a representative list)")
+    mo.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LayerwiseError as e:
+        print(f"layerwise {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"layerwise {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Run configuration: one flat dataclass, YAML in and out, validated with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+# Settings a strategy may imply (the recipe's); None means "not set by the user".
+DEFAULTS: dict[str, Any] = {
+    "head": "linear",
+    "optimizer": "adamw",
+    "weight_decay": 1e-4,
+    "scheduler": "cosine",
+    "label_smoothing": 0.0,
+    "t0": 5,
+    "t_mult": 2,
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; ``config.yaml`` is this, resolved."""
+
+    data: str | None = None
+    model: str = "efficientnet_lite0"
+    weights: str = "default"
+    strategy: str = "auto"
+    epochs: int = 4
+    lr: float = 1e-3
+    batch_size: int = 64
+    img_size: int | None = None  # None: the model's pretrained resolution
+    augment: str = "light"
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    val_split: float = 0.2
+    # strategy knobs
+    from_group: str | None = None
+    decay: float = 2.6
+    every: int | None = None
+    schedule: dict[int, str] | None = None
+    probe_epochs: int | None = None
+    ft_lr_mult: float = 0.1
+    lr_map: dict[str, float] | None = None
+    wd_map: dict[str, float] | None = None
+    layer_decay: float | None = None
+    groups: dict[str, Any] | None = None  # user grouping: name -> path/regex
+    bn: str = "frozen"
+    # training (None: the strategy's or the library's default)
+    head: str | None = None
+    hidden: int = 512
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    scheduler: str | None = None
+    warmup_epochs: float = 0.0
+    t0: int | None = None
+    t_mult: int | None = None
+    label_smoothing: float | None = None
+    momentum: float = 0.9
+    clip_grad: float | None = None
+    ema: float | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    patience: int | None = None
+    workers: int | None = None
+    channels_last: bool = True
+    tta: list[str] = field(default_factory=list)
+    quiet: bool = False
+
+    def resolved(self, overrides: Mapping[str, Any] = {}) -> RunConfig:
+        """Fill unset training settings from the strategy's overrides, then defaults."""
+        out = dataclasses.replace(self)
+        for k, default in DEFAULTS.items():
+            if getattr(out, k) is None:
+                setattr(out, k, overrides.get(k, default))
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+KEYS = [f.name for f in fields(RunConfig)]
+
+
+def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """A config from a dict; unknown keys (likely typos) are errors with suggestions."""
+    unknown = [k for k in values if k not in KEYS]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, KEYS, n=1) for k in unknown}
+        msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        raise LayerwiseError(f"unknown config key(s) {msg}; valid keys: {', '.join(KEYS)}")
+    cfg = dataclasses.replace(base or RunConfig(), **values)
+    validate(cfg)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping, parsed with the safe loader."""
+    p = Path(path)
+    if not p.is_file():
+        raise MissingPathError(f"config file {str(p)!r} does not exist")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LayerwiseError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise LayerwiseError(f"config file {str(p)!r} must hold a mapping of settings, got {type(values).__name__}")
+    return values
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject values no run could use, naming the field and the valid range/choices."""
+    from layerwise.augment import PRESETS
+    from layerwise.strategies import STRATEGIES
+
+    if cfg.strategy not in STRATEGIES:
+        raise UnknownNameError("strategy", cfg.strategy, STRATEGIES)
+    if cfg.augment not in PRESETS:
+        raise UnknownNameError("augmentation preset", cfg.augment, PRESETS)
+    if cfg.precision not in PRECISIONS:
+        raise UnknownNameError("precision", cfg.precision, PRECISIONS)
+    if cfg.device not in DEVICES and not str(cfg.device).startswith("cuda:"):
+        raise UnknownNameError("device", cfg.device, DEVICES)
+    for name in ("epochs", "batch_size"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise LayerwiseError(f"{name} must be an integer >= 1, got {v!r}")
+    if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
+        raise LayerwiseError(f"lr must be > 0, got {cfg.lr!r}")
+    if not 0 < cfg.val_split < 1:
+        raise LayerwiseError(f"val_split must be between 0 and 1, got {cfg.val_split!r}")
+    if cfg.img_size is not None and cfg.img_size < 16:
+        raise LayerwiseError(f"img_size must be >= 16 pixels, got {cfg.img_size!r}")
+    from layerwise.tta import VIEWS
+
+    for v in cfg.tta:
+        if v not in VIEWS:
+            raise UnknownNameError("TTA view", v, VIEWS)

