@@ -199,7 +199,8 @@ def _timm_groups(model: nn.Module) -> list[LayerGroup]:
     stages = [s for s in stages if s]
     shapes = {n: p.ndim for n, p in model.named_parameters()}
     if len(stages) > 1 and all(shapes[n] <= 1 for n in stages[-1]):
-        stages[-2] += stages.pop()  # a final norm the matcher left unmatched joins the last stage
+        norm = stages.pop()  # a final norm the matcher left unmatched joins the last stage
+        stages[-1] = stages[-1] + norm
     head = tuple(n for n, _ in model.named_parameters() if is_head(n))
     if not head and len(stages) > 1:  # no separate classifier: the last group is the head
         head = tuple(stages.pop())
