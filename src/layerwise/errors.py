@@ -14,7 +14,7 @@ class UnknownNameError(LayerwiseError, KeyError):
 
     def __init__(self, kind: str, value: object, choices: Iterable[str]) -> None:
         self.kind, self.value, self.choices = kind, value, list(choices)
-        super().__init__(f"unknown {kind} {value!r}; valid {kind}s: {', '.join(self.choices)}")
+        super().__init__(f"unknown {kind} {value!r}; choose one of: {', '.join(self.choices)}")
 
     def __str__(self) -> str:  # KeyError would otherwise quote the whole message
         return self.args[0]

@@ -156,18 +156,19 @@ def _has_params(m: nn.Module) -> bool:
 
 def _fallback_spec(model: nn.Module) -> GroupSpec:
     """Any other module: its top-level children that own parameters, in registration
-    order, with a container (Sequential/ModuleList) of several such children expanded
-    into them; the root's own parameters join the first group; the last group is the
-    head."""
-    entries: list[str] = []
-    for name, child in model.named_children():
-        if not _has_params(child):
-            continue
-        inner = [n for n, c in child.named_children() if _has_params(c)]
-        if isinstance(child, _CONTAINERS) and len(inner) > 1:
-            entries += [f"{name}.{n}" for n in inner]
-        else:
-            entries.append(name)
+    order. While there are fewer than three, a container among them (Sequential,
+    ModuleList: e.g. a lone ``features``) is expanded into its children. The root's own
+    parameters join the first group; the last group is the head."""
+    entries = [n for n, c in model.named_children() if _has_params(c)]
+    modules = dict(model.named_modules())
+    while len(entries) < 3:
+        expandable = [i for i, e in enumerate(entries) if isinstance(modules[e], _CONTAINERS)
+                      and sum(_has_params(c) for c in modules[e].children()) > 1]
+        if not expandable:
+            break
+        i = expandable[0]
+        inner = [f"{entries[i]}.{n}" for n, c in modules[entries[i]].named_children() if _has_params(c)]
+        entries[i:i + 1] = inner
     if not entries:
         return [("head", [""])]
     spec: GroupSpec = [(p, [p]) for p in entries[:-1]] + [("head", [entries[-1]])]

@@ -212,6 +212,19 @@ def _load_file_into(model: nn.Module, state: dict[str, torch.Tensor], num_classe
     return path
 
 
+def load_pretrained(name: str, weights: str = "default") -> tuple[nn.Module, dict, str, str]:
+    """The architecture with its original classifier: ``(model, meta, source, built arch)``.
+
+    ``meta`` holds the preprocessing the weights expect (mean, std, img_size).
+    """
+    source, arch = resolve_name(name)
+    if source == "torchvision":
+        model, meta = _build_torchvision(arch, weights)
+        return model, meta, source, arch
+    model, meta, built = _build_timm(arch, weights)
+    return model, meta, source, built
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -235,19 +248,13 @@ def create_model(
         raise LayerwiseError(f"num_classes must be a positive integer, got {num_classes!r}")
     if head not in HEADS:
         raise UnknownNameError("head", head, HEADS)
-    source, arch = resolve_name(name)
     is_file = weights.endswith((".pth", ".pt", ".safetensors", ".bin"))
-    build_w = "file" if is_file else weights
-    if source == "torchvision":
-        model, meta = _build_torchvision(arch, build_w)
-        built = arch
-    else:
-        model, meta, built = _build_timm(arch, build_w)
+    model, meta, source, built = load_pretrained(name, "file" if is_file else weights)
     if is_file:
         path = _load_file_into(model, load_state_file(weights), num_classes, head, hidden)
     else:
         path = replace_head(model, num_classes, head, hidden)
-    notes = [f"{name} built as timm {built} with mean=std=0.5 for the TF-origin Lite0 weights"] if built != arch else []
+    notes = [f"{name} built as timm {built} with mean=std=0.5 for the TF-origin Lite0 weights"] if built != name.rpartition("/")[2] else []
     return LoadedModel(model, name, source, built, weights, path, num_classes, notes=notes, **meta)
 
 

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny models and images made in the test, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any accidental hub call fails fast
+torch.set_num_threads(2)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class TinyNet(nn.Module):
+    """A BatchNorm conv net with ResNet-style names, small enough for per-step tests."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.layer1 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+@pytest.fixture
+def tiny() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 24, split: bool = True) -> Path:
+    """Class folders of coloured-square images that a model can learn quickly."""
+    g = torch.Generator().manual_seed(0)
+    colours = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (200, 200, 40), (200, 40, 200)]
+    subsets = {"train": per_class, "val": max(2, per_class // 2)} if split else {"": per_class}
+    for sub, n in subsets.items():
+        for c in range(classes):
+            d = root / sub / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                noise = torch.randint(0, 40, (size, size, 3), generator=g)
+                px = (torch.tensor(colours[c % len(colours)]) + noise).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(px.numpy()).save(d / f"{i}.png")
+    return root

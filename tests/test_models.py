@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from layerwise.augment import eval_transform
+from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError
+from layerwise.models import create_model, load_pretrained, resolve_name
+
+
+def test_bare_names_prefer_torchvision_then_timm():
+    assert resolve_name("resnet50") == ("torchvision", "resnet50")
+    assert resolve_name("convnext_tiny") == ("torchvision", "convnext_tiny")
+    assert resolve_name("efficientnet_lite0") == ("timm", "efficientnet_lite0")
+    assert resolve_name("timm/resnet50") == ("timm", "resnet50")
+    assert resolve_name("torchvision/resnet18") == ("torchvision", "resnet18")
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(UnknownNameError, match="resnet50"):
+        resolve_name("resnet5O")
+    with pytest.raises(UnknownNameError, match="model source"):
+        resolve_name("hub/resnet50")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "convnext_tiny", "vit_b_16", "timm/vit_tiny_patch16_224",
+                                  "mobilenet_v3_small", "densenet121"])
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_head_replaced_for_num_classes(name, head):
+    loaded = create_model(name, 7, weights="none", head=head)
+    loaded.model.eval()
+    with torch.inference_mode():
+        out = loaded.model(torch.zeros(1, 3, 224, 224))
+    assert out.shape == (1, 7)
+    new_head = loaded.model.get_submodule(loaded.head_path)
+    if head == "mlp":
+        kinds = [type(m) for m in new_head]
+        assert kinds == [nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+        assert (new_head[0].p, new_head[3].p, new_head[1].out_features) == (0.5, 0.3, 512)
+    else:
+        assert isinstance(new_head, nn.Linear)
+
+
+def _imagenet_top1(model: nn.Module, mean, std, name: str) -> tuple[int, float]:
+    from sklearn.datasets import load_sample_image
+
+    img = Image.fromarray(load_sample_image(name))
+    x = eval_transform(224, mean, std)(img).unsqueeze(0)
+    model.eval()
+    with torch.inference_mode():
+        p = model(x).softmax(-1)[0]
+    return int(p.argmax()), p
+
+
+def test_lite0_offline_weights_in_their_right_configuration():
+    model, meta, source, built = load_pretrained("efficientnet_lite0")
+    assert (source, built) == ("timm", "tf_efficientnet_lite0")
+    assert meta["mean"] == meta["std"] == (0.5, 0.5, 0.5)
+    top_china, p_china = _imagenet_top1(model, meta["mean"], meta["std"], "china.jpg")
+    top_flower, _ = _imagenet_top1(model, meta["mean"], meta["std"], "flower.jpg")
+    assert (top_china, top_flower) == (698, 985)  # palace; daisy, the nearest class to a dahlia
+    # The wrong configuration (efficientnet_lite0 padding, ImageNet statistics) is less sure.
+    import timm
+
+    from layerwise.models import IMAGENET_MEAN, IMAGENET_STD, lite0_state_dict
+
+    wrong = timm.create_model("efficientnet_lite0")
+    wrong.load_state_dict(lite0_state_dict(wrong))
+    _, p_wrong = _imagenet_top1(wrong, IMAGENET_MEAN, IMAGENET_STD, "china.jpg")
+    assert p_china[698] > p_wrong[698]
+
+
+def test_lite0_default_weights_in_create_model():
+    loaded = create_model("efficientnet_lite0", 10)
+    assert loaded.arch == "tf_efficientnet_lite0" and loaded.notes
+    assert loaded.model.get_classifier().out_features == 10
+
+
+def test_torchvision_weights_name_is_checked_before_download():
+    with pytest.raises(UnknownNameError, match="IMAGENET1K_V1"):
+        create_model("resnet50", 3, weights="IMAGENET1K_V9")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_file_roundtrip(tmp_path, suffix):
+    src = create_model("resnet18", 4, weights="none")
+    path = tmp_path / f"w{suffix}"
+    state = {k: v.contiguous() for k, v in src.model.state_dict().items()}
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    again = create_model("resnet18", 4, weights=str(path))
+    x = torch.randn(2, 3, 64, 64)
+    src.model.eval(), again.model.eval()
+    torch.testing.assert_close(src.model(x), again.model(x))
+
+
+def test_backbone_file_with_imagenet_head_loads_then_head_is_replaced(tmp_path):
+    backbone = load_pretrained("resnet18", "none")[0]
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    loaded = create_model("resnet18", 3, weights=str(tmp_path / "backbone.pth"))
+    torch.testing.assert_close(loaded.model.layer4[0].conv1.weight, backbone.layer4[0].conv1.weight)
+    assert loaded.model.fc.out_features == 3
+
+
+def test_pickled_callable_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": torch.zeros(1), "hook": os.system}, path)
+    with pytest.raises(LayerwiseError, match="refusing to load"):
+        create_model("resnet18", 3, weights=str(path))
+
+
+def test_missing_weights_file():
+    with pytest.raises(MissingPathError, match="does not exist"):
+        create_model("resnet18", 3, weights="nope.safetensors")
