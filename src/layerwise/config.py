@@ -18,6 +18,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # Settings a strategy may imply (the recipe's); None means "not set by the user".
 DEFAULTS: dict[str, Any] = {
     "head": "linear",
+    "augment": "light",
     "optimizer": "adamw",
     "weight_decay": 1e-4,
     "scheduler": "cosine",
@@ -39,7 +40,7 @@ class RunConfig:
     lr: float = 1e-3
     batch_size: int = 64
     img_size: int | None = None  # None: the model's pretrained resolution
-    augment: str = "light"
+    augment: str | None = None  # None: light, or none for the embedded digits
     precision: str = "fp32"
     device: str = "auto"
     seed: int = 0
@@ -126,7 +127,7 @@ def validate(cfg: RunConfig) -> None:
 
     if cfg.strategy not in STRATEGIES:
         raise UnknownNameError("strategy", cfg.strategy, STRATEGIES)
-    if cfg.augment not in PRESETS:
+    if cfg.augment is not None and cfg.augment not in PRESETS:
         raise UnknownNameError("augmentation preset", cfg.augment, PRESETS)
     if cfg.precision not in PRECISIONS:
         raise UnknownNameError("precision", cfg.precision, PRECISIONS)

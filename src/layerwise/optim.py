@@ -196,6 +196,17 @@ SCHEDULES: dict[str, Callable[[int, ScheduleSpec], float]] = {
 }
 
 
+def lr_scale(name: str, step: int, spec: ScheduleSpec) -> float:
+    """Schedule ``name`` at ``step``, with a linear warmup over ``spec.warmup_steps``
+    (one-cycle and warmup-cosine have their own ramp)."""
+    if name not in SCHEDULES:
+        raise UnknownNameError("scheduler", name, SCHEDULES)
+    scale = SCHEDULES[name](step, spec)
+    if name not in ("onecycle", "warmup-cosine") and step < spec.warmup_steps:
+        scale *= (step + 1) / spec.warmup_steps
+    return scale
+
+
 def torch_scheduler(optimizer: torch.optim.Optimizer, name: str, spec: ScheduleSpec) -> torch.optim.lr_scheduler.LRScheduler:
     """A stock torch scheduler configured so each group keeps its own LR (for users who
     bring their own loop). OneCycleLR gets one max LR *per group*, not a scalar that
@@ -209,3 +220,9 @@ def torch_scheduler(optimizer: torch.optim.Optimizer, name: str, spec: ScheduleS
         fn = SCHEDULES[name]
         return sched.LambdaLR(optimizer, lambda step: fn(step, spec))
     raise UnknownNameError("scheduler", name, SCHEDULES)
+
+
+def set_lr_scale(optimizer: torch.optim.Optimizer, lr: float, scale: float) -> None:
+    """Per-step LR update: every group moves by the same ``scale``, keeping its ratio."""
+    for pg in optimizer.param_groups:
+        pg["lr"] = lr * pg["lr_mult"] * scale

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from layerwise.groups import LayerGroup
-from typing import TYPE_CHECKING
-
 from layerwise.strategies import States, Strategy
 
 if TYPE_CHECKING:

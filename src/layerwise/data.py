@@ -1,0 +1,234 @@
+"""Datasets: image folders, CSV files, stratified splits and the embedded default.
+
+DATA is one of:
+- a folder with ``train/`` and ``val/`` (optional ``test/``) class folders;
+- one folder of class folders, split with ``val_split`` (stratified, seeded);
+- a CSV of ``path,label`` rows (paths relative to the CSV), split likewise;
+- nothing: the embedded default, scikit-learn's 1,797 real handwritten digits.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from layerwise.errors import DataError, MissingPathError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+Source = str | np.ndarray  # a file path, or an in-memory HxW / HxWx3 uint8 image
+Item = tuple[Source, int]
+DEFAULT_NAME = "digits (scikit-learn, embedded)"
+DEFAULT_IMG_SIZE = 96  # the digits are 8x8; 96 px measured more accurate than 64 and fast on a CPU
+
+
+@dataclass
+class Splits:
+    """Train/val(/test) items over one class list."""
+
+    train: list[Item]
+    val: list[Item]
+    classes: list[str]
+    test: list[Item] | None = None
+    name: str = ""
+
+    @property
+    def images_per_class(self) -> float:
+        return len(self.train) / max(1, len(self.classes))
+
+
+def open_image(src: Source) -> Image.Image:
+    """An RGB PIL image, with EXIF orientation applied to photos."""
+    if isinstance(src, np.ndarray):
+        return Image.fromarray(src).convert("RGB")
+    with Image.open(src) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            # Composite transparency on white rather than letting it turn black.
+            rgba = im.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(bg, rgba).convert("RGB")
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float32)
+            arr = (255 * (arr - arr.min()) / max(1.0, float(arr.max() - arr.min()))).astype(np.uint8)
+            return Image.fromarray(arr).convert("RGB")
+        return im.convert("RGB")
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label) pairs from items, through ``transform``."""
+
+    def __init__(self, items: Sequence[Item], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        src, label = self.items[i]
+        return self.transform(open_image(src)), label
+
+
+# --- discovery -------------------------------------------------------------------------
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
+def scan_class_folders(root: Path) -> tuple[list[Item], list[str]]:
+    """Items and sorted class names from ``root/<class>/<images>`` (symlinks followed)."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{str(root)!r} has no class folders; expected {root}/<class name>/<images>")
+    items: list[Item] = []
+    for idx, c in enumerate(classes):
+        files = sorted(p for p in (root / c).rglob("*") if p.is_file() and _is_image(p))
+        if not files:
+            raise DataError(
+                f"class folder {str(root / c)!r} has no images ({', '.join(sorted(IMAGE_EXTS))}); "
+                "add images or remove the folder"
+            )
+        items += [(str(p), idx) for p in files]
+    return items, classes
+
+
+def read_csv(path: Path) -> tuple[list[Item], list[str]]:
+    """Items from a ``path,label`` CSV; relative paths are relative to the CSV."""
+    rows = list(csv.reader(path.read_text().splitlines()))
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    pairs, missing, blank = [], [], []
+    for n, row in enumerate(rows, start=2):
+        if not row or not any(c.strip() for c in row):
+            continue
+        if len(row) < 2 or not row[1].strip():
+            blank.append(n)
+            continue
+        p = Path(row[0].strip())
+        p = p if p.is_absolute() else path.parent / p
+        (pairs if p.is_file() else missing).append((str(p), row[1].strip()) if p.is_file() else str(p))
+    if blank:
+        raise DataError(f"{str(path)!r}: rows {blank[:10]} have no label; every row needs path,label")
+    if missing:
+        raise DataError(f"{str(path)!r}: {len(missing)} paths do not exist, e.g. {missing[:3]}; "
+                        "paths are read relative to the CSV file")
+    if not pairs:
+        raise DataError(f"{str(path)!r} lists no images; expected rows of path,label")
+    classes = sorted({label for _, label in pairs})
+    index = {c: i for i, c in enumerate(classes)}
+    return [(p, index[label]) for p, label in pairs], classes
+
+
+def stratified_split(items: Sequence[Item], val_split: float, seed: int, classes: Sequence[str]) -> tuple[list[Item], list[Item]]:
+    """Per class, a seeded shuffle and ``round(n * val_split)`` (at least 1) to val."""
+    rng = random.Random(seed)
+    train, val = [], []
+    by_class: dict[int, list[Item]] = {}
+    for it in items:
+        by_class.setdefault(it[1], []).append(it)
+    for label in sorted(by_class):
+        group = list(by_class[label])
+        k = max(1, round(len(group) * val_split))
+        if k >= len(group):
+            raise DataError(
+                f"class {classes[label]!r} has {len(group)} image(s): --val-split {val_split} leaves it "
+                "no training or no validation image; add images or provide a val/ folder"
+            )
+        rng.shuffle(group)
+        val += group[:k]
+        train += group[k:]
+    return train, val
+
+
+def _check_classes(classes: Sequence[str], where: str) -> None:
+    if len(classes) < 2:
+        raise DataError(f"{where} has a single class ({', '.join(classes)}); a classifier needs at least two")
+
+
+def digits() -> Splits:
+    """The embedded default: 1,797 real 8x8 handwritten digits shipped with scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
+    items = [(img, int(t)) for img, t in zip(imgs, d.target)]
+    classes = [str(i) for i in range(10)]
+    train, val = stratified_split(items, 0.2, 0, classes)
+    return Splits(train, val, classes, name=DEFAULT_NAME)
+
+
+def load_splits(data: str | None, *, val_split: float = 0.2, seed: int = 0) -> Splits:
+    """Resolve DATA (see module docstring) into train/val(/test) items."""
+    if data is None:
+        return digits()
+    root = Path(data)
+    if not root.exists():
+        raise MissingPathError(f"data path {data!r} does not exist; give a folder of class folders, "
+                               "a folder with train/ and val/, or a CSV of path,label")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataError(f"{data!r} is a file but not a .csv; DATA is a folder or a CSV of path,label")
+        items, classes = read_csv(root)
+        _check_classes(classes, data)
+        train, val = stratified_split(items, val_split, seed, classes)
+        return Splits(train, val, classes, name=root.name)
+    if (root / "train").is_dir():
+        train, classes = scan_class_folders(root / "train")
+        _check_classes(classes, str(root / "train"))
+        test = None
+        if (root / "test").is_dir():
+            test = _matching(root / "test", classes)
+        if (root / "val").is_dir():
+            return Splits(train, _matching(root / "val", classes), classes, test, name=root.name)
+        train, val = stratified_split(train, val_split, seed, classes)
+        return Splits(train, val, classes, test, name=root.name)
+    items, classes = scan_class_folders(root)
+    _check_classes(classes, data)
+    train, val = stratified_split(items, val_split, seed, classes)
+    return Splits(train, val, classes, name=root.name)
+
+
+def _matching(folder: Path, classes: Sequence[str]) -> list[Item]:
+    """Items of ``folder`` whose class folders are exactly ``classes``."""
+    items, found = scan_class_folders(folder)
+    if found != list(classes):
+        missing = sorted(set(classes) - set(found))
+        extra = sorted(set(found) - set(classes))
+        raise DataError(
+            f"{str(folder)!r} classes do not match train/: missing {missing or 'none'}, extra {extra or 'none'}; "
+            "every split needs the same class folders"
+        )
+    return items
+
+
+def eval_items(data: str, classes: Sequence[str]) -> list[Item]:
+    """Items to evaluate: a folder of class folders as it is; a dataset root's test/, else val/."""
+    root = Path(data)
+    if not root.exists():
+        raise MissingPathError(f"data path {data!r} does not exist")
+    if root.is_file():
+        items, found = read_csv(root)
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(f"{data!r} has labels the model does not know: {unknown}; known: {list(classes)}")
+        return [(p, index[found[label]]) for p, label in items]
+    for sub in ("test", "val"):
+        if (root / sub).is_dir():
+            return _matching(root / sub, classes)
+    return _matching(root, classes)
+
+
+def class_counts(items: Sequence[Item], classes: Sequence[str]) -> dict[str, int]:
+    counts = Counter(label for _, label in items)
+    return {c: counts.get(i, 0) for i, c in enumerate(classes)}

@@ -1,0 +1,459 @@
+"""The training loop: one optimizer, the plan applied each epoch, one AMP code path.
+
+Each epoch reseeds every RNG from ``(seed, epoch)``, so resuming from ``last/`` at an
+epoch boundary replays exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from layerwise.augment import PRESETS, eval_transform, mix_batch
+from layerwise.checkpoint import (
+    append_jsonl,
+    atomic_write_text,
+    load_state,
+    load_weights,
+    read_jsonl,
+    save_state,
+    save_weights,
+    write_json,
+)
+from layerwise.config import RunConfig
+from layerwise.data import DEFAULT_IMG_SIZE, ImageDataset, Splits, load_splits
+from layerwise.errors import LayerwiseError
+from layerwise.freeze import set_trainable
+from layerwise.optim import ScheduleSpec, apply_states, build_optimizer, lr_by_group, lr_scale, set_lr_scale
+from layerwise.plan import Setup, setup
+from layerwise.tta import predict_proba
+
+# --- devices and precision ---------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LayerwiseError(f"--device {name} asked for CUDA, but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+class Amp:
+    """Autocast plus, for fp16, a gradient scaler: the one mixed-precision code path."""
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.device_type = device.type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype is torch.float16 else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip: float | None) -> None:
+        params = [p for pg in optimizer.param_groups for p in pg["params"] if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+# --- evaluation --------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    labels: torch.Tensor
+    probs: torch.Tensor
+
+    @property
+    def preds(self) -> torch.Tensor:
+        return self.probs.argmax(-1)
+
+    def confusion(self, num_classes: int) -> torch.Tensor:
+        idx = self.labels * num_classes + self.preds
+        return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
+
+    def per_class_acc(self, num_classes: int) -> list[float]:
+        cm = self.confusion(num_classes).float()
+        return (cm.diag() / cm.sum(1).clamp(min=1)).tolist()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, amp: Amp, device: torch.device,
+             views: Sequence[str] = (), channels_last: bool = False) -> EvalResult:
+    """Accuracy and mean NLL over ``loader``; TTA views are averaged as probabilities."""
+    was_training = model.training
+    model.eval()
+    labels, probs = [], []
+    for x, y in loader:
+        x = _to_device(x, device, channels_last)
+        with amp.autocast():
+            probs.append(predict_proba(model, x, views).float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    p, y = torch.cat(probs), torch.cat(labels)
+    loss = F.nll_loss(p.clamp_min(1e-12).log(), y).item()
+    return EvalResult(loss, (p.argmax(-1) == y).float().mean().item(), y, p)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    generator: torch.Generator
+
+
+def default_workers() -> int:
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Sequence[float]) -> Loaders:
+    size = cfg.img_size
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    g = torch.Generator()
+    common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
+    train = DataLoader(ImageDataset(splits.train, PRESETS[cfg.augment](size, mean, std)), shuffle=True,
+                       drop_last=len(splits.train) > cfg.batch_size, generator=g, **common)
+    val = DataLoader(ImageDataset(splits.val, eval_transform(size, mean, std)), shuffle=False, **common)
+    return Loaders(train, val, g)
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop stops after the current step."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequested:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.flag:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal; ``last/`` holds the last completed epoch."""
+
+
+@dataclass
+class Trainer:
+    """Everything one run holds while it trains."""
+
+    cfg: RunConfig
+    s: Setup
+    splits: Splits
+    run: Path
+    device: torch.device
+    amp: Amp
+    optimizer: torch.optim.Optimizer
+    loaders: Loaders
+    ema: torch.optim.swa_utils.AveragedModel | None
+    spec: ScheduleSpec
+    step: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    stale: int = 0
+
+    @property
+    def model(self) -> nn.Module:
+        return self.s.loaded.model
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def lr_scale(self) -> float:
+        return lr_scale(self.cfg.scheduler, self.step, self.spec)
+
+    def apply_plan(self, epoch: int) -> None:
+        states = self.s.plan.states(epoch)
+        set_trainable(self.model, self.s.groups, {n: st.trainable for n, st in states.items()}, bn=self.cfg.bn)
+        apply_states(self.optimizer, states, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def train_epoch(self, epoch: int, stop: StopRequested, bar: Iterator | None = None) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        total = correct = 0
+        loss_sum = 0.0
+        k = len(self.splits.classes)
+        step_rows = []
+        for x, y in bar if bar is not None else self.loaders.train:
+            if stop.flag:
+                raise Interrupted
+            x, y = _to_device(x, self.device, cfg.channels_last), y.to(self.device)
+            target = y
+            if cfg.mixup or cfg.cutmix:
+                x, target = mix_batch(x, y, k, mixup=cfg.mixup, cutmix=cfg.cutmix)
+            set_lr_scale(self.optimizer, cfg.lr, self.lr_scale())
+            with self.amp.autocast():
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise LayerwiseError(
+                    f"loss became {loss.item()} at step {self.step} (epoch {epoch}); last/ keeps the last good "
+                    "epoch. Lower --lr, use --clip-grad 1.0 or --precision fp32, then resume."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.amp.step(loss, self.optimizer, cfg.clip_grad)
+            if self.ema is not None:
+                self.ema.update_parameters(model)
+            n = y.shape[0]
+            total += n
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(-1) == y).sum().item()
+            step_rows.append({"step": self.step, "epoch": epoch, "loss": round(loss.item(), 6),
+                              "lr": lr_by_group(self.optimizer)})
+            self.step += 1
+            if bar is not None and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
+        with open(self.run / "steps.jsonl", "a") as f:  # per epoch: no fsync on the hot path
+            f.writelines(json.dumps(r) + "\n" for r in step_rows)
+        return {"train_loss": loss_sum / max(1, total), "train_acc": correct / max(1, total), "images": total}
+
+    def save_last(self, epoch: int) -> None:
+        last = self.run / "last"
+        save_weights(last / "model.safetensors", self.model)
+        state = {"epoch": epoch, "step": self.step, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                 "stale": self.stale, "optimizer": self.optimizer.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.amp.scaler is not None:
+            state["scaler"] = self.amp.scaler.state_dict()
+        save_state(last / "state.pt", state)
+
+    def load_last(self) -> int:
+        """Restore ``last/``; returns the epoch to continue from."""
+        last = self.run / "last"
+        load_weights(last / "model.safetensors", self.model)
+        state = load_state(last / "state.pt")
+        # Put the optimizer's groups into the resumed epoch's state before loading, so
+        # loaded LR/decay values and the model's requires_grad agree.
+        self.apply_plan(state["epoch"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        if self.amp.scaler is not None and "scaler" in state:
+            self.amp.scaler.load_state_dict(state["scaler"])
+        self.step, self.best_acc, self.best_epoch, self.stale = (
+            state["step"], state["best_acc"], state["best_epoch"], state["stale"])
+        return state["epoch"] + 1
+
+
+def _progress(loader: DataLoader, epoch: int, epochs: int, quiet: bool) -> Iterator:
+    if quiet:
+        return iter(loader)
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=True, dynamic_ncols=True)
+
+
+def _say(cfg: RunConfig, msg: str) -> None:
+    """Run logs; ``--quiet`` only drops the progress bars, which clutter CI logs."""
+    print(msg, flush=True)
+
+
+def _model_info(s: Setup, splits: Splits) -> dict:
+    """What ``evaluate``/``predict``/``export`` need to rebuild the trained model."""
+    lm = s.loaded
+    return {"source": lm.source, "arch": lm.arch, "name": lm.name, "head": s.config.head, "hidden": s.config.hidden,
+            "num_classes": len(splits.classes), "classes": splits.classes, "mean": list(lm.mean),
+            "std": list(lm.std), "img_size": s.config.img_size}
+
+
+def prepare(cfg: RunConfig) -> tuple[Setup, Splits]:
+    splits = load_splits(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
+    if cfg.data is None:  # 8x8 digits: upscale a little, and never flip or crop them
+        cfg.img_size = cfg.img_size or DEFAULT_IMG_SIZE
+        cfg.augment = cfg.augment or "none"
+    seed_everything(cfg.seed)  # the new head's initial weights depend on it
+    s = setup(cfg, len(splits.classes), images_per_class=splits.images_per_class)
+    return s, splits
+
+
+def build_trainer(cfg: RunConfig, run: Path) -> Trainer:
+    s, splits = prepare(cfg)
+    cfg = s.config
+    device = pick_device(cfg.device)
+    model = s.loaded.model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, s.groups, s.plan.states(0), name=cfg.optimizer, lr=cfg.lr,
+                                weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay)
+    loaders = make_loaders(splits, cfg, s.loaded.mean, s.loaded.std)
+    steps = len(loaders.train)
+    spec = ScheduleSpec(total_steps=steps * cfg.epochs, steps_per_epoch=steps,
+                        warmup_steps=int(cfg.warmup_epochs * steps), t0=cfg.t0, t_mult=cfg.t_mult)
+    ema = None
+    if cfg.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    return Trainer(cfg, s, splits, run, device, Amp(cfg.precision, device), optimizer, loaders, ema, spec)
+
+
+def _write_run_header(t: Trainer) -> None:
+    run = t.run
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "config.yaml", t.cfg.to_yaml())
+    write_json(run / "plan.json", t.s.plan.to_dict())
+    write_json(run / "model.json", _model_info(t.s, t.splits))
+
+
+def _truncate_logs(run: Path, start_epoch: int) -> None:
+    """Drop log rows of epochs that ``last/`` does not cover (they will be redone)."""
+    for name in ("metrics.jsonl", "steps.jsonl"):
+        rows = [r for r in read_jsonl(run / name) if r["epoch"] < start_epoch]
+        atomic_write_text(run / name, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
+    """Train ``cfg`` into its run folder (``cfg.out``); returns the folder."""
+    run = Path(cfg.out or default_run_dir())
+    cfg.out = str(run)
+    t = build_trainer(cfg, run)
+    start = 0
+    if resume:
+        start = t.load_last()
+    _truncate_logs(run, start) if resume else _fresh_run(run)
+    _write_run_header(t)
+    _say(t.cfg, _banner(t))
+    writer = _tensorboard(run)
+    with StopRequested() as stop:
+        try:
+            for epoch in range(start, t.cfg.epochs):
+                if _train_and_log(t, epoch, stop, writer):
+                    _say(t.cfg, f"early stopping: val accuracy has not improved for {t.cfg.patience} epochs")
+                    break
+        except Interrupted:
+            _say(t.cfg, f"\ninterrupted: last/ holds the last completed epoch. Resume with: layerwise fit --resume {run}")
+            raise
+    from layerwise.report import write_run_report
+
+    best = _final_eval(t)
+    write_run_report(run, t.splits.classes, best)
+    _say(t.cfg, f"best val accuracy {t.best_acc:.4f} (epoch {t.best_epoch})\nrun folder: {run}\nreport: {run / 'report.md'}")
+    return run
+
+
+def _fresh_run(run: Path) -> None:
+    for name in ("metrics.jsonl", "steps.jsonl"):
+        (run / name).unlink(missing_ok=True)
+
+
+def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object) -> bool:
+    """One epoch: plan, train, validate, log, checkpoint. Returns True to stop early."""
+    cfg = t.cfg
+    seed_everything(epoch_seed(cfg.seed, epoch))
+    t.loaders.generator.manual_seed(epoch_seed(cfg.seed, epoch))
+    t.apply_plan(epoch)
+    lr_start = {g: cfg.lr * st.lr_mult * t.lr_scale() for g, st in t.s.plan.states(epoch).items()}
+    tic = time.perf_counter()
+    tr = t.train_epoch(epoch, stop, _progress(t.loaders.train, epoch, cfg.epochs, cfg.quiet))
+    train_s = time.perf_counter() - tic
+    ev = evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=cfg.channels_last)
+    row = {
+        "epoch": epoch, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"], "val_loss": ev.loss,
+        "val_acc": ev.acc, "lr": lr_start, "trainable_params": t.s.plan.trainable_params(epoch),
+        "trainable_groups": t.s.plan.trainable_groups(epoch), "epoch_seconds": time.perf_counter() - tic,
+        "images_per_second": tr["images"] / max(train_s, 1e-9),
+    }
+    improved = ev.acc > t.best_acc
+    if improved:
+        t.best_acc, t.best_epoch, t.stale = ev.acc, epoch, 0
+        save_weights(t.run / "best.safetensors", t.eval_model())
+    else:
+        t.stale += 1
+    append_jsonl(t.run / "metrics.jsonl", row)
+    t.save_last(epoch)
+    if writer is not None:
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "images_per_second"):
+            writer.add_scalar(k, row[k], epoch)
+    _say(cfg, f"epoch {epoch + 1}/{cfg.epochs}: train loss {tr['train_loss']:.4f} acc {tr['train_acc']:.4f} · "
+              f"val loss {ev.loss:.4f} acc {ev.acc:.4f} · {row['images_per_second']:.0f} img/s"
+              + (" · best" if improved else ""))
+    return bool(cfg.patience) and t.stale >= cfg.patience
+
+
+def _final_eval(t: Trainer) -> EvalResult:
+    """Reload the best weights and evaluate them (for the confusion matrix)."""
+    model = t.eval_model()
+    load_weights(t.run / "best.safetensors", model)
+    return evaluate(model, t.loaders.val, t.amp, t.device, channels_last=t.cfg.channels_last)
+
+
+def _banner(t: Trainer) -> str:
+    sp, s = t.splits, t.s
+    lines = [f"data: {sp.name} · {len(sp.train)} train / {len(sp.val)} val images · {len(sp.classes)} classes",
+             f"model: {s.loaded.name} ({s.loaded.source} {s.loaded.arch}) · weights {s.loaded.weights} · "
+             f"{t.cfg.img_size}px · {t.device} · {t.cfg.precision}"]
+    lines += s.loaded.notes
+    return "\n".join(lines + [s.plan.table(), ""])
+
+
+def _tensorboard(run: Path) -> object:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run / "tb"))
+
+
+def default_run_dir() -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / stamp
+

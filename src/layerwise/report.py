@@ -1,0 +1,119 @@
+"""Plots and ``report.md`` for a run: curves, per-group LRs, unfreezing timeline, confusion."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from layerwise.checkpoint import atomic_write_text, read_jsonl  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def plot_curves(rows: Sequence[dict], path: Path) -> str:
+    epochs = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
+    a.plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
+    a.set(title="loss", xlabel="epoch")
+    b.plot(epochs, [r["train_acc"] for r in rows], "o-", label="train")
+    b.plot(epochs, [r["val_acc"] for r in rows], "o-", label="val")
+    b.set(title="accuracy", xlabel="epoch")
+    for ax in (a, b):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_lrs(steps: Sequence[dict], frozen: dict[str, list[int]], path: Path) -> str:
+    """LR of every group over steps; a group's line is dashed while it is frozen."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    groups = list(steps[0]["lr"]) if steps else []
+    x = [s["step"] for s in steps]
+    for g in groups:
+        ys = [s["lr"][g] for s in steps]
+        live = [y if s["epoch"] not in frozen.get(g, []) else None for s, y in zip(steps, ys)]
+        (line,) = ax.plot(x, [y if v is None else None for y, v in zip(ys, live)], "--", alpha=0.35)
+        ax.plot(x, live, color=line.get_color(), label=g)
+    ax.set(title="learning rate per group (dashed: frozen)", xlabel="step", ylabel="lr", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=max(1, len(groups) // 8), loc="lower left")
+    return _save(fig, path)
+
+
+def plot_trainable(plan: dict, path: Path) -> str:
+    """The unfreezing timeline: trainable parameters per epoch, and which groups."""
+    eps = plan["epochs"]
+    names = [g["name"] for g in plan["groups"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
+    a.step([e["epoch"] for e in eps], [e["trainable_params"] / 1e6 for e in eps], where="post")
+    a.set(title="trainable parameters (M)", xlabel="epoch", ylim=(0, plan["total_params"] / 1e6 * 1.05))
+    a.grid(alpha=0.3)
+    grid = [[1.0 if n in e["trainable_groups"] else 0.0 for e in eps] for n in names]
+    b.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1.3, interpolation="nearest")
+    b.set_yticks(range(len(names)), names, fontsize=7)
+    b.set_xticks(range(len(eps)), [str(e["epoch"]) for e in eps], fontsize=7)
+    b.set(title="trainable groups (green)", xlabel="epoch")
+    return _save(fig, path)
+
+
+def plot_confusion(cm: list[list[int]], classes: Sequence[str], path: Path) -> str:
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.5 * n), min(11, 1.6 + 0.45 * n)))
+    ax.imshow(cm, cmap="Blues")
+    ticks = range(n)
+    ax.set_xticks(ticks, classes, rotation=90 if n > 8 else 0, fontsize=7)
+    ax.set_yticks(ticks, classes, fontsize=7)
+    if n <= 20:
+        top = max(max(r) for r in cm) or 1
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, cm[i][j], ha="center", va="center", fontsize=7,
+                        color="white" if cm[i][j] > top / 2 else "black")
+    ax.set(title="confusion matrix (best weights, val)", xlabel="predicted", ylabel="true")
+    return _save(fig, path)
+
+
+def write_run_report(run: Path, classes: Sequence[str], best: object) -> Path:
+    """Write the PNGs and ``report.md`` of a finished run."""
+    rows = read_jsonl(run / "metrics.jsonl")
+    steps = read_jsonl(run / "steps.jsonl")
+    plan = json.loads((run / "plan.json").read_text())
+    frozen = {g["name"]: [e["epoch"] for e in plan["epochs"] if g["name"] not in e["trainable_groups"]]
+              for g in plan["groups"]}
+    cm = best.confusion(len(classes)).tolist()
+    per_class = best.per_class_acc(len(classes))
+    pngs = [plot_curves(rows, run / "curves.png"), plot_lrs(steps, frozen, run / "lr.png"),
+            plot_trainable(plan, run / "trainable.png"), plot_confusion(cm, classes, run / "confusion.png")]
+    best_row = max(rows, key=lambda r: r["val_acc"])
+    lines = [
+        f"# layerwise run: {plan['model']} · {plan['strategy']}",
+        "",
+        f"Best val accuracy **{best_row['val_acc']:.4f}** at epoch {best_row['epoch']} "
+        f"(final {rows[-1]['val_acc']:.4f}). {plan['reason']}".rstrip(),
+        "",
+        "| epoch | train loss | train acc | val loss | val acc | trainable params | s | img/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.4f} | {r['val_loss']:.4f} | "
+              f"{r['val_acc']:.4f} | {r['trainable_params']:,} | {r['epoch_seconds']:.1f} | "
+              f"{r['images_per_second']:.0f} |" for r in rows]
+    lines += ["", "## Curves", "", f"![curves]({pngs[0]})", "", "## Learning rate per group", "",
+              f"![lr]({pngs[1]})", "", "## Unfreezing timeline", "", f"![trainable]({pngs[2]})", "",
+              "## Confusion matrix and per-class accuracy", "", f"![confusion]({pngs[3]})", "",
+              "| class | accuracy |", "|---|---:|"]
+    lines += [f"| {c} | {a:.4f} |" for c, a in zip(classes, per_class)]
+    out = run / "report.md"
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return out
