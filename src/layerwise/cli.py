@@ -174,6 +174,43 @@ _RESUME_OVERRIDABLE = ("epochs", "quiet", "workers", "device")
 _RESUME_FIXED = ("model", "weights", "strategy", "head", "img_size", "data", "groups")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from layerwise.inference import evaluate_run
+
+    r = evaluate_run(args.run, args.data, views=args.tta, batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    tta = f" with TTA {', '.join(r['tta'])}" if r["tta"] else ""
+    print(f"{r['images']} images{tta}: accuracy {r['accuracy']:.4f} · loss {r['loss']:.4f}")
+    width = max(len(c) for c in r["classes"])
+    for c, a in r["per_class_accuracy"].items():
+        print(f"  {c:<{width}}  {a:.4f}  ({r['class_counts'][c]} images)")
+    print("confusion (rows: true, columns: predicted):")
+    for c, row in zip(r["classes"], r["confusion"]):
+        print(f"  {c:<{width}}  " + " ".join(f"{v:>4}" for v in row))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from layerwise.inference import predict
+
+    res = predict(args.run, args.images, views=args.tta, topk=args.topk)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    for r in res:
+        print(r["image"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from layerwise.inference import export_run
+
+    print(export_run(args.run, args.format, args.output))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from layerwise.models import KNOWN_MODELS, describe
 
@@ -212,6 +249,33 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--config", default=None, help="YAML config (e.g. a run's config.yaml); flags override it")
     fi.add_argument("--resume", default=None, metavar="RUN", help="continue RUN from its last/ checkpoint")
     fi.set_defaults(func=cmd_fit)
+
+    from layerwise.inference import EXPORT_FORMATS
+    from layerwise.tta import VIEWS
+
+    tta_help = f"comma-separated TTA views: {', '.join(VIEWS)}"
+    ev = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a run on DATA")
+    ev.add_argument("run", help="run folder")
+    ev.add_argument("data", help="folder of class folders (as is), dataset root (its test/, else val/), or CSV")
+    ev.add_argument("--tta", type=_csv, default=[], help=tta_help)
+    ev.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="top-k classes with probabilities for image files")
+    pr.add_argument("run", help="run folder")
+    pr.add_argument("images", nargs="+", help="image files")
+    pr.add_argument("--tta", type=_csv, default=[], help=tta_help)
+    pr.add_argument("--topk", type=int, default=3)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="write the run's best model as ONNX or TorchScript")
+    ex.add_argument("run", help="run folder")
+    ex.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    ex.add_argument("--output", default=None, help="file to write (default: inside the run folder)")
+    ex.set_defaults(func=cmd_export)
 
     mo = sub.add_parser("models", help="known architectures, their layer groups and offline weights")
     mo.add_argument("names", nargs="*", help="model names (default: a representative list)")

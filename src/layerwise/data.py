@@ -198,14 +198,14 @@ def load_splits(data: str | None, *, val_split: float = 0.2, seed: int = 0) -> S
     return Splits(train, val, classes, name=root.name)
 
 
-def _matching(folder: Path, classes: Sequence[str]) -> list[Item]:
+def _matching(folder: Path, classes: Sequence[str], against: str = "train/") -> list[Item]:
     """Items of ``folder`` whose class folders are exactly ``classes``."""
     items, found = scan_class_folders(folder)
     if found != list(classes):
         missing = sorted(set(classes) - set(found))
         extra = sorted(set(found) - set(classes))
         raise DataError(
-            f"{str(folder)!r} classes do not match train/: missing {missing or 'none'}, extra {extra or 'none'}; "
+            f"{str(folder)!r} classes do not match {against}: missing {missing or 'none'}, extra {extra or 'none'}; "
             "every split needs the same class folders"
         )
     return items
@@ -225,8 +225,8 @@ def eval_items(data: str, classes: Sequence[str]) -> list[Item]:
         return [(p, index[found[label]]) for p, label in items]
     for sub in ("test", "val"):
         if (root / sub).is_dir():
-            return _matching(root / sub, classes)
-    return _matching(root, classes)
+            return _matching(root / sub, classes, "the run's classes")
+    return _matching(root, classes, "the run's classes")
 
 
 def class_counts(items: Sequence[Item], classes: Sequence[str]) -> dict[str, int]:

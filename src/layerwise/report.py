@@ -57,7 +57,9 @@ def plot_trainable(plan: dict, path: Path) -> str:
     eps = plan["epochs"]
     names = [g["name"] for g in plan["groups"]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
-    a.step([e["epoch"] for e in eps], [e["trainable_params"] / 1e6 for e in eps], where="post")
+    xs = [e["epoch"] for e in eps] + [len(eps)]  # the last epoch runs to its end
+    ys = [e["trainable_params"] / 1e6 for e in eps]
+    a.step(xs, ys + ys[-1:], where="post")
     a.set(title="trainable parameters (M)", xlabel="epoch", ylim=(0, plan["total_params"] / 1e6 * 1.05))
     a.grid(alpha=0.3)
     grid = [[1.0 if n in e["trainable_groups"] else 0.0 for e in eps] for n in names]
