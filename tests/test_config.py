@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import pytest
+
+from layerwise.config import RunConfig, from_mapping, load_yaml
+from layerwise.errors import LayerwiseError, UnknownNameError
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(LayerwiseError, match="'learning_rate'|'epoch' \\(did you mean 'epochs'\\?\\)"):
+        from_mapping({"epoch": 3})
+
+
+@pytest.mark.parametrize("values,err", [
+    ({"lr": 0}, "lr must be > 0"),
+    ({"lr": -1e-3}, "lr must be > 0"),
+    ({"epochs": 0}, "epochs must be"),
+    ({"strategy": "freeze"}, "unknown strategy"),
+    ({"augment": "heavy"}, "unknown augmentation preset"),
+    ({"tta": ["spin"]}, "unknown TTA view"),
+    ({"precision": "fp8"}, "unknown precision"),
+])
+def test_bad_values(values, err):
+    with pytest.raises(LayerwiseError, match=err):
+        from_mapping(values)
+
+
+def test_yaml_roundtrip(tmp_path):
+    cfg = RunConfig(strategy="gradual", schedule={0: "head", 2: "layer4"}, lr_map={"head": 1.0})
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    assert from_mapping(load_yaml(tmp_path / "c.yaml")) == cfg
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    (tmp_path / "evil.yaml").write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(LayerwiseError, match="not valid YAML"):
+        load_yaml(tmp_path / "evil.yaml")
+
+
+def test_resolved_fills_strategy_overrides_then_defaults():
+    cfg = RunConfig(label_smoothing=0.2).resolved({"label_smoothing": 0.1, "head": "mlp"})
+    assert cfg.label_smoothing == 0.2 and cfg.head == "mlp" and cfg.scheduler == "cosine"
+
+
+def test_unknown_name_error_is_a_keyerror_and_valueerror():
+    e = UnknownNameError("group", "x", ["a", "b"])
+    assert isinstance(e, KeyError) and isinstance(e, ValueError) and str(e) == "unknown group 'x'; choose one of: a, b"

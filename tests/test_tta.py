@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from layerwise.errors import UnknownNameError
+from layerwise.tta import VIEWS, expand, predict_proba
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(sorted(VIEWS)), st.integers(8, 40), st.integers(1, 3))
+def test_views_keep_shape_and_are_deterministic(name, size, batch):
+    x = torch.rand(batch, 3, size, size)
+    a, b = VIEWS[name](x), VIEWS[name](x)
+    assert all(v.shape == x.shape for v in a)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_view_counts():
+    x = torch.rand(1, 3, 16, 16)
+    assert len(expand(x, [])) == 1
+    assert len(expand(x, ["hflip"])) == 2
+    assert len(expand(x, ["five-crop"])) == 6
+    assert len(expand(x, ["ten-crop", "identity"])) == 11
+
+
+def test_probability_average_over_views():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    x = torch.rand(2, 3, 8, 8)
+    with torch.inference_mode():
+        manual = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+    torch.testing.assert_close(predict_proba(model, x, ["hflip"]), manual)
+
+
+def test_unknown_view():
+    with pytest.raises(UnknownNameError, match="hflip"):
+        expand(torch.rand(1, 3, 8, 8), ["vflip"])
