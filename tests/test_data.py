@@ -95,3 +95,119 @@ def test_eval_items_prefers_test_then_val(tmp_path):
 def test_cifar10_mini_layout():
     s = load_splits(str(SHARED_DATA / "cifar10-mini"))
     assert len(s.classes) == 10 and len(s.train) == 1000 and len(s.val) == 500
+
+
+# --- bad images: load correctly or skip with a reason --------------------------------------
+
+import io  # noqa: E402
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from layerwise.data import IMAGE_ERRORS, check_images, open_image  # noqa: E402
+
+
+def _jpeg_bytes(size=(32, 24), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, (10, 120, 200) if mode == "RGB" else 0).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def make_bad_files(d):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "truncated.jpg").write_bytes(_jpeg_bytes((64, 64))[:300])
+    (d / "zero.jpg").write_bytes(b"")
+    (d / "text.jpg").write_text("this is not an image\n")
+    return {"truncated.jpg", "zero.jpg", "text.jpg"}
+
+
+def make_odd_good_files(d):
+    d.mkdir(parents=True, exist_ok=True)
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(d / "alpha.png")
+    Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(d / "deep16.png")
+    Image.new("L", (16, 16), 128).save(d / "gray.png")
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(d / "cmyk.jpg")
+    Image.new("P", (16, 16), 3).save(d / "palette.gif")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    Image.new("RGB", (30, 10), (0, 200, 0)).save(d / "rotated.jpg", exif=exif)
+    (d / "ñandú con espacios.png").write_bytes((d / "gray.png").read_bytes())
+    (d / "link.png").symlink_to(d / "gray.png")
+
+
+def test_odd_but_valid_images_load_as_rgb(tmp_path):
+    make_odd_good_files(tmp_path)
+    for p in tmp_path.iterdir():
+        im = open_image(str(p))
+        assert im.mode == "RGB", p.name
+    assert open_image(str(tmp_path / "rotated.jpg")).size == (10, 30)  # EXIF orientation applied
+    assert open_image(str(tmp_path / "alpha.png")).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert open_image(str(tmp_path / "deep16.png")).getpixel((0, 0))[0] == round(40000 / 257)
+
+
+def test_broken_files_are_skipped_with_reasons(tmp_path):
+    bad = make_bad_files(tmp_path)
+    items = [(str(p), 0) for p in tmp_path.iterdir()]
+    good, skipped = check_images(items)
+    assert good == [] and {s["path"].rsplit("/", 1)[1] for s in skipped} == bad
+    assert all(s["reason"] for s in skipped)
+
+
+def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "warn.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    _, skipped = check_images([(str(tmp_path / "big.png"), 0), (str(tmp_path / "warn.png"), 0)])
+    assert len(skipped) == 2 and all("Decompression" in s["reason"] for s in skipped)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=2048))
+def test_fuzz_loader_raises_only_documented_errors(tmp_path_factory, blob):
+    p = tmp_path_factory.mktemp("fuzz") / "x.jpg"
+    p.write_bytes(blob)
+    try:
+        assert open_image(str(p)).mode == "RGB"
+    except IMAGE_ERRORS:
+        pass
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2000), st.integers(0, 255))
+def test_fuzz_corrupted_jpegs(tmp_path_factory, cut, byte):
+    data = bytearray(_jpeg_bytes((48, 40)))
+    data[min(cut, len(data) - 1)] = byte
+    p = tmp_path_factory.mktemp("fuzzj") / "x.jpg"
+    p.write_bytes(bytes(data[: max(1, len(data) - cut // 3)]))
+    try:
+        open_image(str(p))
+    except IMAGE_ERRORS:
+        pass
+
+
+def test_fit_skips_bad_files_and_lists_them(tmp_path):
+    from conftest import make_image_folder
+    from layerwise.cli import main
+
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=6)
+    bad = make_bad_files(root / "train" / "class_0")
+    make_odd_good_files(root / "train" / "class_1")
+    run = tmp_path / "run"
+    assert main(["fit", str(root), "--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32",
+                 "--batch-size", "4", "--workers", "0", "--epochs", "1", "--strategy", "full", "--quiet",
+                 "--out", str(run)]) == 0
+    report = json.loads((run / "skipped.json").read_text())
+    assert report["count"] == 3 and {f["path"].rsplit("/", 1)[1] for f in report["files"]} == bad
+
+
+def test_unreadable_file_mid_epoch_does_not_crash(tmp_path):
+    from layerwise.augment import eval_transform
+    from layerwise.data import ImageDataset, collate_skipping
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    ds = ImageDataset([(str(tmp_path / "ok.png"), 0), (str(tmp_path / "bad.png"), 1)], eval_transform(8, (0.5,) * 3, (0.5,) * 3))
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        x, y = collate_skipping([ds[0], ds[1]])
+    assert x.shape == (1, 3, 8, 8) and y.tolist() == [0]

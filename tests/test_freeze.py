@@ -88,3 +88,25 @@ def test_summary_reports_counts_and_percentage(tiny):
     total = sum(p.numel() for p in tiny.parameters())
     head = sum(p.numel() for p in tiny.fc.parameters())
     assert f"Trainable: {head:,} / {total:,} ({100 * head / total:.1f}%)" in text
+
+
+def test_bn_eval_keeps_statistics_of_trainable_groups_too(tiny):
+    groups = layer_groups(tiny)
+    set_trainable(tiny, groups, [g.name for g in groups], bn="eval")
+    tiny.train()
+    before = tiny.layer1[1].running_mean.clone()
+    tiny(torch.randn(4, 3, 16, 16) + 2)
+    assert torch.equal(before, tiny.layer1[1].running_mean)
+    assert tiny.layer1[1].weight.requires_grad
+
+
+def test_recalibrate_norms_is_an_exact_average(tiny):
+    from layerwise.freeze import recalibrate_norms
+
+    xs = [torch.randn(4, 3, 8, 8) + 3, torch.randn(4, 3, 8, 8) + 3]
+    w = tiny.conv1.weight.clone()
+    assert recalibrate_norms(tiny, xs) == 8
+    with torch.no_grad():
+        feats = torch.cat([tiny.conv1(x) for x in xs])
+    torch.testing.assert_close(tiny.bn1.running_mean, feats.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert torch.equal(w, tiny.conv1.weight) and tiny.bn1.momentum == 0.1

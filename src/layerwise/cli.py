@@ -83,7 +83,9 @@ def _add_strategy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer-decay", dest="layer_decay", type=float, default=S,
                    help="timm-style layer-wise LR decay over blocks (e.g. 0.75)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 1e-4; norms/biases exempt")
-    g.add_argument("--bn", choices=["frozen", "train"], default=S, help="frozen groups' BatchNorm (default frozen)")
+    g.add_argument("--bn", choices=["frozen", "adapt", "eval", "train"], default=S,
+                   help="BatchNorm statistics: frozen (frozen groups keep them; default), adapt (re-estimate on "
+                   "your data first), eval (every group keeps them), train (frozen groups update them)")
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +117,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=S, help="DataLoader workers (default: cores - 1, at most 4)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=S)
     g.add_argument("--tta", type=_csv, default=S, help=f"views for the final evaluation: {', '.join(VIEWS)}")
+    g.add_argument("--check-data", dest="check_data", choices=["auto", "on", "off"], default=S,
+                   help="decode every image once before training and skip unreadable ones (auto: under 50k images)")
+    g.add_argument("--nan", choices=["stop", "skip"], default=S, help="on a non-finite loss: stop (default) or skip the batch")
     g.add_argument("--quiet", action="store_true", default=S, help="no progress bars (logs, CI)")
 
 

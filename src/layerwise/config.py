@@ -14,6 +14,9 @@ import yaml
 from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+CHECK_DATA = ("auto", "on", "off")
+NAN_POLICIES = ("stop", "skip")
+CHECK_DATA_AUTO_LIMIT = 50_000  # images: below this, 'auto' decodes every file once before training
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # Settings a strategy may imply (the recipe's); None means "not set by the user".
 DEFAULTS: dict[str, Any] = {
@@ -77,6 +80,8 @@ class RunConfig:
     workers: int | None = None
     channels_last: bool = True
     tta: list[str] = field(default_factory=list)
+    check_data: str = "auto"
+    nan: str = "stop"
     quiet: bool = False
 
     def resolved(self, overrides: Mapping[str, Any] = {}) -> RunConfig:
@@ -129,6 +134,10 @@ def validate(cfg: RunConfig) -> None:
         raise UnknownNameError("strategy", cfg.strategy, STRATEGIES)
     if cfg.augment is not None and cfg.augment not in PRESETS:
         raise UnknownNameError("augmentation preset", cfg.augment, PRESETS)
+    if cfg.check_data not in CHECK_DATA:
+        raise UnknownNameError("check-data mode", cfg.check_data, CHECK_DATA)
+    if cfg.nan not in NAN_POLICIES:
+        raise UnknownNameError("NaN policy", cfg.nan, NAN_POLICIES)
     if cfg.precision not in PRECISIONS:
         raise UnknownNameError("precision", cfg.precision, PRECISIONS)
     if cfg.device not in DEVICES and not str(cfg.device).startswith("cuda:"):

@@ -10,7 +10,9 @@ DATA is one of:
 from __future__ import annotations
 
 import csv
+import json
 import random
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,11 +47,27 @@ class Splits:
         return len(self.train) / max(1, len(self.classes))
 
 
+# What a broken or hostile image file raises while it is opened and decoded.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
 def open_image(src: Source) -> Image.Image:
-    """An RGB PIL image, with EXIF orientation applied to photos."""
+    """An RGB PIL image, with EXIF orientation applied to photos.
+
+    Raises one of ``IMAGE_ERRORS`` for unreadable files: truncated, empty, not an image,
+    or over PIL's decompression-bomb pixel limit.
+    """
     if isinstance(src, np.ndarray):
         return Image.fromarray(src).convert("RGB")
+    with warnings.catch_warnings():
+        # Past MAX_IMAGE_PIXELS PIL only warns; treat that as the bomb it may be.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _decode(src)
+
+
+def _decode(src: str) -> Image.Image:
     with Image.open(src) as im:
+        im.load()  # decode now, so truncation fails here and not inside a transform
         im = ImageOps.exif_transpose(im)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             # Composite transparency on white rather than letting it turn black.
@@ -57,14 +75,17 @@ def open_image(src: Source) -> Image.Image:
             bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(bg, rgba).convert("RGB")
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float32)
-            arr = (255 * (arr - arr.min()) / max(1.0, float(arr.max() - arr.min()))).astype(np.uint8)
-            return Image.fromarray(arr).convert("RGB")
+            arr = np.asarray(im, dtype=np.float32) / 257.0  # 16-bit range onto 8-bit
+            return Image.fromarray(arr.round().clip(0, 255).astype(np.uint8)).convert("RGB")
         return im.convert("RGB")
 
 
 class ImageDataset(Dataset):
-    """(image tensor, label) pairs from items, through ``transform``."""
+    """(image tensor, label) pairs from items, through ``transform``.
+
+    An image that fails to decode yields ``None`` (with a warning) instead of killing
+    the epoch; :func:`collate_skipping` drops it from the batch.
+    """
 
     def __init__(self, items: Sequence[Item], transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.items = list(items)
@@ -73,9 +94,47 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         src, label = self.items[i]
-        return self.transform(open_image(src)), label
+        try:
+            img = open_image(src)
+        except IMAGE_ERRORS as e:
+            warnings.warn(f"skipping unreadable image {src}: {e}", stacklevel=1)
+            return None
+        return self.transform(img), label
+
+
+def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    from torch.utils.data import default_collate
+
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return default_collate(kept)
+
+
+def check_images(items: Sequence[Item], *, progress: bool = False) -> tuple[list[Item], list[dict]]:
+    """Decode every file once; returns the readable items and ``{path, reason}`` per skip."""
+    good, skipped = [], []
+    it = items
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(items, desc="checking images", unit="img", leave=False)
+    for src, label in it:
+        if isinstance(src, np.ndarray):
+            good.append((src, label))
+            continue
+        try:
+            open_image(src)
+            good.append((src, label))
+        except IMAGE_ERRORS as e:
+            skipped.append({"path": src, "reason": f"{type(e).__name__}: {e}"})
+    return good, skipped
+
+
+def write_skipped(path: Path, skipped: list[dict]) -> None:
+    path.write_text(json.dumps({"count": len(skipped), "files": skipped}, indent=2) + "\n")
 
 
 # --- discovery -------------------------------------------------------------------------

@@ -33,10 +33,18 @@ from layerwise.checkpoint import (
     save_weights,
     write_json,
 )
-from layerwise.config import RunConfig
-from layerwise.data import DEFAULT_IMG_SIZE, ImageDataset, Splits, load_splits
+from layerwise.config import CHECK_DATA_AUTO_LIMIT, RunConfig
+from layerwise.data import (
+    DEFAULT_IMG_SIZE,
+    ImageDataset,
+    Splits,
+    check_images,
+    collate_skipping,
+    load_splits,
+    write_skipped,
+)
 from layerwise.errors import LayerwiseError
-from layerwise.freeze import set_trainable
+from layerwise.freeze import recalibrate_norms, set_trainable
 from layerwise.optim import ScheduleSpec, apply_states, build_optimizer, lr_by_group, lr_scale, set_lr_scale
 from layerwise.plan import Setup, setup
 from layerwise.tta import predict_proba
@@ -157,7 +165,8 @@ def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Seq
     size = cfg.img_size
     workers = default_workers() if cfg.workers is None else cfg.workers
     g = torch.Generator()
-    common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
+    common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                  collate_fn=collate_skipping)
     train = DataLoader(ImageDataset(splits.train, PRESETS[cfg.augment](size, mean, std)), shuffle=True,
                        drop_last=len(splits.train) > cfg.batch_size, generator=g, **common)
     val = DataLoader(ImageDataset(splits.val, eval_transform(size, mean, std)), shuffle=False, **common)
@@ -209,6 +218,7 @@ class Trainer:
     best_acc: float = -1.0
     best_epoch: int = -1
     stale: int = 0
+    skipped_steps: int = 0
 
     @property
     def model(self) -> nn.Module:
@@ -235,6 +245,8 @@ class Trainer:
         for x, y in bar if bar is not None else self.loaders.train:
             if stop.flag:
                 raise Interrupted
+            if y.numel() == 0:  # every image of the batch was unreadable
+                continue
             x, y = _to_device(x, self.device, cfg.channels_last), y.to(self.device)
             target = y
             if cfg.mixup or cfg.cutmix:
@@ -243,6 +255,11 @@ class Trainer:
             with self.amp.autocast():
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss) and cfg.nan == "skip":
+                _say(cfg, f"warning: non-finite loss at step {self.step} (epoch {epoch}); batch skipped (--nan skip)")
+                self.skipped_steps += 1
+                self.step += 1
+                continue
             if not torch.isfinite(loss):
                 raise LayerwiseError(
                     f"loss became {loss.item()} at step {self.step} (epoch {epoch}); last/ keeps the last good "
@@ -266,6 +283,10 @@ class Trainer:
         return {"train_loss": loss_sum / max(1, total), "train_acc": correct / max(1, total), "images": total}
 
     def save_last(self, epoch: int) -> None:
+        with _explain_write_errors(self.run):
+            self._save_last(epoch)
+
+    def _save_last(self, epoch: int) -> None:
         last = self.run / "last"
         save_weights(last / "model.safetensors", self.model)
         state = {"epoch": epoch, "step": self.step, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
@@ -294,6 +315,19 @@ class Trainer:
         return state["epoch"] + 1
 
 
+@contextlib.contextmanager
+def _explain_write_errors(run: Path) -> Iterator[None]:
+    """A failed checkpoint write (disk full...) becomes a user error; the atomic writer
+    has left the previous checkpoint in place."""
+    try:
+        yield
+    except OSError as e:
+        raise LayerwiseError(
+            f"could not write a checkpoint in {run}: {e.strerror or e}. The previous checkpoint is intact; "
+            f"free some space, then resume with: layerwise fit --resume {run}"
+        ) from e
+
+
 def _progress(loader: DataLoader, epoch: int, epochs: int, quiet: bool) -> Iterator:
     if quiet:
         return iter(loader)
@@ -315,8 +349,30 @@ def _model_info(s: Setup, splits: Splits) -> dict:
             "std": list(lm.std), "img_size": s.config.img_size}
 
 
-def prepare(cfg: RunConfig) -> tuple[Setup, Splits]:
+def check_splits(splits: Splits, cfg: RunConfig, run: Path | None) -> None:
+    """Decode every file once and drop unreadable ones (listed in ``skipped.json``)."""
+    n = len(splits.train) + len(splits.val)
+    if cfg.check_data == "off" or (cfg.check_data == "auto" and n > CHECK_DATA_AUTO_LIMIT):
+        return
+    splits.train, bad_train = check_images(splits.train, progress=not cfg.quiet)
+    splits.val, bad_val = check_images(splits.val, progress=not cfg.quiet)
+    skipped = bad_train + bad_val
+    if run is not None:
+        run.mkdir(parents=True, exist_ok=True)
+        write_skipped(run / "skipped.json", skipped)
+    if skipped:
+        _say(cfg, f"warning: skipped {len(skipped)} unreadable image(s); see {run / 'skipped.json' if run else 'the log'}")
+    for part, items in (("train", splits.train), ("val", splits.val)):
+        empty = set(range(len(splits.classes))) - {label for _, label in items}
+        if empty:
+            names = ", ".join(splits.classes[i] for i in sorted(empty))
+            raise LayerwiseError(f"after skipping unreadable images, class(es) {names} have no {part} images; "
+                                 "fix or replace those files")
+
+
+def prepare(cfg: RunConfig, run: Path | None = None) -> tuple[Setup, Splits]:
     splits = load_splits(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
+    check_splits(splits, cfg, run)
     if cfg.data is None:  # 8x8 digits: upscale a little, and never flip or crop them
         cfg.img_size = cfg.img_size or DEFAULT_IMG_SIZE
         cfg.augment = cfg.augment or "none"
@@ -326,7 +382,7 @@ def prepare(cfg: RunConfig) -> tuple[Setup, Splits]:
 
 
 def build_trainer(cfg: RunConfig, run: Path) -> Trainer:
-    s, splits = prepare(cfg)
+    s, splits = prepare(cfg, run)
     cfg = s.config
     device = pick_device(cfg.device)
     model = s.loaded.model.to(device)
@@ -368,10 +424,14 @@ def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
     t = build_trainer(cfg, run)
     start = 0
     if resume:
+        _check_resumable(run, t)
         start = t.load_last()
     _truncate_logs(run, start) if resume else _fresh_run(run)
     _write_run_header(t)
     _say(t.cfg, _banner(t))
+    if t.cfg.bn == "adapt" and not resume:
+        n = recalibrate_norms(t.model, _adapt_batches(t))
+        _say(t.cfg, f"bn adapt: re-estimated BatchNorm statistics on {n} training images")
     writer = _tensorboard(run)
     with StopRequested() as stop:
         try:
@@ -388,6 +448,28 @@ def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
     write_run_report(run, t.splits.classes, best)
     _say(t.cfg, f"best val accuracy {t.best_acc:.4f} (epoch {t.best_epoch})\nrun folder: {run}\nreport: {run / 'report.md'}")
     return run
+
+
+def _adapt_batches(t: Trainer, max_images: int = 2048) -> Iterator[torch.Tensor]:
+    """Training images through the deterministic eval transform, for BN re-estimation."""
+    ds = ImageDataset(t.splits.train, eval_transform(t.cfg.img_size, t.s.loaded.mean, t.s.loaded.std))
+    loader = DataLoader(ds, batch_size=t.cfg.batch_size, shuffle=False, collate_fn=collate_skipping,
+                        num_workers=t.loaders.train.num_workers)
+    seen = 0
+    for x, _ in loader:
+        if seen >= max_images:
+            break
+        seen += x.shape[0]
+        yield _to_device(x, t.device, t.cfg.channels_last)
+
+
+def _check_resumable(run: Path, t: Trainer) -> None:
+    saved = json.loads((run / "model.json").read_text())
+    now = _model_info(t.s, t.splits)
+    for key in ("arch", "num_classes", "classes", "head"):
+        if saved[key] != now[key]:
+            raise LayerwiseError(f"cannot resume {run}: it was trained with {key} {saved[key]!r}, "
+                                 f"this data/config gives {now[key]!r}; start a new run with --out")
 
 
 def _fresh_run(run: Path) -> None:
@@ -415,7 +497,8 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object) 
     improved = ev.acc > t.best_acc
     if improved:
         t.best_acc, t.best_epoch, t.stale = ev.acc, epoch, 0
-        save_weights(t.run / "best.safetensors", t.eval_model())
+        with _explain_write_errors(t.run):
+            save_weights(t.run / "best.safetensors", t.eval_model())
     else:
         t.stale += 1
     append_jsonl(t.run / "metrics.jsonl", row)

@@ -8,14 +8,21 @@ A frozen group's BatchNorm layers keep their running statistics even after
 from __future__ import annotations
 
 import weakref
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from layerwise.groups import LayerGroup, find_group, group_names, under
 
-BN_MODES = ("frozen", "train")
+# frozen: frozen groups' norm layers in eval mode with their pretrained statistics;
+# adapt: the same, after re-estimating every BatchNorm's statistics on the training
+#   images once (AdaBN), so frozen features are normalised for the new domain;
+# eval: every norm layer, trainable or not, keeps the pretrained statistics (detectron's
+#   FrozenBatchNorm); trainable groups still learn the affine weights;
+# train: frozen groups' statistics keep updating (fastai's train_bn).
+BN_MODES = ("frozen", "adapt", "eval", "train")
 # Hook handles per frozen norm module; weak so a dropped model frees its entries.
 _FROZEN_NORMS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
 
@@ -59,8 +66,9 @@ def set_trainable(
     """Make exactly the named groups trainable (a name -> bool map or a set of names).
 
     Args:
-        bn: ``frozen`` keeps frozen groups' norm layers in eval mode (running stats
-            fixed) even under ``model.train()``; ``train`` lets them update.
+        bn: ``frozen`` (or ``adapt``) keeps frozen groups' norm layers in eval mode
+            (running stats fixed) even under ``model.train()``; ``eval`` does so for every
+            group; ``train`` lets frozen groups' statistics update.
     """
     if bn not in BN_MODES:
         from layerwise.errors import UnknownNameError
@@ -74,7 +82,8 @@ def set_trainable(
         for p in g.parameters(model):
             p.requires_grad_(flag)
         for m in norm_modules(model, g):
-            _freeze_norm(m, frozen=not flag and bn == "frozen", training=model.training)
+            frozen = bn == "eval" or (not flag and bn != "train")
+            _freeze_norm(m, frozen=frozen, training=model.training)
 
 
 def freeze_until(model: nn.Module, groups: Sequence[LayerGroup], name: str, *, bn: str = "frozen") -> None:
@@ -103,3 +112,27 @@ def trainable_summary(model: nn.Module, groups: Sequence[LayerGroup]) -> str:
         rows.append(f"  {g.name:<12} {t:>12,} / {n:>12,}  {100 * t / max(n, 1):5.1f}%")
     rows.append(f"Trainable: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.1f}%)")
     return "\n".join(rows)
+
+
+@torch.no_grad()
+def recalibrate_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm's running statistics as an exact average over
+    ``batches`` (AdaBN); weights are untouched. Returns the number of images seen."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in norms]
+    was_training = model.training
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+        m.train()
+    seen = 0
+    try:
+        for x in batches:
+            model(x)
+            seen += x.shape[0]
+    finally:
+        for m, (momentum, training) in zip(norms, saved):
+            m.momentum, m.training = momentum, training
+        model.train(was_training)
+    return seen
