@@ -45,3 +45,32 @@ def test_resolved_fills_strategy_overrides_then_defaults():
 def test_unknown_name_error_is_a_keyerror_and_valueerror():
     e = UnknownNameError("group", "x", ["a", "b"])
     assert isinstance(e, KeyError) and isinstance(e, ValueError) and str(e) == "unknown group 'x'; choose one of: a, b"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from layerwise.config import KEYS  # noqa: E402
+
+_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 10), st.floats(allow_nan=True), st.text(max_size=8),
+                    st.lists(st.text(max_size=4), max_size=3))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(KEYS + ["bogus", "lr_rate"]), _values, max_size=6))
+def test_fuzz_config_raises_only_documented_errors(values):
+    try:
+        from_mapping(values)
+    except LayerwiseError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzz_yaml_files(tmp_path_factory, text):
+    p = tmp_path_factory.mktemp("y") / "c.yaml"
+    p.write_text(text)
+    try:
+        from_mapping(load_yaml(p))
+    except LayerwiseError:
+        pass

@@ -150,3 +150,76 @@ def test_resume_refuses_another_model(data, tmp_path, capsys):
     assert _fit(str(data), *TINY, "--strategy", "head", "--epochs", "1", "--out", str(run)) == 0
     assert main(["fit", "--resume", str(run), "--model", "resnet18"]) == 2
     assert "different model" in capsys.readouterr().err
+
+
+def _spawn_fit(args, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "layerwise", "fit", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def bigger(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("bigger"), classes=3, per_class=40)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(bigger, tmp_path):
+    import signal
+    import time
+
+    common = [str(bigger), *TINY, "--strategy", "gradual", "--every", "1", "--seed", "5", "--epochs", "6"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _fit(*common, "--out", str(a)) == 0
+    proc = _spawn_fit([*common, "--out", str(b)])
+    deadline = time.time() + 120
+    while len(read_jsonl(b / "metrics.jsonl")) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(read_jsonl(b / "metrics.jsonl"))
+    assert proc.returncode == -signal.SIGKILL and 2 <= done < 6, done  # really killed mid-run
+    assert _fit("--resume", str(b), "--quiet") == 0
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [r["epoch"] for r in rb] == list(range(6))
+    for x, y in zip(ra, rb):
+        assert x["val_acc"] == y["val_acc"] and x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)
+    wa, wb = load_file(str(a / "best.safetensors")), load_file(str(b / "best.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_stops_with_resume_hint(bigger, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = _spawn_fit([str(bigger), *TINY, "--strategy", "full", "--epochs", "50", "--out", str(run)])
+    deadline = time.time() + 120
+    while not read_jsonl(run / "metrics.jsonl") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert f"layerwise fit --resume {run}" in out
+    assert (run / "last" / "state.pt").is_file()
+
+
+def test_resume_refuses_other_classes(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _fit(str(data), *TINY, "--strategy", "head", "--epochs", "1", "--out", str(run)) == 0
+    other = make_image_folder(tmp_path / "other", classes=4, per_class=4)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"] = str(other)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--resume", str(run)]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_step_number(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "2", "--lr", "1e30", "--optimizer", "sgd",
+                "--out", str(run)) == 2
+    err = capsys.readouterr().err
+    assert "loss became" in err and "at step" in err

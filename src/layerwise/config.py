@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -106,9 +109,40 @@ def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None) -> Ru
         hints = {k: difflib.get_close_matches(k, KEYS, n=1) for k in unknown}
         msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
         raise LayerwiseError(f"unknown config key(s) {msg}; valid keys: {', '.join(KEYS)}")
+    hints = typing.get_type_hints(RunConfig)
+    for k, v in values.items():
+        if not _type_ok(v, hints[k]):
+            raise LayerwiseError(f"config key {k!r} must be {_type_name(hints[k])}, got {v!r}")
     cfg = dataclasses.replace(base or RunConfig(), **values)
     validate(cfg)
     return cfg
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Does ``value`` fit the annotation (int, float, str, bool, X | None, list[str], dict[K, V])?"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) and (args[1] is Any or _type_ok(v, args[1]))
+                                               for k, v in value.items())
+    return hint is Any
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

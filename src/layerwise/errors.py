@@ -30,10 +30,3 @@ class MissingPathError(LayerwiseError, FileNotFoundError):
     def __str__(self) -> str:
         return self.args[0]
 
-
-def check_positive(name: str, value: float, *, integer: bool = False) -> None:
-    """Raise a LayerwiseError unless ``value`` is a positive (integer) number."""
-    if integer and (isinstance(value, bool) or not isinstance(value, int)):
-        raise LayerwiseError(f"{name} must be a positive integer, got {value!r}")
-    if not value > 0:
-        raise LayerwiseError(f"{name} must be > 0, got {value!r}")
