@@ -22,6 +22,12 @@ def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=8)
 
 
+def last_weights(run):
+    from layerwise.checkpoint import load_state
+
+    return load_state(run / "last" / "state.pt")["model"]
+
+
 def _fit(*args) -> int:
     return main(["fit", *args])
 
@@ -30,7 +36,7 @@ def test_tiny_fit_writes_the_contract(data, tmp_path):
     run = tmp_path / "run"
     assert _fit(str(data), *TINY, "--strategy", "gradual", "--epochs", "3", "--out", str(run)) == 0
     for name in ("config.yaml", "plan.json", "metrics.jsonl", "best.safetensors", "report.md", "model.json",
-                 "last/model.safetensors", "last/state.pt", "curves.png", "lr.png", "trainable.png", "confusion.png"):
+                 "last/state.pt", "curves.png", "lr.png", "trainable.png", "confusion.png"):
         assert (run / name).is_file(), name
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [0, 1, 2]
@@ -56,7 +62,7 @@ def test_frozen_groups_stay_untouched_and_unfrozen_ones_train(data, tmp_path):
     s, _ = prepare(RunConfig(**{**cfg.__dict__}))
     initial = {k: v.clone() for k, v in s.loaded.model.state_dict().items()}
     fit(cfg)
-    final = load_file(str(run / "last" / "model.safetensors"))
+    final = last_weights(run)
     assert torch.equal(final["conv_stem.weight"], initial["conv_stem.weight"])
     assert torch.equal(final["bn1.running_mean"], initial["bn1.running_mean"])  # frozen BN stats kept
     assert not torch.equal(final["classifier.weight"], initial["classifier.weight"])
@@ -70,10 +76,10 @@ def test_resume_equals_uninterrupted_run(data, tmp_path, monkeypatch):
     assert _fit(*common, "--out", str(a)) == 0
     real = engine.Trainer.train_epoch
 
-    def interrupted_in_epoch_2(self, epoch, stop, bar=None):
+    def interrupted_in_epoch_2(self, epoch, stop, batches=None, progress=None):
         if epoch == 2:
-            stop.flag = True  # as if SIGINT arrived during epoch 2
-        return real(self, epoch, stop, bar)
+            stop.flag = True  # as if SIGINT arrived during epoch 2: it stops after one step
+        return real(self, epoch, stop, batches, progress)
 
     monkeypatch.setattr(engine.Trainer, "train_epoch", interrupted_in_epoch_2)
     assert _fit(*common, "--out", str(b)) == 130
@@ -85,7 +91,7 @@ def test_resume_equals_uninterrupted_run(data, tmp_path, monkeypatch):
     for x, y in zip(ra, rb):
         for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-7), (k, x["epoch"])
-    wa, wb = load_file(str(a / "last/model.safetensors")), load_file(str(b / "last/model.safetensors"))
+    wa, wb = last_weights(a), last_weights(b)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
 
@@ -223,3 +229,34 @@ def test_nan_loss_stops_with_step_number(data, tmp_path, capsys):
                 "--out", str(run)) == 2
     err = capsys.readouterr().err
     assert "loss became" in err and "at step" in err
+
+
+def test_nan_skip_keeps_going(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "2", "--lr", "1e30", "--optimizer", "sgd",
+                "--nan", "skip", "--out", str(run)) == 0
+    assert "batch skipped (--nan skip)" in capsys.readouterr().out
+    assert len(read_jsonl(run / "metrics.jsonl")) == 2
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(data, tmp_path, capsys, monkeypatch):
+    from layerwise import engine
+
+    run = tmp_path / "run"
+    common = [str(data), *TINY, "--strategy", "full", "--epochs", "2", "--out", str(run)]
+    real = engine.save_state
+    calls = []
+
+    def full_disk_on_second_save(path, state):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, state)
+
+    monkeypatch.setattr(engine, "save_state", full_disk_on_second_save)
+    assert _fit(*common) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "previous checkpoint is intact" in err
+    from layerwise.checkpoint import load_state
+
+    assert load_state(run / "last" / "state.pt")["epoch"] == 0  # epoch 0's checkpoint survived

@@ -7,6 +7,7 @@ epoch boundary replays exactly what an uninterrupted run would have done.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -31,6 +32,7 @@ from layerwise.checkpoint import (
     read_jsonl,
     save_state,
     save_weights,
+    state_dict_cpu,
     write_json,
 )
 from layerwise.config import CHECK_DATA_AUTO_LIMIT, RunConfig
@@ -218,7 +220,6 @@ class Trainer:
     best_acc: float = -1.0
     best_epoch: int = -1
     stale: int = 0
-    skipped_steps: int = 0
 
     @property
     def model(self) -> nn.Module:
@@ -235,76 +236,83 @@ class Trainer:
         set_trainable(self.model, self.s.groups, {n: st.trainable for n, st in states.items()}, bn=self.cfg.bn)
         apply_states(self.optimizer, states, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
-    def train_epoch(self, epoch: int, stop: StopRequested, bar: Iterator | None = None) -> dict[str, float]:
-        cfg, model = self.cfg, self.model
-        model.train()
-        total = correct = 0
-        loss_sum = 0.0
-        k = len(self.splits.classes)
-        step_rows = []
-        for x, y in bar if bar is not None else self.loaders.train:
-            if stop.flag:
+    def train_epoch(self, epoch: int, stop: StopRequested, batches: Iterator | None = None,
+                    progress: EpochProgress | None = None) -> dict[str, float]:
+        """Train one epoch; ``progress`` resumes it after its first ``progress.batches``."""
+        cfg = self.cfg
+        self.model.train()
+        p = progress or EpochProgress(epoch, start_step=self.step)
+        done = p.batches
+        bar = batches if batches is not None else self.loaders.train
+        for i, (x, y) in enumerate(bar):
+            if i < done:  # replay the loader up to where the interrupted run stopped
+                if i == done - 1:
+                    _set_rng(p.rng)
+                continue
+            if y.numel():  # a batch whose images were all unreadable is empty
+                self._step(x, y, p)
+            p.batches = i + 1
+            if hasattr(bar, "set_postfix") and p.total:
+                bar.set_postfix(loss=f"{p.loss_sum / p.total:.4f}", acc=f"{p.correct / p.total:.3f}")
+            if stop.flag:  # between steps: the checkpoint captures a consistent state
+                p.rng = _get_rng()
+                self.save_last(epoch - 1, p)
                 raise Interrupted
-            if y.numel() == 0:  # every image of the batch was unreadable
-                continue
-            x, y = _to_device(x, self.device, cfg.channels_last), y.to(self.device)
-            target = y
-            if cfg.mixup or cfg.cutmix:
-                x, target = mix_batch(x, y, k, mixup=cfg.mixup, cutmix=cfg.cutmix)
-            set_lr_scale(self.optimizer, cfg.lr, self.lr_scale())
-            with self.amp.autocast():
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss) and cfg.nan == "skip":
-                _say(cfg, f"warning: non-finite loss at step {self.step} (epoch {epoch}); batch skipped (--nan skip)")
-                self.skipped_steps += 1
-                self.step += 1
-                continue
-            if not torch.isfinite(loss):
+        with open(self.run / "steps.jsonl", "a") as f:  # per epoch: no fsync on the hot path
+            f.writelines(json.dumps(r) + "\n" for r in p.rows)
+        return {"train_loss": p.loss_sum / max(1, p.total), "train_acc": p.correct / max(1, p.total), "images": p.total}
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, p: EpochProgress) -> None:
+        cfg, model = self.cfg, self.model
+        x, y = _to_device(x, self.device, cfg.channels_last), y.to(self.device)
+        target = y
+        if cfg.mixup or cfg.cutmix:
+            x, target = mix_batch(x, y, len(self.splits.classes), mixup=cfg.mixup, cutmix=cfg.cutmix)
+        set_lr_scale(self.optimizer, cfg.lr, self.lr_scale())
+        with self.amp.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            if cfg.nan == "stop":
                 raise LayerwiseError(
-                    f"loss became {loss.item()} at step {self.step} (epoch {epoch}); last/ keeps the last good "
+                    f"loss became {loss.item()} at step {self.step} (epoch {p.epoch}); last/ keeps the last good "
                     "epoch. Lower --lr, use --clip-grad 1.0 or --precision fp32, then resume."
                 )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.amp.step(loss, self.optimizer, cfg.clip_grad)
-            if self.ema is not None:
-                self.ema.update_parameters(model)
-            n = y.shape[0]
-            total += n
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(-1) == y).sum().item()
-            step_rows.append({"step": self.step, "epoch": epoch, "loss": round(loss.item(), 6),
-                              "lr": lr_by_group(self.optimizer)})
+            _say(cfg, f"warning: non-finite loss at step {self.step} (epoch {p.epoch}); batch skipped (--nan skip)")
             self.step += 1
-            if bar is not None and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
-        with open(self.run / "steps.jsonl", "a") as f:  # per epoch: no fsync on the hot path
-            f.writelines(json.dumps(r) + "\n" for r in step_rows)
-        return {"train_loss": loss_sum / max(1, total), "train_acc": correct / max(1, total), "images": total}
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.amp.step(loss, self.optimizer, cfg.clip_grad)
+        if self.ema is not None:
+            self.ema.update_parameters(model)
+        n = y.shape[0]
+        p.total += n
+        p.loss_sum += loss.item() * n
+        p.correct += (logits.argmax(-1) == y).sum().item()
+        p.rows.append({"step": self.step, "epoch": p.epoch, "loss": round(loss.item(), 6),
+                       "lr": lr_by_group(self.optimizer)})
+        self.step += 1
 
-    def save_last(self, epoch: int) -> None:
-        with _explain_write_errors(self.run):
-            self._save_last(epoch)
-
-    def _save_last(self, epoch: int) -> None:
-        last = self.run / "last"
-        save_weights(last / "model.safetensors", self.model)
+    def save_last(self, epoch: int, progress: EpochProgress | None = None) -> None:
+        """One atomic file, so model and optimizer state can never disagree."""
         state = {"epoch": epoch, "step": self.step, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
-                 "stale": self.stale, "optimizer": self.optimizer.state_dict()}
+                 "stale": self.stale, "model": state_dict_cpu(self.model),
+                 "optimizer": self.optimizer.state_dict(),
+                 "progress": dataclasses.asdict(progress) if progress else None}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if self.amp.scaler is not None:
             state["scaler"] = self.amp.scaler.state_dict()
-        save_state(last / "state.pt", state)
+        with _explain_write_errors(self.run):
+            save_state(self.run / "last" / "state.pt", state)
 
-    def load_last(self) -> int:
-        """Restore ``last/``; returns the epoch to continue from."""
-        last = self.run / "last"
-        load_weights(last / "model.safetensors", self.model)
-        state = load_state(last / "state.pt")
+    def load_last(self) -> tuple[int, EpochProgress | None]:
+        """Restore ``last/``: the epoch to continue from, and its progress if it stopped mid-way."""
+        state = load_state(self.run / "last" / "state.pt")
+        self.model.load_state_dict(state["model"])
         # Put the optimizer's groups into the resumed epoch's state before loading, so
         # loaded LR/decay values and the model's requires_grad agree.
-        self.apply_plan(state["epoch"])
+        self.apply_plan(state["epoch"] + 1)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
@@ -312,7 +320,36 @@ class Trainer:
             self.amp.scaler.load_state_dict(state["scaler"])
         self.step, self.best_acc, self.best_epoch, self.stale = (
             state["step"], state["best_acc"], state["best_epoch"], state["stale"])
-        return state["epoch"] + 1
+        progress = EpochProgress(**state["progress"]) if state.get("progress") else None
+        return state["epoch"] + 1, progress
+
+
+@dataclass
+class EpochProgress:
+    """Running sums of one epoch, saved when a run is interrupted mid-epoch."""
+
+    epoch: int
+    start_step: int = 0
+    batches: int = 0
+    total: int = 0
+    correct: int = 0
+    loss_sum: float = 0.0
+    rows: list = dataclasses.field(default_factory=list)
+    rng: dict | None = None
+
+
+def _get_rng() -> dict:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng(state: dict | None) -> None:
+    if state:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextlib.contextmanager
@@ -422,10 +459,10 @@ def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
     run = Path(cfg.out or default_run_dir())
     cfg.out = str(run)
     t = build_trainer(cfg, run)
-    start = 0
+    start, progress = 0, None
     if resume:
         _check_resumable(run, t)
-        start = t.load_last()
+        start, progress = t.load_last()
     _truncate_logs(run, start) if resume else _fresh_run(run)
     _write_run_header(t)
     _say(t.cfg, _banner(t))
@@ -436,11 +473,11 @@ def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
     with StopRequested() as stop:
         try:
             for epoch in range(start, t.cfg.epochs):
-                if _train_and_log(t, epoch, stop, writer):
+                if _train_and_log(t, epoch, stop, writer, progress if epoch == start else None):
                     _say(t.cfg, f"early stopping: val accuracy has not improved for {t.cfg.patience} epochs")
                     break
         except Interrupted:
-            _say(t.cfg, f"\ninterrupted: last/ holds the last completed epoch. Resume with: layerwise fit --resume {run}")
+            _say(t.cfg, f"\ninterrupted: last/ holds the run up to the last step. Resume with: layerwise fit --resume {run}")
             raise
     from layerwise.report import write_run_report
 
@@ -477,15 +514,18 @@ def _fresh_run(run: Path) -> None:
         (run / name).unlink(missing_ok=True)
 
 
-def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object) -> bool:
+def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object,
+                   progress: EpochProgress | None = None) -> bool:
     """One epoch: plan, train, validate, log, checkpoint. Returns True to stop early."""
     cfg = t.cfg
     seed_everything(epoch_seed(cfg.seed, epoch))
     t.loaders.generator.manual_seed(epoch_seed(cfg.seed, epoch))
     t.apply_plan(epoch)
-    lr_start = {g: cfg.lr * st.lr_mult * t.lr_scale() for g, st in t.s.plan.states(epoch).items()}
+    first = progress.start_step if progress else t.step
+    scale = lr_scale(cfg.scheduler, first, t.spec)
+    lr_start = {g: cfg.lr * st.lr_mult * scale for g, st in t.s.plan.states(epoch).items()}
     tic = time.perf_counter()
-    tr = t.train_epoch(epoch, stop, _progress(t.loaders.train, epoch, cfg.epochs, cfg.quiet))
+    tr = t.train_epoch(epoch, stop, _progress(t.loaders.train, epoch, cfg.epochs, cfg.quiet), progress)
     train_s = time.perf_counter() - tic
     ev = evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=cfg.channels_last)
     row = {
