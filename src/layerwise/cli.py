@@ -119,6 +119,12 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tta", type=_csv, default=S, help=f"views for the final evaluation: {', '.join(VIEWS)}")
     g.add_argument("--check-data", dest="check_data", choices=["auto", "on", "off"], default=S,
                    help="decode every image once before training and skip unreadable ones (auto: under 50k images)")
+    g.add_argument("--cache", choices=["auto", "ram", "off"], default=S,
+                   help="decode and resize every image once into RAM (auto: when it fits in a quarter of it)")
+    g.add_argument("--feature-cache", dest="feature_cache", choices=["auto", "off"], default=S,
+                   help="while only the head trains, run the frozen rest once and train on its output (auto)")
+    g.add_argument("--feature-cache-views", dest="feature_cache_views", type=int, default=S,
+                   help="with random augmentation: K augmented views cached per image (0: no cache)")
     g.add_argument("--nan", choices=["stop", "skip"], default=S, help="on a non-finite loss: stop (default) or skip the batch")
     g.add_argument("--quiet", action="store_true", default=S, help="no progress bars (logs, CI)")
 

@@ -84,6 +84,9 @@ class RunConfig:
     channels_last: bool = True
     tta: list[str] = field(default_factory=list)
     check_data: str = "auto"
+    cache: str = "auto"  # decoded-image cache: auto (when it fits in RAM), ram, off
+    feature_cache: str = "auto"  # frozen-prefix features while only the head trains: auto, off
+    feature_cache_views: int = 0  # with random augmentation: K augmented views precomputed
     nan: str = "stop"
     quiet: bool = False
 
@@ -170,6 +173,14 @@ def validate(cfg: RunConfig) -> None:
         raise UnknownNameError("augmentation preset", cfg.augment, PRESETS)
     if cfg.check_data not in CHECK_DATA:
         raise UnknownNameError("check-data mode", cfg.check_data, CHECK_DATA)
+    from layerwise.cache import CACHE_MODES
+
+    if cfg.cache not in CACHE_MODES:
+        raise UnknownNameError("cache mode", cfg.cache, CACHE_MODES)
+    if cfg.feature_cache not in ("auto", "off"):
+        raise UnknownNameError("feature-cache mode", cfg.feature_cache, ("auto", "off"))
+    if cfg.feature_cache_views < 0:
+        raise LayerwiseError(f"feature_cache_views must be >= 0, got {cfg.feature_cache_views}")
     if cfg.nan not in NAN_POLICIES:
         raise UnknownNameError("NaN policy", cfg.nan, NAN_POLICIES)
     if cfg.precision not in PRECISIONS:

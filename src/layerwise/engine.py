@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from layerwise.augment import PRESETS, eval_transform, mix_batch
+from layerwise.cache import DecodedImages, feature_batches, fits_in_ram, head_features
 from layerwise.checkpoint import (
     append_jsonl,
     atomic_write_text,
@@ -144,6 +146,20 @@ def evaluate(model: nn.Module, loader: DataLoader, amp: Amp, device: torch.devic
     return EvalResult(loss, (p.argmax(-1) == y).float().mean().item(), y, p)
 
 
+@torch.inference_mode()
+def evaluate_features(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, amp: Amp,
+                      device: torch.device, batch_size: int = 1024) -> EvalResult:
+    """:func:`evaluate` on cached head inputs (no TTA: views were not cached)."""
+    was_training = head.training
+    head.eval()
+    with amp.autocast():
+        probs = torch.cat([head(feats[i:i + batch_size].to(device)).float().softmax(-1).cpu()
+                           for i in range(0, len(labels), batch_size)])
+    head.train(was_training)
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    return EvalResult(loss, (probs.argmax(-1) == labels).float().mean().item(), labels, probs)
+
+
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
@@ -156,23 +172,52 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
 class Loaders:
     train: DataLoader
     val: DataLoader
-    generator: torch.Generator
+    generator: torch.Generator  # the epoch's sample order
+    worker_generator: torch.Generator  # the DataLoader workers' seeds
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+        self.worker_generator.manual_seed(seed + 1)
+
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A permutation from ``generator``: the cached-feature path draws the same order."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
 
 
 def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
+def use_decoded_cache(cfg: RunConfig, splits: Splits) -> bool:
+    n = len(splits.train) + len(splits.val)
+    return cfg.cache == "ram" or (cfg.cache == "auto" and fits_in_ram(n, cfg.img_size))
+
+
 def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Sequence[float]) -> Loaders:
     size = cfg.img_size
     workers = default_workers() if cfg.workers is None else cfg.workers
-    g = torch.Generator()
+    train_tf, eval_tf = PRESETS[cfg.augment](size, mean, std), eval_transform(size, mean, std)
+    if use_decoded_cache(cfg, splits):
+        train_ds = DecodedImages(splits.train, size, train_tf, workers=workers, progress=not cfg.quiet)
+        val_ds = DecodedImages(splits.val, size, eval_tf, workers=workers, progress=not cfg.quiet)
+    else:
+        train_ds, val_ds = ImageDataset(splits.train, train_tf), ImageDataset(splits.val, eval_tf)
+    g, gw = torch.Generator(), torch.Generator()
     common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
                   collate_fn=collate_skipping)
-    train = DataLoader(ImageDataset(splits.train, PRESETS[cfg.augment](size, mean, std)), shuffle=True,
-                       drop_last=len(splits.train) > cfg.batch_size, generator=g, **common)
-    val = DataLoader(ImageDataset(splits.val, eval_transform(size, mean, std)), shuffle=False, **common)
-    return Loaders(train, val, g)
+    train = DataLoader(train_ds, sampler=EpochShuffle(len(train_ds), g), drop_last=len(train_ds) > cfg.batch_size,
+                       generator=gw, **common)
+    val = DataLoader(val_ds, shuffle=False, **common)
+    return Loaders(train, val, g, gw)
 
 
 class StopRequested:
@@ -220,6 +265,7 @@ class Trainer:
     best_acc: float = -1.0
     best_epoch: int = -1
     stale: int = 0
+    features: FeatureStore | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -236,8 +282,29 @@ class Trainer:
         set_trainable(self.model, self.s.groups, {n: st.trainable for n, st in states.items()}, bn=self.cfg.bn)
         apply_states(self.optimizer, states, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
+    def head_module(self) -> nn.Module | None:
+        """The module holding exactly the head group, if there is one."""
+        head = self.s.groups[-1]
+        return self.model.get_submodule(head.modules[0]) if len(head.modules) == 1 else None
+
+    def feature_cache_on(self, epoch: int) -> bool:
+        """Only the head trains, and the frozen rest gives the same output every time."""
+        cfg = self.cfg
+        if cfg.feature_cache == "off" or cfg.bn == "train" or cfg.mixup or cfg.cutmix or self.head_module() is None:
+            return False
+        if self.s.plan.trainable_groups(epoch) != [self.s.groups[-1].name]:
+            return False
+        return cfg.augment == "none" or cfg.feature_cache_views > 0
+
+    def cached_features(self) -> FeatureStore:
+        if self.features is None:
+            rng = _get_rng()  # building must not shift the training RNG (resume replays it)
+            self.features = FeatureStore.build(self)
+            _set_rng(rng)
+        return self.features
+
     def train_epoch(self, epoch: int, stop: StopRequested, batches: Iterator | None = None,
-                    progress: EpochProgress | None = None) -> dict[str, float]:
+                    progress: EpochProgress | None = None, forward: nn.Module | None = None) -> dict[str, float]:
         """Train one epoch; ``progress`` resumes it after its first ``progress.batches``."""
         cfg = self.cfg
         self.model.train()
@@ -250,7 +317,7 @@ class Trainer:
                     _set_rng(p.rng)
                 continue
             if y.numel():  # a batch whose images were all unreadable is empty
-                self._step(x, y, p)
+                self._step(x, y, p, forward or self.model)
             p.batches = i + 1
             if hasattr(bar, "set_postfix") and p.total:
                 bar.set_postfix(loss=f"{p.loss_sum / p.total:.4f}", acc=f"{p.correct / p.total:.3f}")
@@ -262,8 +329,8 @@ class Trainer:
             f.writelines(json.dumps(r) + "\n" for r in p.rows)
         return {"train_loss": p.loss_sum / max(1, p.total), "train_acc": p.correct / max(1, p.total), "images": p.total}
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, p: EpochProgress) -> None:
-        cfg, model = self.cfg, self.model
+    def _step(self, x: torch.Tensor, y: torch.Tensor, p: EpochProgress, model: nn.Module) -> None:
+        cfg = self.cfg
         x, y = _to_device(x, self.device, cfg.channels_last), y.to(self.device)
         target = y
         if cfg.mixup or cfg.cutmix:
@@ -284,7 +351,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.amp.step(loss, self.optimizer, cfg.clip_grad)
         if self.ema is not None:
-            self.ema.update_parameters(model)
+            self.ema.update_parameters(self.model)
         n = y.shape[0]
         p.total += n
         p.loss_sum += loss.item() * n
@@ -338,6 +405,40 @@ class EpochProgress:
     rng: dict | None = None
 
 
+@dataclass
+class FeatureStore:
+    """Head inputs from the frozen prefix: K training views and the validation set."""
+
+    train: list[torch.Tensor]
+    labels: torch.Tensor
+    val: torch.Tensor
+    val_labels: torch.Tensor
+
+    @staticmethod
+    def build(t: Trainer) -> FeatureStore:
+        cfg = t.cfg
+        views = 1 if cfg.augment == "none" else cfg.feature_cache_views
+        prep = functools.partial(_to_device, device=t.device, channels_last=cfg.channels_last)
+        head = t.head_module()
+        ordered = DataLoader(t.loaders.train.dataset, batch_size=cfg.batch_size, shuffle=False,
+                             num_workers=t.loaders.train.num_workers, collate_fn=collate_skipping)
+        train, labels = [], None
+        tic = time.perf_counter()
+        for k in range(views):
+            seed_everything(epoch_seed(cfg.seed, 10_000 + k))  # view k's augmentation, reproducibly
+            feats, labels = head_features(t.model, head, ordered, t.device, t.amp.autocast, prep)
+            train.append(feats)
+        val, val_labels = head_features(t.model, head, t.loaders.val, t.device, t.amp.autocast, prep)
+        _say(cfg, f"feature cache: frozen prefix run once over {len(labels)} x {views} train + {len(val_labels)} "
+                  f"val images in {time.perf_counter() - tic:.1f}s; the head trains on cached features")
+        return FeatureStore(train, labels, val, val_labels)
+
+    def batches(self, epoch: int, t: Trainer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        feats = self.train[epoch % len(self.train)]
+        return feature_batches(feats, self.labels, t.cfg.batch_size, t.loaders.generator,
+                               drop_last=t.loaders.train.drop_last)
+
+
 def _get_rng() -> dict:
     out = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -365,12 +466,13 @@ def _explain_write_errors(run: Path) -> Iterator[None]:
         ) from e
 
 
-def _progress(loader: DataLoader, epoch: int, epochs: int, quiet: bool) -> Iterator:
+def _progress(batches: Iterator, epoch: int, epochs: int, quiet: bool, total: int | None = None) -> Iterator:
     if quiet:
-        return iter(loader)
+        return iter(batches)
     from tqdm import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=True, dynamic_ncols=True)
+    return tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=True, dynamic_ncols=True,
+                total=total)
 
 
 def _say(cfg: RunConfig, msg: str) -> None:
@@ -519,15 +621,25 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object,
     """One epoch: plan, train, validate, log, checkpoint. Returns True to stop early."""
     cfg = t.cfg
     seed_everything(epoch_seed(cfg.seed, epoch))
-    t.loaders.generator.manual_seed(epoch_seed(cfg.seed, epoch))
+    t.loaders.reseed(epoch_seed(cfg.seed, epoch))
     t.apply_plan(epoch)
     first = progress.start_step if progress else t.step
     scale = lr_scale(cfg.scheduler, first, t.spec)
     lr_start = {g: cfg.lr * st.lr_mult * scale for g, st in t.s.plan.states(epoch).items()}
     tic = time.perf_counter()
-    tr = t.train_epoch(epoch, stop, _progress(t.loaders.train, epoch, cfg.epochs, cfg.quiet), progress)
+    if t.feature_cache_on(epoch):
+        store = t.cached_features()
+        tic = time.perf_counter()  # the one-off prefix pass is reported, not counted as training
+        batches = _progress(store.batches(epoch, t), epoch, cfg.epochs, cfg.quiet, len(t.loaders.train))
+        tr = t.train_epoch(epoch, stop, batches, progress, forward=t.head_module())
+    else:
+        t.features = None  # the trainable set moved past the head: cached features are stale
+        tr = t.train_epoch(epoch, stop, _progress(t.loaders.train, epoch, cfg.epochs, cfg.quiet), progress)
     train_s = time.perf_counter() - tic
-    ev = evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=cfg.channels_last)
+    if t.features is not None and t.ema is None:
+        ev = evaluate_features(t.head_module(), t.features.val, t.features.val_labels, t.amp, t.device)
+    else:
+        ev = evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=cfg.channels_last)
     row = {
         "epoch": epoch, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"], "val_loss": ev.loss,
         "val_acc": ev.acc, "lr": lr_start, "trainable_params": t.s.plan.trainable_params(epoch),

@@ -28,6 +28,7 @@ class LayerGroup:
     name: str
     params: tuple[str, ...]
     blocks: tuple[tuple[str, ...], ...]
+    modules: tuple[str, ...] = ()  # module paths the group was declared with, when known
 
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         named = dict(model.named_parameters())
@@ -210,7 +211,7 @@ def _timm_groups(model: nn.Module) -> list[LayerGroup]:
     for i, names in enumerate(stages):
         name = "stem" if i == 0 and has_stem else f"stage{i + (0 if has_stem else 1)}"
         groups.append(LayerGroup(name, tuple(names), _split_blocks(names, fine)))
-    return [*groups, LayerGroup("head", head, (head,))]
+    return [*groups, LayerGroup("head", head, (head,), (head_path,) if head_path else ())]
 
 
 def _split_blocks(names: Sequence[str], block_of: Mapping[str, int]) -> tuple[tuple[str, ...], ...]:
@@ -287,8 +288,9 @@ def groups_from_spec(model: nn.Module, spec: Sequence[tuple[str, Sequence[str]]]
     empty = [n for n, o in zip(names, owned) if not o]
     if empty:
         raise LayerwiseError(f"group(s) {', '.join(empty)} match no parameter; check their patterns")
+    modules = {n for n, _ in model.named_modules()}
     return [
-        LayerGroup(name, tuple(o), _blocks_for(model, pats, o))
+        LayerGroup(name, tuple(o), _blocks_for(model, pats, o), tuple(p for p in pats if p in modules))
         for (name, pats), o in zip(items, owned)
     ]
 

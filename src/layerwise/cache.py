@@ -1,0 +1,135 @@
+"""Work done once instead of every epoch.
+
+- :class:`DecodedImages`: every image decoded and resized once into a uint8 tensor store;
+  augmentation then runs on tensors.
+- :func:`head_features`: while only the head trains, the frozen rest of the model gives the
+  same output every epoch, so its output (the head's input) is computed once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from layerwise.augment import CROP_PCT
+from layerwise.data import Item, collate_skipping, open_image
+
+CACHE_MODES = ("auto", "ram", "off")
+RAM_BUDGET = 0.25  # 'auto' caches decoded images when they fit in a quarter of the RAM
+
+
+def stored_side(img_size: int) -> int:
+    """Short side kept in the store: the eval resize, so crops keep full resolution."""
+    return int(round(img_size / CROP_PCT))
+
+
+def total_ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def fits_in_ram(n_images: int, img_size: int) -> bool:
+    side = stored_side(img_size)
+    return n_images * 3 * side * side * 4 // 3 < RAM_BUDGET * total_ram()  # 4/3: non-square images
+
+
+class _Decode(Dataset):
+    def __init__(self, items: Sequence[Item], side: int) -> None:
+        self.items, self.resize = items, v2.Resize(side, antialias=True)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        from layerwise.data import IMAGE_ERRORS
+
+        src, label = self.items[i]
+        try:
+            img = open_image(src)
+        except IMAGE_ERRORS:
+            return None
+        return self.resize(v2.functional.pil_to_tensor(img)), label
+
+
+class DecodedImages(Dataset):
+    """Items decoded once to uint8 CHW tensors (short side ``stored_side``), then passed
+    through ``transform`` as ``tv_tensors.Image`` on every access."""
+
+    def __init__(self, items: Sequence[Item], img_size: int, transform: Callable, *, workers: int = 0,
+                 progress: bool = False) -> None:
+        self.transform = transform
+        loader = DataLoader(_Decode(items, stored_side(img_size)), batch_size=None, num_workers=workers)
+        it: Iterator = iter(loader)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(items), desc="decoding images once", unit="img", leave=False)
+        self.images: list[torch.Tensor] = []
+        self.labels: list[int] = []
+        for sample in it:
+            if sample is not None:
+                self.images.append(sample[0].clone())
+                self.labels.append(int(sample[1]))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(tv_tensors.Image(self.images[i])), self.labels[i]
+
+
+# --- frozen-prefix feature cache ---------------------------------------------------------------
+
+
+class _Captured(Exception):
+    """Raised by the hook to stop the forward pass once the head's input is known."""
+
+
+@torch.inference_mode()
+def head_features(model: nn.Module, head: nn.Module, loader: DataLoader, device: torch.device,
+                  autocast: Callable, prepare: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's input for every sample of ``loader``, with the rest of the model in eval
+    mode and without autograd; the head itself is never run."""
+    grabbed: list[torch.Tensor] = []
+
+    def grab(_m: nn.Module, args: tuple) -> None:
+        grabbed.append(args[0].float().cpu())
+        raise _Captured
+
+    was_training = model.training
+    model.eval()
+    handle = head.register_forward_pre_hook(grab)
+    labels = []
+    try:
+        for x, y in loader:
+            if not y.numel():
+                continue
+            with autocast():
+                try:
+                    model(prepare(x.to(device)))
+                except _Captured:
+                    pass
+            labels.append(y)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(grabbed), torch.cat(labels)
+
+
+def feature_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+                    drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled mini-batches of cached features, as a DataLoader over them would give."""
+    order = torch.randperm(len(labels), generator=generator)
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for i in range(0, stop, batch_size):
+        idx = order[i:i + batch_size]
+        yield feats[idx], labels[idx]
+

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_image_folder
+from layerwise.augment import eval_transform
+from layerwise.cache import DecodedImages, stored_side
+from layerwise.checkpoint import read_jsonl
+from layerwise.cli import main
+
+TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32", "--batch-size", "8",
+        "--workers", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=10)
+
+
+def _metrics(data, out, *args):
+    assert main(["fit", str(data), *TINY, "--out", str(out), *args]) == 0
+    return read_jsonl(out / "metrics.jsonl")
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), (k, x["epoch"])
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_feature_cache_equals_recomputing(data, tmp_path, capsys, head):
+    args = ["--strategy", "head", "--augment", "none", "--epochs", "3", "--head", head]
+    cached = _metrics(data, tmp_path / "c", *args)
+    assert "feature cache: frozen prefix run once" in capsys.readouterr().out
+    plain = _metrics(data, tmp_path / "p", *args, "--feature-cache", "off")
+    _same(cached, plain)
+
+
+def test_feature_cache_dropped_when_the_boundary_moves(data, tmp_path, capsys):
+    args = ["--strategy", "lp-ft", "--probe-epochs", "2", "--augment", "none", "--epochs", "4"]
+    cached = _metrics(data, tmp_path / "c", *args)
+    out = capsys.readouterr().out
+    assert out.count("feature cache: frozen prefix run once") == 1
+    plain = _metrics(data, tmp_path / "p", *args, "--feature-cache", "off")
+    _same(cached, plain)
+    assert cached[2]["trainable_params"] > cached[1]["trainable_params"]
+
+
+def test_feature_cache_views_with_random_augmentation(data, tmp_path, capsys):
+    rows = _metrics(data, tmp_path / "v", "--strategy", "head", "--augment", "light", "--epochs", "2",
+                    "--feature-cache-views", "2")
+    assert "x 2 train" in capsys.readouterr().out
+    assert len(rows) == 2
+    none = _metrics(data, tmp_path / "n", "--strategy", "head", "--augment", "light", "--epochs", "1")
+    assert none[0]["images_per_second"] < rows[1]["images_per_second"]
+
+
+def test_decoded_images_store_uint8_at_eval_resolution(tmp_path):
+    Image.new("RGB", (80, 40), (200, 10, 10)).save(tmp_path / "a.png")
+    store = DecodedImages([(str(tmp_path / "a.png"), 1)], 32, eval_transform(32, (0.5,) * 3, (0.5,) * 3))
+    img = store.images[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, stored_side(32), 2 * stored_side(32))
+    x, y = store[0]
+    assert x.shape == (3, 32, 32) and y == 1
+    torch.testing.assert_close(x[0], torch.full((32, 32), 200 / 255 * 2 - 1), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("mode,kind", [("ram", "DecodedImages"), ("off", "ImageDataset"), ("auto", "DecodedImages")])
+def test_cache_mode_picks_the_dataset(data, tmp_path, mode, kind):
+    from layerwise.config import RunConfig
+    from layerwise.engine import build_trainer
+
+    cfg = RunConfig(data=str(data), model="timm/test_efficientnet", weights="none", img_size=32, workers=0,
+                    quiet=True, cache=mode)
+    t = build_trainer(cfg, tmp_path / "run")
+    assert type(t.loaders.train.dataset).__name__ == kind == type(t.loaders.val.dataset).__name__
+    x, y = next(iter(t.loaders.val))
+    assert x.shape[1:] == (3, 32, 32)
