@@ -16,7 +16,7 @@ import yaml
 
 from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECK_DATA = ("auto", "on", "off")
 NAN_POLICIES = ("stop", "skip")
 CHECK_DATA_AUTO_LIMIT = 50_000  # images: below this, 'auto' decodes every file once before training
@@ -47,7 +47,7 @@ class RunConfig:
     batch_size: int = 64
     img_size: int | None = None  # None: the model's pretrained resolution
     augment: str | None = None  # None: light, or none for the embedded digits
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 where the device has fast bf16 (AMX/AVX512-BF16 CPUs, Ampere+ GPUs)
     device: str = "auto"
     seed: int = 0
     out: str | None = None

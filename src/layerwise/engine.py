@@ -68,10 +68,37 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: where bf16 autocast measured 1.75-2.2x faster training."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def has_depthwise_convs(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
+def resolve_precision(precision: str, device: torch.device, model: nn.Module | None = None) -> str:
+    """``auto``: bf16 on GPUs that support it; on CPUs with AMX/AVX512-BF16 too, except for
+    depthwise-conv nets (EfficientNet, MobileNet), whose CPU bf16 kernels measured slower
+    than fp32 here (Lite0 at 96 px: 48 vs 74 img/s; ResNet-18 at 112 px: 105 vs 61)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    fast = device.type == "cpu" and cpu_has_fast_bf16()
+    return "bf16" if fast and not (model is not None and has_depthwise_convs(model)) else "fp32"
+
+
 class Amp:
     """Autocast plus, for fp16, a gradient scaler: the one mixed-precision code path."""
 
-    def __init__(self, precision: str, device: torch.device) -> None:
+    def __init__(self, precision: str, device: torch.device, model: nn.Module | None = None) -> None:
+        precision = resolve_precision(precision, device, model)
+        self.precision = precision
         self.device_type = device.type
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype is torch.float16 else None
@@ -538,7 +565,9 @@ def build_trainer(cfg: RunConfig, run: Path) -> Trainer:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-    return Trainer(cfg, s, splits, run, device, Amp(cfg.precision, device), optimizer, loaders, ema, spec)
+    amp = Amp(cfg.precision, device, model)
+    cfg.precision = amp.precision  # config.yaml records what ran, so a re-run or resume matches
+    return Trainer(cfg, s, splits, run, device, amp, optimizer, loaders, ema, spec)
 
 
 def _write_run_header(t: Trainer) -> None:
@@ -675,7 +704,7 @@ def _banner(t: Trainer) -> str:
     sp, s = t.splits, t.s
     lines = [f"data: {sp.name} · {len(sp.train)} train / {len(sp.val)} val images · {len(sp.classes)} classes",
              f"model: {s.loaded.name} ({s.loaded.source} {s.loaded.arch}) · weights {s.loaded.weights} · "
-             f"{t.cfg.img_size}px · {t.device} · {t.cfg.precision}"]
+             f"{t.cfg.img_size}px · {t.device} · {t.amp.precision}"]
     lines += s.loaded.notes
     return "\n".join(lines + [s.plan.table(), ""])
 
