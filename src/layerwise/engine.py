@@ -293,6 +293,7 @@ class Trainer:
     best_epoch: int = -1
     stale: int = 0
     features: FeatureStore | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
     def model(self) -> nn.Module:
@@ -587,9 +588,11 @@ def _truncate_logs(run: Path, start_epoch: int) -> None:
 
 def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
     """Train ``cfg`` into its run folder (``cfg.out``); returns the folder."""
+    started = time.perf_counter()
     run = Path(cfg.out or default_run_dir())
     cfg.out = str(run)
     t = build_trainer(cfg, run)
+    t.started = started  # elapsed_seconds counts data and model set-up too
     start, progress = 0, None
     if resume:
         _check_resumable(run, t)
@@ -674,6 +677,7 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object,
         "val_acc": ev.acc, "lr": lr_start, "trainable_params": t.s.plan.trainable_params(epoch),
         "trainable_groups": t.s.plan.trainable_groups(epoch), "epoch_seconds": time.perf_counter() - tic,
         "images_per_second": tr["images"] / max(train_s, 1e-9),
+        "elapsed_seconds": time.perf_counter() - t.started,
     }
     improved = ev.acc > t.best_acc
     if improved:

@@ -1,0 +1,105 @@
+"""Speed benchmark: layerwise against the plain PyTorch loop (and fastai when installed),
+same data, model, weights, image size, epochs and (no) augmentation, in one run.
+
+    .venv/bin/python bench/speed.py [--epochs 3] [--img-size 64] [--target 0.55]
+
+Each competitor runs in its own process (peak memory is that process's max RSS). Prints a
+Markdown table with ratios against the plain loop and writes it to bench/results/speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
+
+
+def run_child(cmd: list[str]) -> tuple[str, float, float]:
+    """stdout, wall seconds and peak RSS (MB) of one competitor process."""
+    tic = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
+    return out, time.perf_counter() - tic, usage.ru_maxrss / 1024
+
+
+def plain(args: argparse.Namespace, strategy: str) -> dict:
+    out, wall, rss = run_child([sys.executable, "bench/plain_loop.py", args.data, "--strategy", strategy,
+                                "--epochs", str(args.epochs), "--img-size", str(args.img_size)])
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {"rows": rows, "wall": wall, "rss": rss}
+
+
+def layerwise(args: argparse.Namespace, strategy: str) -> dict:
+    run = ROOT / "runs" / "bench-speed" / strategy
+    _, wall, rss = run_child([sys.executable, "-m", "layerwise", "fit", args.data, "--strategy", strategy,
+                              "--epochs", str(args.epochs), "--img-size", str(args.img_size), "--augment", "none",
+                              "--workers", "1", "--quiet", "--out", str(run)])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {"rows": rows, "wall": wall, "rss": rss}
+
+
+def fastai(args: argparse.Namespace, strategy: str) -> dict | None:
+    try:
+        import fastai  # noqa: F401
+    except ImportError:
+        return None
+    out, wall, rss = run_child([sys.executable, "bench/fastai_loop.py", args.data, "--strategy", strategy,
+                                "--epochs", str(args.epochs), "--img-size", str(args.img_size)])
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {"rows": rows, "wall": wall, "rss": rss}
+
+
+def summarise(r: dict, target: float) -> dict:
+    rows = r["rows"]
+    later = [x["images_per_second"] for x in rows[1:]] or [rows[0]["images_per_second"]]
+    hit = next((x["elapsed_seconds"] for x in rows if x["val_acc"] >= target), None)
+    return {"ips1": rows[0]["images_per_second"], "ips2": sum(later) / len(later), "acc": rows[-1]["val_acc"],
+            "best": max(x["val_acc"] for x in rows), "tta": hit, "wall": r["wall"], "rss": r["rss"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--target", type=float, default=0.55, help="val accuracy for time-to-accuracy")
+    p.add_argument("--strategies", default="head,partial,full")
+    args = p.parse_args()
+    if not Path(args.data).is_dir():
+        raise SystemExit(f"benchmark data {args.data} not found; it is read from ../shared/data/cifar10-mini")
+    lines = [f"cifar10-mini, efficientnet_lite0 (offline ImageNet weights), {args.img_size} px, {args.epochs} epochs, "
+             f"no augmentation, batch 64, 1 loader worker; time to val acc >= {args.target} counts set-up too", "",
+             "| strategy | tool | img/s epoch 1 | img/s epochs 2+ | x plain (2+) | best val acc | time to target s "
+             "| wall s | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for strategy in args.strategies.split(","):
+        results = {"plain loop": plain(args, strategy), "layerwise": layerwise(args, strategy)}
+        fa = fastai(args, strategy)
+        if fa:
+            results["fastai"] = fa
+        base = summarise(results["plain loop"], args.target)["ips2"]
+        for tool, r in results.items():
+            s = summarise(r, args.target)
+            tta = f"{s['tta']:.0f}" if s["tta"] is not None else "not reached"
+            lines.append(f"| {strategy} | {tool} | {s['ips1']:.0f} | {s['ips2']:.0f} | {s['ips2'] / base:.2f} | "
+                         f"{s['best']:.3f} | {tta} | {s['wall']:.0f} | {s['rss']:.0f} |")
+        print("\n".join(lines[-len(results):]), flush=True)
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
