@@ -18,7 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from layerwise.augment import CROP_PCT
-from layerwise.data import Item, collate_skipping, open_image
+from layerwise.data import ImageDataset, Item
 
 CACHE_MODES = ("auto", "ram", "off")
 RAM_BUDGET = 0.25  # 'auto' caches decoded images when they fit in a quarter of the RAM
@@ -41,24 +41,6 @@ def fits_in_ram(n_images: int, img_size: int) -> bool:
     return n_images * 3 * side * side * 4 // 3 < RAM_BUDGET * total_ram()  # 4/3: non-square images
 
 
-class _Decode(Dataset):
-    def __init__(self, items: Sequence[Item], side: int) -> None:
-        self.items, self.resize = items, v2.Resize(side, antialias=True)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
-        from layerwise.data import IMAGE_ERRORS
-
-        src, label = self.items[i]
-        try:
-            img = open_image(src)
-        except IMAGE_ERRORS:
-            return None
-        return self.resize(v2.functional.pil_to_tensor(img)), label
-
-
 class DecodedImages(Dataset):
     """Items decoded once to uint8 CHW tensors (short side ``stored_side``), then passed
     through ``transform`` as ``tv_tensors.Image`` on every access."""
@@ -66,7 +48,8 @@ class DecodedImages(Dataset):
     def __init__(self, items: Sequence[Item], img_size: int, transform: Callable, *, workers: int = 0,
                  progress: bool = False) -> None:
         self.transform = transform
-        loader = DataLoader(_Decode(items, stored_side(img_size)), batch_size=None, num_workers=workers)
+        decode = v2.Compose([v2.PILToTensor(), v2.Resize(stored_side(img_size), antialias=True)])
+        loader = DataLoader(ImageDataset(items, decode), batch_size=None, num_workers=workers)
         it: Iterator = iter(loader)
         if progress:
             from tqdm import tqdm

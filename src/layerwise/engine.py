@@ -660,8 +660,7 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object,
     lr_start = {g: cfg.lr * st.lr_mult * scale for g, st in t.s.plan.states(epoch).items()}
     tic = time.perf_counter()
     if t.feature_cache_on(epoch):
-        store = t.cached_features()
-        tic = time.perf_counter()  # the one-off prefix pass is reported, not counted as training
+        store = t.cached_features()  # built in the first such epoch, and counted in its time
         batches = _progress(store.batches(epoch, t), epoch, cfg.epochs, cfg.quiet, len(t.loaders.train))
         tr = t.train_epoch(epoch, stop, batches, progress, forward=t.head_module())
     else:
