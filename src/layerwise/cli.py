@@ -133,7 +133,7 @@ def _config_from(args: argparse.Namespace, skip: Sequence[str] = ()) -> "RunConf
     from layerwise.config import RunConfig, from_mapping, load_yaml
 
     values = vars(args).copy()
-    for k in ("command", "func", "config", "json", "num_classes", "images_per_class", *skip):
+    for k in ("command", "func", "config", "json", "num_classes", "images_per_class", "argv", "nproc", *skip):
         values.pop(k, None)
     base = from_mapping(load_yaml(args.config)) if getattr(args, "config", None) else RunConfig()
     return from_mapping(values, base)
@@ -151,8 +151,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
+
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        raise LayerwiseError(f"--nproc must be >= 1, got {nproc}")
+    if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from layerwise.distributed import launch
+
+        return launch(nproc, _without_nproc(args.argv))
 
     from layerwise.config import from_mapping, load_yaml
     from layerwise.engine import Interrupted, fit
@@ -259,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(fi)
     fi.add_argument("--config", default=None, help="YAML config (e.g. a run's config.yaml); flags override it")
     fi.add_argument("--resume", default=None, metavar="RUN", help="continue RUN from its last/ checkpoint")
+    fi.add_argument("--nproc", type=int, default=None, help="processes on this node: starts torchrun for you "
+                    "(DDP; --batch-size is per process). For several nodes run torchrun -m layerwise fit ...")
     fi.set_defaults(func=cmd_fit)
 
     from layerwise.inference import EXPORT_FORMATS
@@ -296,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except LayerwiseError as e:

@@ -47,6 +47,17 @@ from layerwise.data import (
     load_splits,
     write_skipped,
 )
+from layerwise.distributed import (
+    DistInfo,
+    ShardedShuffle,
+    all_sum,
+    eval_shard,
+    from_env,
+    gather_cat,
+    params_in_sync,
+    shutdown,
+    unshard_order,
+)
 from layerwise.errors import LayerwiseError
 from layerwise.freeze import recalibrate_norms, set_trainable
 from layerwise.optim import ScheduleSpec, apply_states, build_optimizer, lr_by_group, lr_scale, set_lr_scale
@@ -187,6 +198,17 @@ def evaluate_features(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor
     return EvalResult(loss, (probs.argmax(-1) == labels).float().mean().item(), labels, probs)
 
 
+def gather_eval(ev: EvalResult, info: DistInfo) -> EvalResult:
+    """Every rank's shard of the validation set, back in dataset order, scored once."""
+    if not info.enabled:
+        return ev
+    probs, labels = gather_cat(ev.probs, info), gather_cat(ev.labels, info)
+    order = unshard_order(len(labels), info)
+    probs, labels = probs[order], labels[order]
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    return EvalResult(loss, (probs.argmax(-1) == labels).float().mean().item(), labels, probs)
+
+
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
@@ -229,7 +251,8 @@ def use_decoded_cache(cfg: RunConfig, splits: Splits) -> bool:
     return cfg.cache == "ram" or (cfg.cache == "auto" and fits_in_ram(n, cfg.img_size))
 
 
-def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Sequence[float]) -> Loaders:
+def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Sequence[float],
+                 info: DistInfo = DistInfo()) -> Loaders:
     size = cfg.img_size
     workers = default_workers() if cfg.workers is None else cfg.workers
     train_tf, eval_tf = PRESETS[cfg.augment](size, mean, std), eval_transform(size, mean, std)
@@ -241,8 +264,13 @@ def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Seq
     g, gw = torch.Generator(), torch.Generator()
     common = dict(batch_size=cfg.batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
                   collate_fn=collate_skipping)
-    train = DataLoader(train_ds, sampler=EpochShuffle(len(train_ds), g), drop_last=len(train_ds) > cfg.batch_size,
-                       generator=gw, **common)
+    if info.enabled:
+        sampler = ShardedShuffle(len(train_ds), g, info, cfg.batch_size)
+        train = DataLoader(train_ds, sampler=sampler, drop_last=True, generator=gw, **common)
+        val_ds = torch.utils.data.Subset(val_ds, eval_shard(len(val_ds), info))
+    else:
+        train = DataLoader(train_ds, sampler=EpochShuffle(len(train_ds), g),
+                           drop_last=len(train_ds) > cfg.batch_size, generator=gw, **common)
     val = DataLoader(val_ds, shuffle=False, **common)
     return Loaders(train, val, g, gw)
 
@@ -250,12 +278,13 @@ def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Seq
 class StopRequested:
     """SIGINT/SIGTERM set a flag; the loop stops after the current step."""
 
-    def __init__(self) -> None:
+    def __init__(self, install: bool = True) -> None:
         self.flag = False
+        self.install = install  # under torchrun the launcher owns the signals
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> StopRequested:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM) if self.install else ():
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -294,6 +323,9 @@ class Trainer:
     stale: int = 0
     features: FeatureStore | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    dist: DistInfo = DistInfo()
+    net: nn.Module | None = None  # what runs the forward pass: the model, or its DDP wrapper
+    wrapped_for: tuple[str, ...] = ()
 
     @property
     def model(self) -> nn.Module:
@@ -309,6 +341,20 @@ class Trainer:
         states = self.s.plan.states(epoch)
         set_trainable(self.model, self.s.groups, {n: st.trainable for n, st in states.items()}, bn=self.cfg.bn)
         apply_states(self.optimizer, states, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.wrap(tuple(self.s.plan.trainable_groups(epoch)))
+
+    def wrap(self, trainable: tuple[str, ...]) -> None:
+        """DDP hooks only the parameters that require grad when it is built, so it is
+        rebuilt whenever the trainable set changes: newly unfrozen groups are then
+        all-reduced too (the bug of Lightning-AI/pytorch-lightning#20340)."""
+        if not self.dist.enabled:
+            self.net = self.model
+        elif self.net is None or trainable != self.wrapped_for:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            self.wrapped_for = trainable
 
     def head_module(self) -> nn.Module | None:
         """The module holding exactly the head group, if there is one."""
@@ -318,7 +364,8 @@ class Trainer:
     def feature_cache_on(self, epoch: int) -> bool:
         """Only the head trains, and the frozen rest gives the same output every time."""
         cfg = self.cfg
-        if cfg.feature_cache == "off" or cfg.bn == "train" or cfg.mixup or cfg.cutmix or self.head_module() is None:
+        if (cfg.feature_cache == "off" or cfg.bn == "train" or cfg.mixup or cfg.cutmix or self.dist.enabled
+                or self.head_module() is None):
             return False
         if self.s.plan.trainable_groups(epoch) != [self.s.groups[-1].name]:
             return False
@@ -345,7 +392,7 @@ class Trainer:
                     _set_rng(p.rng)
                 continue
             if y.numel():  # a batch whose images were all unreadable is empty
-                self._step(x, y, p, forward or self.model)
+                self._step(x, y, p, forward or self.net or self.model)
             p.batches = i + 1
             if hasattr(bar, "set_postfix") and p.total:
                 bar.set_postfix(loss=f"{p.loss_sum / p.total:.4f}", acc=f"{p.correct / p.total:.3f}")
@@ -353,9 +400,11 @@ class Trainer:
                 p.rng = _get_rng()
                 self.save_last(epoch - 1, p)
                 raise Interrupted
-        with open(self.run / "steps.jsonl", "a") as f:  # per epoch: no fsync on the hot path
-            f.writelines(json.dumps(r) + "\n" for r in p.rows)
-        return {"train_loss": p.loss_sum / max(1, p.total), "train_acc": p.correct / max(1, p.total), "images": p.total}
+        if self.dist.is_main:
+            with open(self.run / "steps.jsonl", "a") as f:  # per epoch: no fsync on the hot path
+                f.writelines(json.dumps(r) + "\n" for r in p.rows)
+        total, correct, loss_sum = all_sum([p.total, p.correct, p.loss_sum], self.dist)
+        return {"train_loss": loss_sum / max(1, total), "train_acc": correct / max(1, total), "images": total}
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, p: EpochProgress, model: nn.Module) -> None:
         cfg = self.cfg
@@ -398,8 +447,9 @@ class Trainer:
             state["ema"] = self.ema.state_dict()
         if self.amp.scaler is not None:
             state["scaler"] = self.amp.scaler.state_dict()
-        with _explain_write_errors(self.run):
-            save_state(self.run / "last" / "state.pt", state)
+        if self.dist.is_main:
+            with _explain_write_errors(self.run):
+                save_state(self.run / "last" / "state.pt", state)
 
     def load_last(self) -> tuple[int, EpochProgress | None]:
         """Restore ``last/``: the epoch to continue from, and its progress if it stopped mid-way."""
@@ -504,8 +554,9 @@ def _progress(batches: Iterator, epoch: int, epochs: int, quiet: bool, total: in
 
 
 def _say(cfg: RunConfig, msg: str) -> None:
-    """Run logs; ``--quiet`` only drops the progress bars, which clutter CI logs."""
-    print(msg, flush=True)
+    """Run logs, from rank 0 only; ``--quiet`` only drops the progress bars."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, flush=True)
 
 
 def _model_info(s: Setup, splits: Splits) -> dict:
@@ -548,16 +599,18 @@ def prepare(cfg: RunConfig, run: Path | None = None) -> tuple[Setup, Splits]:
     return s, splits
 
 
-def build_trainer(cfg: RunConfig, run: Path) -> Trainer:
-    s, splits = prepare(cfg, run)
+def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Trainer:
+    s, splits = prepare(cfg, run if info.is_main else None)
     cfg = s.config
     device = pick_device(cfg.device)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
     model = s.loaded.model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, s.groups, s.plan.states(0), name=cfg.optimizer, lr=cfg.lr,
                                 weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay)
-    loaders = make_loaders(splits, cfg, s.loaded.mean, s.loaded.std)
+    loaders = make_loaders(splits, cfg, s.loaded.mean, s.loaded.std, info)
     steps = len(loaders.train)
     spec = ScheduleSpec(total_steps=steps * cfg.epochs, steps_per_epoch=steps,
                         warmup_steps=int(cfg.warmup_epochs * steps), t0=cfg.t0, t_mult=cfg.t_mult)
@@ -568,7 +621,7 @@ def build_trainer(cfg: RunConfig, run: Path) -> Trainer:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     amp = Amp(cfg.precision, device, model)
     cfg.precision = amp.precision  # config.yaml records what ran, so a re-run or resume matches
-    return Trainer(cfg, s, splits, run, device, amp, optimizer, loaders, ema, spec)
+    return Trainer(cfg, s, splits, run, device, amp, optimizer, loaders, ema, spec, dist=info)
 
 
 def _write_run_header(t: Trainer) -> None:
@@ -589,22 +642,38 @@ def _truncate_logs(run: Path, start_epoch: int) -> None:
 def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
     """Train ``cfg`` into its run folder (``cfg.out``); returns the folder."""
     started = time.perf_counter()
+    info = from_env()
+    if info.enabled and not cfg.out:
+        raise LayerwiseError("distributed runs need --out, so every rank writes to the same run folder")
     run = Path(cfg.out or default_run_dir())
     cfg.out = str(run)
-    t = build_trainer(cfg, run)
+    if not info.is_main:
+        cfg.quiet = True
+    try:
+        return _fit(cfg, run, info, started, resume)
+    finally:
+        shutdown(info)
+
+
+def _fit(cfg: RunConfig, run: Path, info: DistInfo, started: float, resume: bool) -> Path:
+    t = build_trainer(cfg, run, info)
     t.started = started  # elapsed_seconds counts data and model set-up too
     start, progress = 0, None
     if resume:
         _check_resumable(run, t)
         start, progress = t.load_last()
-    _truncate_logs(run, start) if resume else _fresh_run(run)
-    _write_run_header(t)
+    if info.is_main:
+        _truncate_logs(run, start) if resume else _fresh_run(run)
+        _write_run_header(t)
     _say(t.cfg, _banner(t))
+    if info.enabled:
+        _say(t.cfg, f"distributed: {info.world} processes x batch {t.cfg.batch_size} = global batch "
+                    f"{info.world * t.cfg.batch_size}; the LR is not scaled (set --lr for the global batch)")
     if t.cfg.bn == "adapt" and not resume:
         n = recalibrate_norms(t.model, _adapt_batches(t))
         _say(t.cfg, f"bn adapt: re-estimated BatchNorm statistics on {n} training images")
-    writer = _tensorboard(run)
-    with StopRequested() as stop:
+    writer = _tensorboard(run) if info.is_main else None
+    with StopRequested(install=not info.enabled) as stop:
         try:
             for epoch in range(start, t.cfg.epochs):
                 if _train_and_log(t, epoch, stop, writer, progress if epoch == start else None):
@@ -615,8 +684,13 @@ def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
             raise
     from layerwise.report import write_run_report
 
+    if not params_in_sync(t.model, info):
+        raise LayerwiseError("ranks ended with different weights; this is a bug in the distributed set-up")
+    if info.enabled:
+        _say(t.cfg, f"ranks in sync: all {info.world} processes hold identical weights")
     best = _final_eval(t)
-    write_run_report(run, t.splits.classes, best)
+    if info.is_main:
+        write_run_report(run, t.splits.classes, best)
     _say(t.cfg, f"best val accuracy {t.best_acc:.4f} (epoch {t.best_epoch})\nrun folder: {run}\nreport: {run / 'report.md'}")
     return run
 
@@ -670,7 +744,8 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object,
     if t.features is not None and t.ema is None:
         ev = evaluate_features(t.head_module(), t.features.val, t.features.val_labels, t.amp, t.device)
     else:
-        ev = evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=cfg.channels_last)
+        ev = gather_eval(evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=cfg.channels_last),
+                         t.dist)
     row = {
         "epoch": epoch, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"], "val_loss": ev.loss,
         "val_acc": ev.acc, "lr": lr_start, "trainable_params": t.s.plan.trainable_params(epoch),
@@ -681,11 +756,13 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object,
     improved = ev.acc > t.best_acc
     if improved:
         t.best_acc, t.best_epoch, t.stale = ev.acc, epoch, 0
-        with _explain_write_errors(t.run):
-            save_weights(t.run / "best.safetensors", t.eval_model())
+        if t.dist.is_main:
+            with _explain_write_errors(t.run):
+                save_weights(t.run / "best.safetensors", t.eval_model())
     else:
         t.stale += 1
-    append_jsonl(t.run / "metrics.jsonl", row)
+    if t.dist.is_main:
+        append_jsonl(t.run / "metrics.jsonl", row)
     t.save_last(epoch)
     if writer is not None:
         for k in ("train_loss", "train_acc", "val_loss", "val_acc", "images_per_second"):
@@ -699,8 +776,10 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object,
 def _final_eval(t: Trainer) -> EvalResult:
     """Reload the best weights and evaluate them (for the confusion matrix)."""
     model = t.eval_model()
+    if t.dist.enabled:
+        torch.distributed.barrier()  # rank 0 has written best.safetensors
     load_weights(t.run / "best.safetensors", model)
-    return evaluate(model, t.loaders.val, t.amp, t.device, channels_last=t.cfg.channels_last)
+    return gather_eval(evaluate(model, t.loaders.val, t.amp, t.device, channels_last=t.cfg.channels_last), t.dist)
 
 
 def _banner(t: Trainer) -> str:
