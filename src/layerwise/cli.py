@@ -44,6 +44,15 @@ def _schedule(text: str) -> dict[int, str]:
     return out
 
 
+def _lr(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from e
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -62,13 +71,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="your own grouping: group name -> module path or regex, stem first")
 
 
-def _add_strategy_args(p: argparse.ArgumentParser) -> None:
+def _add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
     from layerwise.strategies import STRATEGIES
 
     g = p.add_argument_group("strategy")
-    g.add_argument("--strategy", choices=list(STRATEGIES), default=S, help="default auto")
+    if name:
+        g.add_argument("--strategy", choices=list(STRATEGIES), default=S, help="default auto")
     g.add_argument("--epochs", type=int, default=S, help="default 4")
-    g.add_argument("--lr", type=float, default=S, help="base LR: the head's (default 1e-3)")
+    g.add_argument("--lr", type=_lr, default=S, help="base LR: the head's (default 1e-3); auto: LR range test")
     g.add_argument("--from-group", dest="from_group", default=S, help="partial: first trainable group")
     g.add_argument("--decay", type=float, default=S, help="discriminative: LR divisor per group (2.6)")
     g.add_argument("--every", type=int, default=S, help="gradual: epochs between unfreezes")
@@ -243,6 +253,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(text: str) -> float:
+    kind, _, value = text.partition(":")
+    if kind != "time" or not value.replace(".", "", 1).isdigit():
+        raise argparse.ArgumentTypeError(f"expected time:SECONDS, e.g. time:600, got {text!r}")
+    return float(value)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from layerwise.compare import compare
+
+    cfg = _config_from(args, skip=("strategies", "repeats", "budget", "resume"))
+    if not cfg.out:
+        raise LayerwiseError("compare needs --out CMP, the folder that holds one run per strategy")
+    if args.budget:
+        cfg.time_budget = args.budget
+    summary = compare(cfg, args.strategies, Path(cfg.out), repeats=args.repeats)
+    rec = summary["recommendation"]
+    for r in summary["strategies"]:
+        sd = f" ± {r['best_val_acc_std']:.3f}" if r["repeats"] > 1 else ""
+        print(f"  {r['strategy']:<15} best val acc {r['best_val_acc']:.3f}{sd}  {r['wall_seconds']:.0f}s")
+    print(f"recommendation: {rec['strategy']} — {rec['reason']}\nsummary: {Path(cfg.out) / 'summary.md'}")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from layerwise.checkpoint import write_json
+    from layerwise.engine import build_trainer
+    from layerwise.lrfind import lr_find, plot_lr_find
+
+    cfg = _config_from(args, skip=("start", "end", "steps"))
+    out = Path(cfg.out or "runs/lr-find")
+    out.mkdir(parents=True, exist_ok=True)
+    t = build_trainer(cfg if cfg.lr != "auto" else dataclasses.replace(cfg, lr=1e-3), out)
+    res = lr_find(t, start=args.start, end=args.end, steps=args.steps)
+    write_json(out / "lr_find.json", res.to_dict())
+    plot_lr_find(res, out / "lr_find.png")
+    mults = {pg["group"]: pg["lr_mult"] for pg in t.optimizer.param_groups}
+    print(f"suggested base lr {res.suggestion:.2e}: {res.reason}")
+    print("per-group LRs at that base: " + ", ".join(f"{g} {res.suggestion * m:.1e}" for g, m in mults.items()))
+    print(f"plot: {out / 'lr_find.png'}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from layerwise.models import KNOWN_MODELS, describe
 
@@ -310,6 +368,32 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
     ex.add_argument("--output", default=None, help="file to write (default: inside the run folder)")
     ex.set_defaults(func=cmd_export)
+
+    from layerwise.compare import DEFAULT_STRATEGIES
+
+    co = sub.add_parser("compare", help="run several strategies on the same data and budget; recommend one")
+    co.add_argument("data", nargs="?", default=S, help="as for fit (no DATA: the embedded digits)")
+    co.add_argument("--strategies", type=_csv, default=list(DEFAULT_STRATEGIES),
+                    help=f"comma-separated, from: {', '.join(STRATEGIES)} (default {','.join(DEFAULT_STRATEGIES)})")
+    co.add_argument("--repeats", type=int, default=1, help="seeds per strategy, for mean ± std")
+    co.add_argument("--budget", type=_budget, default=None, help="time:SECONDS per run instead of equal epochs "
+                    "(--epochs is then the maximum)")
+    _add_model_args(co)
+    _add_strategy_args(co, name=False)
+    _add_training_args(co)
+    co.add_argument("--config", default=None, help="YAML config; flags override it")
+    co.set_defaults(func=cmd_compare)
+
+    lf = sub.add_parser("lr-find", help="LR range test with the strategy's per-group multipliers fixed")
+    lf.add_argument("data", nargs="?", default=S, help="as for fit (no DATA: the embedded digits)")
+    _add_model_args(lf)
+    _add_strategy_args(lf)
+    _add_training_args(lf)
+    lf.add_argument("--start", type=float, default=1e-7)
+    lf.add_argument("--end", type=float, default=1.0)
+    lf.add_argument("--steps", type=int, default=100)
+    lf.add_argument("--config", default=None)
+    lf.set_defaults(func=cmd_lr_find)
 
     mo = sub.add_parser("models", help="known architectures, their layer groups and offline weights")
     mo.add_argument("names", nargs="*", help="model names (default: a representative list)")

@@ -43,7 +43,7 @@ class RunConfig:
     weights: str = "default"
     strategy: str = "auto"
     epochs: int = 4
-    lr: float = 1e-3
+    lr: float | str = 1e-3  # the head's LR; "auto": run the LR range test first
     batch_size: int = 64
     img_size: int | None = None  # None: the model's pretrained resolution
     augment: str | None = None  # None: light, or none for the embedded digits
@@ -80,6 +80,7 @@ class RunConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     patience: int | None = None
+    time_budget: float | None = None  # seconds: stop after the epoch that spends it (compare --budget)
     workers: int | None = None
     channels_last: bool = True
     tta: list[str] = field(default_factory=list)
@@ -191,8 +192,8 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise LayerwiseError(f"{name} must be an integer >= 1, got {v!r}")
-    if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
-        raise LayerwiseError(f"lr must be > 0, got {cfg.lr!r}")
+    if cfg.lr != "auto" and not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
+        raise LayerwiseError(f"lr must be > 0 or 'auto', got {cfg.lr!r}")
     if not 0 < cfg.val_split < 1:
         raise LayerwiseError(f"val_split must be between 0 and 1, got {cfg.val_split!r}")
     if cfg.img_size is not None and cfg.img_size < 16:

@@ -563,7 +563,8 @@ def _model_info(s: Setup, splits: Splits) -> dict:
     """What ``evaluate``/``predict``/``export`` need to rebuild the trained model."""
     lm = s.loaded
     return {"source": lm.source, "arch": lm.arch, "name": lm.name, "head": s.config.head, "hidden": s.config.hidden,
-            "num_classes": len(splits.classes), "classes": splits.classes, "mean": list(lm.mean),
+            "num_classes": len(splits.classes), "classes": splits.classes, "val_images": len(splits.val),
+            "mean": list(lm.mean),
             "std": list(lm.std), "img_size": s.config.img_size}
 
 
@@ -656,7 +657,10 @@ def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
 
 
 def _fit(cfg: RunConfig, run: Path, info: DistInfo, started: float, resume: bool) -> Path:
-    t = build_trainer(cfg, run, info)
+    auto_lr = cfg.lr == "auto"
+    t = build_trainer(dataclasses.replace(cfg, lr=1e-3) if auto_lr else cfg, run, info)
+    if auto_lr:
+        _find_lr(t, run)
     t.started = started  # elapsed_seconds counts data and model set-up too
     start, progress = 0, None
     if resume:
@@ -679,6 +683,9 @@ def _fit(cfg: RunConfig, run: Path, info: DistInfo, started: float, resume: bool
                 if _train_and_log(t, epoch, stop, writer, progress if epoch == start else None):
                     _say(t.cfg, f"early stopping: val accuracy has not improved for {t.cfg.patience} epochs")
                     break
+                if t.cfg.time_budget and time.perf_counter() - t.started >= t.cfg.time_budget:
+                    _say(t.cfg, f"time budget of {t.cfg.time_budget:.0f}s spent after epoch {epoch + 1}")
+                    break
         except Interrupted:
             _say(t.cfg, f"\ninterrupted: last/ holds the run up to the last step. Resume with: layerwise fit --resume {run}")
             raise
@@ -693,6 +700,19 @@ def _fit(cfg: RunConfig, run: Path, info: DistInfo, started: float, resume: bool
         write_run_report(run, t.splits.classes, best)
     _say(t.cfg, f"best val accuracy {t.best_acc:.4f} (epoch {t.best_epoch})\nrun folder: {run}\nreport: {run / 'report.md'}")
     return run
+
+
+def _find_lr(t: Trainer, run: Path) -> None:
+    """``--lr auto``: the LR range test picks the base LR; config.yaml records the value."""
+    from layerwise.lrfind import lr_find, plot_lr_find
+
+    res = lr_find(t)
+    t.cfg.lr = res.suggestion
+    t.s.plan = dataclasses.replace(t.s.plan, lr=res.suggestion)
+    if t.dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        plot_lr_find(res, run / "lr_find.png")
+    _say(t.cfg, f"lr auto: {res.reason}; base lr {res.suggestion:.2e} (plot: {run / 'lr_find.png'})")
 
 
 def _adapt_batches(t: Trainer, max_images: int = 2048) -> Iterator[torch.Tensor]:

@@ -119,3 +119,22 @@ def write_run_report(run: Path, classes: Sequence[str], best: object) -> Path:
     out = run / "report.md"
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
+
+
+def plot_compare(rows: Sequence[dict], out: Path) -> list[str]:
+    """Val accuracy curves of every run on one chart, and wall time against accuracy."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        ax.plot(range(len(r["val_acc"])), r["val_acc"], "o-", label=Path(r["run"]).name)
+    ax.set(title="validation accuracy per epoch", xlabel="epoch", ylabel="val acc")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    curves = _save(fig, out / "compare_val_acc.png")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        ax.scatter(r["wall_seconds"], r["best_val_acc"], s=40)
+        ax.annotate(Path(r["run"]).name, (r["wall_seconds"], r["best_val_acc"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set(title="time vs best accuracy", xlabel="training seconds", ylabel="best val acc")
+    ax.grid(alpha=0.3)
+    return [curves, _save(fig, out / "compare_time_acc.png")]

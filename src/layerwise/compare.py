@@ -1,0 +1,155 @@
+"""``layerwise compare``: every strategy on the same data, split, seed and budget; which wins.
+
+Each run is an ordinary run folder under CMP/ (inspect, resume, evaluate or export it). A
+finished run is skipped when compare runs again; an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
+from layerwise.config import RunConfig
+from layerwise.errors import LayerwiseError, UnknownNameError
+from layerwise.strategies import STRATEGIES
+
+DEFAULT_STRATEGIES = ("head", "lp-ft", "gradual", "discriminative", "full")
+
+
+def run_dir(out: Path, strategy: str, seed: int, repeats: int) -> Path:
+    return out / (strategy if repeats == 1 else f"{strategy}-seed{seed}")
+
+
+def is_finished(run: Path) -> bool:
+    return (run / "report.md").is_file()
+
+
+def run_all(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: int = 1) -> list[Path]:
+    """Fit each strategy ``repeats`` times (seeds base.seed, base.seed + 1, ...)."""
+    from layerwise.engine import fit
+
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise UnknownNameError("strategy", unknown[0], STRATEGIES)
+    if repeats < 1:
+        raise LayerwiseError(f"--repeats must be >= 1, got {repeats}")
+    runs = []
+    for strategy in strategies:
+        for r in range(repeats):
+            seed = base.seed + r
+            run = run_dir(out, strategy, seed, repeats)
+            runs.append(run)
+            if is_finished(run):
+                print(f"compare: {run} is finished, skipped", flush=True)
+                continue
+            resume = (run / "last" / "state.pt").is_file()
+            cfg = dataclasses.replace(base, strategy=strategy, seed=seed, out=str(run))
+            print(f"compare: {'resuming' if resume else 'running'} {strategy} (seed {seed}) -> {run}", flush=True)
+            fit(cfg, resume=resume)
+    return runs
+
+
+def run_row(run: Path) -> dict:
+    """One run's summary, straight from its metrics.jsonl and plan.json."""
+    rows = read_jsonl(run / "metrics.jsonl")
+    plan = json.loads((run / "plan.json").read_text())
+    best = max(rows, key=lambda r: r["val_acc"])
+    last = rows[-1]
+    return {
+        "run": str(run),
+        "strategy": plan["strategy"],
+        "best_val_acc": best["val_acc"],
+        "best_epoch": best["epoch"],
+        "final_val_acc": last["val_acc"],
+        "gap": last["train_acc"] - last["val_acc"],
+        "wall_seconds": sum(r["epoch_seconds"] for r in rows),
+        "images_per_second": statistics.fmean(r["images_per_second"] for r in rows),
+        "trainable_params": [r["trainable_params"] for r in rows],
+        "val_acc": [r["val_acc"] for r in rows],
+        "elapsed": [r.get("elapsed_seconds", 0.0) for r in rows],
+    }
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(runs: Sequence[Path], strategies: Sequence[str], n_val: int) -> dict:
+    """Per-strategy means (± std over repeats) and a recommendation that says when the
+    winner's margin is within noise."""
+    by: dict[str, list[dict]] = {s: [] for s in strategies}
+    for run in runs:
+        row = run_row(run)
+        by[run.name.split("-seed")[0]].append(row)
+    table = []
+    for s, rows in by.items():
+        acc, acc_sd = _mean_std([r["best_val_acc"] for r in rows])
+        table.append({
+            "strategy": s, "chosen": rows[0]["strategy"], "repeats": len(rows), "best_val_acc": acc,
+            "best_val_acc_std": acc_sd, "best_epoch": rows[0]["best_epoch"],
+            "final_val_acc": statistics.fmean(r["final_val_acc"] for r in rows),
+            "gap": statistics.fmean(r["gap"] for r in rows),
+            "wall_seconds": statistics.fmean(r["wall_seconds"] for r in rows),
+            "images_per_second": statistics.fmean(r["images_per_second"] for r in rows),
+            "trainable_params": rows[0]["trainable_params"], "runs": [r["run"] for r in rows],
+        })
+    return {"strategies": table, "recommendation": recommend(table, n_val)}
+
+
+def noise(row: dict, n_val: int) -> float:
+    """Measured spread over repeats, or the binomial standard error of one accuracy."""
+    if row["repeats"] > 1:
+        return row["best_val_acc_std"]
+    p = row["best_val_acc"]
+    return math.sqrt(max(p * (1 - p), 1e-9) / max(1, n_val))
+
+
+def recommend(table: Sequence[dict], n_val: int) -> dict:
+    ranked = sorted(table, key=lambda r: r["best_val_acc"], reverse=True)
+    best = ranked[0]
+    if len(ranked) == 1:
+        return {"strategy": best["strategy"], "reason": "only one strategy was compared"}
+    second = ranked[1]
+    margin = best["best_val_acc"] - second["best_val_acc"]
+    tol = max(noise(best, n_val), noise(second, n_val))
+    how = "std over repeats" if best["repeats"] > 1 else f"binomial s.e. over {n_val} val images"
+    if margin <= tol:
+        cheap = min((best, second), key=lambda r: r["wall_seconds"])
+        return {"strategy": cheap["strategy"], "within_noise": True, "margin": margin, "noise": tol,
+                "reason": f"{best['strategy']} leads {second['strategy']} by {margin:.3f}, within noise "
+                          f"({tol:.3f}, {how}); {cheap['strategy']} is the cheaper of the two"}
+    return {"strategy": best["strategy"], "within_noise": False, "margin": margin, "noise": tol,
+            "reason": f"{best['strategy']} beats {second['strategy']} by {margin:.3f} (noise {tol:.3f}, {how})"}
+
+
+def write_summary(out: Path, summary: dict, runs: Sequence[Path]) -> None:
+    from layerwise.report import plot_compare
+
+    write_json(out / "summary.json", summary)
+    pngs = plot_compare([run_row(r) for r in runs], out)
+    rec = summary["recommendation"]
+    lines = ["# layerwise compare", "", f"**Recommendation: {rec['strategy']}** — {rec['reason']}.", "",
+             "| strategy | best val acc | final val acc | train−val gap | wall s | img/s | trainable params (per epoch) |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in summary["strategies"]:
+        sd = f" ± {r['best_val_acc_std']:.3f}" if r["repeats"] > 1 else ""
+        name = r["strategy"] if r["chosen"] == r["strategy"] else f"{r['strategy']} ({r['chosen']})"
+        params = " → ".join(f"{p / 1e6:.2f}M" for p in r["trainable_params"])
+        lines.append(f"| {name} | {r['best_val_acc']:.3f}{sd} (epoch {r['best_epoch']}) | {r['final_val_acc']:.3f} | "
+                     f"{r['gap']:+.3f} | {r['wall_seconds']:.0f} | {r['images_per_second']:.0f} | {params} |")
+    lines += ["", *(f"![{p}]({p})" for p in pngs)]
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
+
+
+def compare(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: int = 1) -> dict:
+    """Run (or resume, or skip) every strategy, then write summary.json/.md and plots."""
+    runs = run_all(base, strategies, out, repeats=repeats)
+    n_val = json.loads((runs[0] / "model.json").read_text())["val_images"]
+    summary = summarise(runs, strategies, n_val)
+    write_summary(out, summary, runs)
+    return summary

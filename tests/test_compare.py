@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_image_folder
+from layerwise.checkpoint import read_jsonl
+from layerwise.cli import main
+from layerwise.compare import recommend
+
+TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32", "--batch-size", "8",
+        "--workers", "0", "--quiet", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=8)
+
+
+def test_compare_runs_skips_finished_and_summarises(data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(data), *TINY, "--strategies", "head,full", "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert "recommendation:" in first
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["strategy"] for r in summary["strategies"]] == ["head", "full"]
+    for row in summary["strategies"]:
+        metrics = read_jsonl(out / row["strategy"] / "metrics.jsonl")
+        assert row["best_val_acc"] == max(m["val_acc"] for m in metrics)
+        assert row["final_val_acc"] == metrics[-1]["val_acc"]
+        assert row["trainable_params"] == [m["trainable_params"] for m in metrics]
+    assert summary["recommendation"]["strategy"] in ("head", "full")
+    for f in ("summary.md", "compare_val_acc.png", "compare_time_acc.png"):
+        assert (out / f).is_file()
+    stamp = (out / "head" / "metrics.jsonl").stat().st_mtime_ns
+    assert main(["compare", str(data), *TINY, "--strategies", "head,full", "--out", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert again.count("is finished, skipped") == 2
+    assert (out / "head" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_compare_resumes_an_interrupted_run(data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["fit", str(data), *TINY, "--strategy", "head", "--out", str(out / "head")]) == 0
+    (out / "head" / "report.md").unlink()  # as if it had been killed before finishing
+    assert main(["compare", str(data), *TINY, "--strategies", "head", "--out", str(out)]) == 0
+    assert "resuming head" in capsys.readouterr().out
+
+
+def test_repeats_give_mean_and_std(data, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(data), *TINY, "--strategies", "head", "--repeats", "2", "--out", str(out)]) == 0
+    row = json.loads((out / "summary.json").read_text())["strategies"][0]
+    assert row["repeats"] == 2 and len(row["runs"]) == 2 and row["best_val_acc_std"] >= 0
+    assert (out / "head-seed0").is_dir() and (out / "head-seed1").is_dir()
+
+
+def _row(name, acc, wall, repeats=1, sd=0.0):
+    return {"strategy": name, "best_val_acc": acc, "wall_seconds": wall, "repeats": repeats, "best_val_acc_std": sd}
+
+
+def test_recommendation_prefers_cheaper_within_noise():
+    rec = recommend([_row("full", 0.80, 100), _row("head", 0.79, 10)], n_val=500)
+    assert rec["within_noise"] and rec["strategy"] == "head"
+    rec = recommend([_row("full", 0.90, 100), _row("head", 0.70, 10)], n_val=500)
+    assert not rec["within_noise"] and rec["strategy"] == "full"
+    rec = recommend([_row("full", 0.80, 100, 3, 0.001), _row("head", 0.79, 10, 3, 0.001)], n_val=500)
+    assert rec["strategy"] == "full"  # measured spread is small: the 1-point lead counts
+
+
+def test_compare_needs_out(data, capsys):
+    assert main(["compare", str(data), *TINY, "--strategies", "head"]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_image_folder
+from layerwise.cli import main
+from layerwise.config import RunConfig
+from layerwise.engine import build_trainer
+from layerwise.lrfind import lr_find, steepest, sweep_lr
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=8)
+
+
+def test_lr_find_restores_model_and_optimizer_exactly(data, tmp_path):
+    cfg = RunConfig(data=str(data), model="timm/test_efficientnet", weights="none", img_size=32, batch_size=8,
+                    workers=0, quiet=True, strategy="discriminative")
+    t = build_trainer(cfg, tmp_path / "run")
+    # Give the optimizer some state first, so restoring it is a real check.
+    from layerwise.engine import EpochProgress
+
+    t.apply_plan(0)
+    x, y = next(iter(t.loaders.train))
+    t._step(x, y, EpochProgress(0), t.net)
+    model_before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    opt_before = copy.deepcopy(t.optimizer.state_dict())  # state_dict() holds live tensors
+    mults = [pg["lr_mult"] for pg in t.optimizer.param_groups]
+    res = lr_find(t, steps=30)
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, model_before[k]), k
+    after = t.optimizer.state_dict()
+    assert after["param_groups"] == opt_before["param_groups"]
+    for pid, st in opt_before["state"].items():
+        for k, v in st.items():
+            assert torch.equal(after["state"][pid][k], v)
+    assert [pg["lr_mult"] for pg in t.optimizer.param_groups] == mults  # ratios kept
+    assert math.isfinite(res.suggestion) and res.lrs[0] <= res.suggestion <= res.lrs[-1]
+
+
+def test_sweep_and_steepest():
+    assert sweep_lr(0, 10, 1e-6, 1.0) == pytest.approx(1e-6) and sweep_lr(9, 10, 1e-6, 1.0) == pytest.approx(1.0)
+    lrs = [10 ** (-6 + i * 0.25) for i in range(25)]
+    losses = [2.0] * 8 + [2.0 - 0.2 * i for i in range(1, 8)] + [0.6 + 0.5 * i for i in range(10)]
+    lr, reason = steepest(lrs, losses)
+    assert lrs[8] <= lr <= lrs[14] and "steepest" in reason
+
+
+def test_fit_lr_auto_records_the_found_lr(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", str(data), "--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32",
+                 "--batch-size", "8", "--workers", "0", "--quiet", "--epochs", "1", "--strategy", "full",
+                 "--lr", "auto", "--out", str(run)]) == 0
+    assert "lr auto:" in capsys.readouterr().out
+    lr = yaml.safe_load((run / "config.yaml").read_text())["lr"]
+    assert isinstance(lr, float) and 1e-7 <= lr <= 1.0
+    assert (run / "lr_find.png").is_file()
+
+
+def test_lr_find_cli(data, tmp_path, capsys):
+    assert main(["lr-find", str(data), "--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32",
+                 "--batch-size", "8", "--workers", "0", "--quiet", "--steps", "20", "--out", str(tmp_path)]) == 0
+    assert "suggested base lr" in capsys.readouterr().out
+    assert (tmp_path / "lr_find.png").is_file() and (tmp_path / "lr_find.json").is_file()
