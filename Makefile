@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,7 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/layerwise fit --strategy full --label-smoothing 0.1 --out runs/demo
 
-test: $(STAMP)
+# The compare report's browser test needs Debian's chromium; without root it is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the HTML report browser test will be skipped"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -72,3 +72,24 @@ def test_recommendation_prefers_cheaper_within_noise():
 def test_compare_needs_out(data, capsys):
     assert main(["compare", str(data), *TINY, "--strategies", "head"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+CHROMIUM = next((p for p in map(__import__("shutil").which, ("chromium", "chromium-browser")) if p), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it with apt)")
+def test_html_report_renders_in_headless_chromium(data, tmp_path):
+    import subprocess
+
+    out = tmp_path / "cmp"
+    assert main(["compare", str(data), *TINY, "--strategies", "head,full", "--out", str(out)]) == 0
+    page = (out / "report.html").as_uri()
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000"]
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-images-loaded="true"' in dom  # both inlined plots decoded
+    assert dom.count("<tr") == 3 and "Recommendation:" in dom  # header + one row per strategy
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,1400", page], capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000

@@ -144,6 +144,40 @@ def write_summary(out: Path, summary: dict, runs: Sequence[Path]) -> None:
                      f"{r['gap']:+.3f} | {r['wall_seconds']:.0f} | {r['images_per_second']:.0f} | {params} |")
     lines += ["", *(f"![{p}]({p})" for p in pngs)]
     atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "report.html", html_report(summary, [out / p for p in pngs]))
+
+
+def html_report(summary: dict, pngs: Sequence[Path]) -> str:
+    """One self-contained page: the table and the plots inlined as base64 PNG, no network."""
+    import base64
+    import html
+
+    rec = summary["recommendation"]
+    head = ("strategy", "best val acc", "final val acc", "train−val gap", "wall s", "img/s")
+    rows = []
+    for r in summary["strategies"]:
+        sd = f" ± {r['best_val_acc_std']:.3f}" if r["repeats"] > 1 else ""
+        cells = (r["strategy"], f"{r['best_val_acc']:.3f}{sd}", f"{r['final_val_acc']:.3f}", f"{r['gap']:+.3f}",
+                 f"{r['wall_seconds']:.0f}", f"{r['images_per_second']:.0f}")
+        cls = ' class="pick"' if r["strategy"] == rec["strategy"] else ""
+        rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    imgs = "".join(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
+                   f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
+                   for p in pngs)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>layerwise compare</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+tr.pick{{background:#e6f4ea;font-weight:600}}img{{max-width:100%}}figure{{margin:1.5em 0}}</style></head>
+<body><h1>layerwise compare</h1>
+<p id="recommendation"><strong>Recommendation: {html.escape(rec['strategy'])}</strong> — {html.escape(rec['reason'])}.</p>
+<table id="summary"><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead><tbody>{''.join(rows)}</tbody></table>
+{imgs}
+<script>window.addEventListener("load", () => {{
+  document.body.dataset.imagesLoaded = [...document.images].every(i => i.complete && i.naturalWidth > 0);
+}});</script>
+</body></html>
+"""
 
 
 def compare(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: int = 1) -> dict:

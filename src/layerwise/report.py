@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -27,6 +28,8 @@ def plot_curves(rows: Sequence[dict], path: Path) -> str:
     a.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
     a.plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
     a.set(title="loss", xlabel="epoch")
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     b.plot(epochs, [r["train_acc"] for r in rows], "o-", label="train")
     b.plot(epochs, [r["val_acc"] for r in rows], "o-", label="val")
     b.set(title="accuracy", xlabel="epoch")
@@ -127,6 +130,7 @@ def plot_compare(rows: Sequence[dict], out: Path) -> list[str]:
     for r in rows:
         ax.plot(range(len(r["val_acc"])), r["val_acc"], "o-", label=Path(r["run"]).name)
     ax.set(title="validation accuracy per epoch", xlabel="epoch", ylabel="val acc")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     curves = _save(fig, out / "compare_val_acc.png")
