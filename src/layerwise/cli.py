@@ -194,7 +194,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if not (run / "last" / "state.pt").is_file():
             raise LayerwiseError(f"{resume!r} has no last/ checkpoint to resume; pass the run folder of a started fit")
         saved = from_mapping(load_yaml(run / "config.yaml"))
-        cfg = _config_from(args, skip=("resume",))
         changed = {k: v for k, v in vars(args).items() if k in _RESUME_FIXED and getattr(saved, k) != v}
         if changed:
             raise LayerwiseError(f"--resume {resume}: the run was made with different {', '.join(changed)} "
