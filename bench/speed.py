@@ -33,7 +33,13 @@ def run_child(cmd: list[str]) -> tuple[str, float, float]:
     return out, time.perf_counter() - tic, usage.ru_maxrss / 1024
 
 
+# The competitors have no 'auto': against layerwise's auto they run their full fine-tuning
+# (for fastai, fine_tune: one frozen epoch, then everything).
+COMPETITOR_STRATEGY = {"auto": "full"}
+
+
 def plain(args: argparse.Namespace, strategy: str) -> dict:
+    strategy = COMPETITOR_STRATEGY.get(strategy, strategy)
     out, wall, rss = run_child([sys.executable, "bench/plain_loop.py", args.data, "--strategy", strategy,
                                 "--epochs", str(args.epochs), "--img-size", str(args.img_size)])
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -54,6 +60,7 @@ def fastai(args: argparse.Namespace, strategy: str) -> dict | None:
         import fastai  # noqa: F401
     except ImportError:
         return None
+    strategy = COMPETITOR_STRATEGY.get(strategy, strategy)
     out, wall, rss = run_child([sys.executable, "bench/fastai_loop.py", args.data, "--strategy", strategy,
                                 "--epochs", str(args.epochs), "--img-size", str(args.img_size)])
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
