@@ -69,14 +69,45 @@ def test_decoded_images_store_uint8_at_eval_resolution(tmp_path):
     torch.testing.assert_close(x[0], torch.full((32, 32), 200 / 255 * 2 - 1), atol=0.02, rtol=0)
 
 
-@pytest.mark.parametrize("mode,kind", [("ram", "DecodedImages"), ("off", "ImageDataset"), ("auto", "DecodedImages")])
+@pytest.mark.parametrize("mode,kind", [("ram", "DecodedImages"), ("off", "ImageDataset"), ("auto", "DecodedImages"),
+                                       ("disk", "DiskImages")])
 def test_cache_mode_picks_the_dataset(data, tmp_path, mode, kind):
     from layerwise.config import RunConfig
     from layerwise.engine import build_trainer
 
     cfg = RunConfig(data=str(data), model="timm/test_efficientnet", weights="none", img_size=32, workers=0,
-                    quiet=True, cache=mode)
+                    quiet=True, cache=mode, cache_dir=str(tmp_path / "cache"))
     t = build_trainer(cfg, tmp_path / "run")
     assert type(t.loaders.train.dataset).__name__ == kind == type(t.loaders.val.dataset).__name__
     x, y = next(iter(t.loaders.val))
     assert x.shape[1:] == (3, 32, 32)
+
+
+def test_disk_cache_is_reused_and_never_stale(data, tmp_path):
+    import os
+
+    from layerwise.cache import DecodedImages, DiskImages
+    from layerwise.data import load_splits
+
+    items = load_splits(str(data)).train
+    tf = eval_transform(32, (0.5,) * 3, (0.5,) * 3)
+    disk = DiskImages(items, 32, tf, cache_dir=tmp_path)
+    ram = DecodedImages(items, 32, tf)
+    assert len(disk) == len(ram)
+    for i in (0, len(ram) - 1):
+        assert torch.equal(disk[i][0], ram[i][0]) and disk[i][1] == ram[i][1]
+    files = sorted(tmp_path.iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    DiskImages(items, 32, tf, cache_dir=tmp_path)  # same files: reused, nothing rewritten
+    assert sorted(tmp_path.iterdir()) == files and [f.stat().st_mtime_ns for f in files] == stamps
+    src = items[0][0]
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # an edited image: a new store
+    DiskImages(items, 32, tf, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_fit_with_disk_cache(data, tmp_path):
+    rows = _metrics(data, tmp_path / "r", "--strategy", "full", "--augment", "none", "--epochs", "1",
+                    "--cache", "disk", "--cache-dir", str(tmp_path / "c"))
+    assert rows and list((tmp_path / "c").glob("decoded-*.u8"))

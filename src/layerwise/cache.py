@@ -8,9 +8,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -20,7 +24,7 @@ from torchvision.transforms import v2
 from layerwise.augment import CROP_PCT
 from layerwise.data import ImageDataset, Item
 
-CACHE_MODES = ("auto", "ram", "off")
+CACHE_MODES = ("auto", "ram", "disk", "off")
 RAM_BUDGET = 0.25  # 'auto' caches decoded images when they fit in a quarter of the RAM
 
 
@@ -67,6 +71,69 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(tv_tensors.Image(self.images[i])), self.labels[i]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layerwise"
+
+
+def cache_key(items: Sequence[Item], side: int) -> str:
+    """Changes whenever a file (path, size, mtime) or the stored size changes."""
+    h = hashlib.sha1(f"v1:{side}".encode())
+    for src, label in items:
+        if isinstance(src, np.ndarray):
+            h.update(hashlib.sha1(src.tobytes()).digest())
+        else:
+            st = os.stat(src)
+            h.update(f"{src}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(str(label).encode())
+    return h.hexdigest()[:20]
+
+
+class DiskImages(Dataset):
+    """Like :class:`DecodedImages`, but the uint8 store is a memory-mapped file in
+    ``cache_dir``, keyed by :func:`cache_key` so a stale store is never read, and shared
+    by every run (and every ``compare`` strategy) over the same files."""
+
+    def __init__(self, items: Sequence[Item], img_size: int, transform: Callable, *, cache_dir: Path,
+                 workers: int = 0, progress: bool = False) -> None:
+        self.transform = transform
+        base = cache_dir / f"decoded-{cache_key(items, stored_side(img_size))}"
+        index_path = base.with_suffix(".json")
+        if not index_path.is_file():
+            self._build(items, img_size, base, workers, progress)
+        index = json.loads(index_path.read_text())
+        self.offsets, self.shapes, self.labels = index["offsets"], index["shapes"], index["labels"]
+        self.data = np.memmap(base.with_suffix(".u8"), dtype=np.uint8, mode="r")
+
+    @staticmethod
+    def _build(items: Sequence[Item], img_size: int, base: Path, workers: int, progress: bool) -> None:
+        from layerwise.checkpoint import atomic_write_text
+
+        store = DecodedImages(items, img_size, lambda x: x, workers=workers, progress=progress)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        offsets, shapes, pos = [], [], 0
+        tmp = base.with_suffix(".u8.tmp")
+        with open(tmp, "wb") as f:
+            for img in store.images:
+                offsets.append(pos)
+                shapes.append(list(img.shape))
+                f.write(img.numpy().tobytes())
+                pos += img.numel()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, base.with_suffix(".u8"))  # data first: the index marks the store complete
+        atomic_write_text(base.with_suffix(".json"),
+                          json.dumps({"offsets": offsets, "shapes": shapes, "labels": store.labels}))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        shape = self.shapes[i]
+        n = shape[0] * shape[1] * shape[2]
+        arr = np.array(self.data[self.offsets[i]:self.offsets[i] + n]).reshape(shape)
+        return self.transform(tv_tensors.Image(torch.from_numpy(arr))), self.labels[i]
 
 
 # --- frozen-prefix feature cache ---------------------------------------------------------------

@@ -129,8 +129,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tta", type=_csv, default=S, help=f"views for the final evaluation: {', '.join(VIEWS)}")
     g.add_argument("--check-data", dest="check_data", choices=["auto", "on", "off"], default=S,
                    help="decode every image once before training and skip unreadable ones (auto: under 50k images)")
-    g.add_argument("--cache", choices=["auto", "ram", "off"], default=S,
-                   help="decode and resize every image once into RAM (auto: when it fits in a quarter of it)")
+    g.add_argument("--cache", choices=["auto", "ram", "disk", "off"], default=S,
+                   help="decode and resize every image once: into RAM (auto: when it fits in a quarter of it) or "
+                   "a memory-mapped file reused by later runs over the same files")
+    g.add_argument("--cache-dir", dest="cache_dir", default=S, help="where --cache disk keeps its files "
+                   "(default ~/.cache/layerwise)")
     g.add_argument("--feature-cache", dest="feature_cache", choices=["auto", "off"], default=S,
                    help="while only the head trains, run the frozen rest once and train on its output (auto)")
     g.add_argument("--feature-cache-views", dest="feature_cache_views", type=int, default=S,

@@ -85,7 +85,8 @@ class RunConfig:
     channels_last: bool = True
     tta: list[str] = field(default_factory=list)
     check_data: str = "auto"
-    cache: str = "auto"  # decoded-image cache: auto (when it fits in RAM), ram, off
+    cache: str = "auto"  # decoded-image cache: auto (RAM when it fits), ram, disk, off
+    cache_dir: str | None = None  # disk cache location (default ~/.cache/layerwise)
     feature_cache: str = "auto"  # frozen-prefix features while only the head trains: auto, off
     feature_cache_views: int = 0  # with random augmentation: K augmented views precomputed
     nan: str = "stop"

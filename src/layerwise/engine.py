@@ -25,7 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from layerwise.augment import PRESETS, eval_transform, mix_batch
-from layerwise.cache import DecodedImages, feature_batches, fits_in_ram, head_features
+from layerwise.cache import (
+    DecodedImages,
+    DiskImages,
+    default_cache_dir,
+    feature_batches,
+    fits_in_ram,
+    head_features,
+)
 from layerwise.checkpoint import (
     append_jsonl,
     atomic_write_text,
@@ -246,9 +253,11 @@ def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
-def use_decoded_cache(cfg: RunConfig, splits: Splits) -> bool:
-    n = len(splits.train) + len(splits.val)
-    return cfg.cache == "ram" or (cfg.cache == "auto" and fits_in_ram(n, cfg.img_size))
+def decoded_cache_mode(cfg: RunConfig, splits: Splits) -> str:
+    """ram, disk or off; auto keeps decoded images in RAM when they fit in a quarter of it."""
+    if cfg.cache != "auto":
+        return cfg.cache
+    return "ram" if fits_in_ram(len(splits.train) + len(splits.val), cfg.img_size) else "off"
 
 
 def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Sequence[float],
@@ -256,9 +265,14 @@ def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Seq
     size = cfg.img_size
     workers = default_workers() if cfg.workers is None else cfg.workers
     train_tf, eval_tf = PRESETS[cfg.augment](size, mean, std), eval_transform(size, mean, std)
-    if use_decoded_cache(cfg, splits):
+    mode = decoded_cache_mode(cfg, splits)
+    if mode == "ram":
         train_ds = DecodedImages(splits.train, size, train_tf, workers=workers, progress=not cfg.quiet)
         val_ds = DecodedImages(splits.val, size, eval_tf, workers=workers, progress=not cfg.quiet)
+    elif mode == "disk":
+        where = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        train_ds = DiskImages(splits.train, size, train_tf, cache_dir=where, workers=workers, progress=not cfg.quiet)
+        val_ds = DiskImages(splits.val, size, eval_tf, cache_dir=where, workers=workers, progress=not cfg.quiet)
     else:
         train_ds, val_ds = ImageDataset(splits.train, train_tf), ImageDataset(splits.val, eval_tf)
     g, gw = torch.Generator(), torch.Generator()
