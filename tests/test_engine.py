@@ -261,16 +261,3 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(data, tmp_path, capsys
 
     assert load_state(run / "last" / "state.pt")["epoch"] == 0  # epoch 0's checkpoint survived
 
-
-def test_auto_precision_follows_hardware_and_architecture(monkeypatch):
-    from torchvision import models as tvm
-
-    from layerwise import engine
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: True)
-    assert engine.resolve_precision("auto", cpu, tvm.resnet18()) == "bf16"
-    assert engine.resolve_precision("auto", cpu, tvm.mobilenet_v3_small()) == "fp32"  # depthwise
-    assert engine.resolve_precision("fp16", cpu, tvm.resnet18()) == "fp16"
-    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: False)
-    assert engine.resolve_precision("auto", cpu, tvm.resnet18()) == "fp32"

@@ -10,9 +10,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerwise.errors import LayerwiseError
+
+if TYPE_CHECKING:
+    from layerwise.config import RunConfig
 
 S = argparse.SUPPRESS
 

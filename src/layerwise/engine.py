@@ -60,84 +60,17 @@ from layerwise.distributed import (
     all_sum,
     eval_shard,
     from_env,
-    gather_cat,
     params_in_sync,
     shutdown,
-    unshard_order,
 )
 from layerwise.errors import LayerwiseError
+from layerwise.evaluation import EvalResult, evaluate, evaluate_features, gather_eval
 from layerwise.freeze import recalibrate_norms, set_trainable
+from layerwise.hardware import Amp, pick_device, to_device
 from layerwise.optim import ScheduleSpec, apply_states, build_optimizer, lr_by_group, lr_scale, set_lr_scale
 from layerwise.plan import Setup, setup
-from layerwise.tta import predict_proba
 
 # --- devices and precision ---------------------------------------------------------------
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LayerwiseError(f"--device {name} asked for CUDA, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: where bf16 autocast measured 1.75-2.2x faster training."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def has_depthwise_convs(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
-
-
-def resolve_precision(precision: str, device: torch.device, model: nn.Module | None = None) -> str:
-    """``auto``: bf16 on GPUs that support it; on CPUs with AMX/AVX512-BF16 too, except for
-    depthwise-conv nets (EfficientNet, MobileNet), whose CPU bf16 kernels measured slower
-    than fp32 here (Lite0 at 96 px: 48 vs 74 img/s; ResNet-18 at 112 px: 105 vs 61)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    fast = device.type == "cpu" and cpu_has_fast_bf16()
-    return "bf16" if fast and not (model is not None and has_depthwise_convs(model)) else "fp32"
-
-
-class Amp:
-    """Autocast plus, for fp16, a gradient scaler: the one mixed-precision code path."""
-
-    def __init__(self, precision: str, device: torch.device, model: nn.Module | None = None) -> None:
-        precision = resolve_precision(precision, device, model)
-        self.precision = precision
-        self.device_type = device.type
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.amp.GradScaler(device.type) if self.dtype is torch.float16 else None
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
-
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip: float | None) -> None:
-        params = [p for pg in optimizer.param_groups for p in pg["params"] if p.grad is not None]
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
 
 
 def seed_everything(seed: int) -> None:
@@ -151,74 +84,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 # --- evaluation --------------------------------------------------------------------------
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    acc: float
-    labels: torch.Tensor
-    probs: torch.Tensor
-
-    @property
-    def preds(self) -> torch.Tensor:
-        return self.probs.argmax(-1)
-
-    def confusion(self, num_classes: int) -> torch.Tensor:
-        idx = self.labels * num_classes + self.preds
-        return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
-
-    def per_class_acc(self, num_classes: int) -> list[float]:
-        cm = self.confusion(num_classes).float()
-        return (cm.diag() / cm.sum(1).clamp(min=1)).tolist()
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, amp: Amp, device: torch.device,
-             views: Sequence[str] = (), channels_last: bool = False) -> EvalResult:
-    """Accuracy and mean NLL over ``loader``; TTA views are averaged as probabilities."""
-    was_training = model.training
-    model.eval()
-    labels, probs = [], []
-    for x, y in loader:
-        x = _to_device(x, device, channels_last)
-        with amp.autocast():
-            probs.append(predict_proba(model, x, views).float().cpu())
-        labels.append(y)
-    model.train(was_training)
-    p, y = torch.cat(probs), torch.cat(labels)
-    loss = F.nll_loss(p.clamp_min(1e-12).log(), y).item()
-    return EvalResult(loss, (p.argmax(-1) == y).float().mean().item(), y, p)
-
-
-@torch.inference_mode()
-def evaluate_features(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, amp: Amp,
-                      device: torch.device, batch_size: int = 1024) -> EvalResult:
-    """:func:`evaluate` on cached head inputs (no TTA: views were not cached)."""
-    was_training = head.training
-    head.eval()
-    with amp.autocast():
-        probs = torch.cat([head(feats[i:i + batch_size].to(device)).float().softmax(-1).cpu()
-                           for i in range(0, len(labels), batch_size)])
-    head.train(was_training)
-    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
-    return EvalResult(loss, (probs.argmax(-1) == labels).float().mean().item(), labels, probs)
-
-
-def gather_eval(ev: EvalResult, info: DistInfo) -> EvalResult:
-    """Every rank's shard of the validation set, back in dataset order, scored once."""
-    if not info.enabled:
-        return ev
-    probs, labels = gather_cat(ev.probs, info), gather_cat(ev.labels, info)
-    order = unshard_order(len(labels), info)
-    probs, labels = probs[order], labels[order]
-    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
-    return EvalResult(loss, (probs.argmax(-1) == labels).float().mean().item(), labels, probs)
-
-
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
 
 # --- training ----------------------------------------------------------------------------
@@ -395,7 +260,6 @@ class Trainer:
     def train_epoch(self, epoch: int, stop: StopRequested, batches: Iterator | None = None,
                     progress: EpochProgress | None = None, forward: nn.Module | None = None) -> dict[str, float]:
         """Train one epoch; ``progress`` resumes it after its first ``progress.batches``."""
-        cfg = self.cfg
         self.model.train()
         p = progress or EpochProgress(epoch, start_step=self.step)
         done = p.batches
@@ -422,7 +286,7 @@ class Trainer:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, p: EpochProgress, model: nn.Module) -> None:
         cfg = self.cfg
-        x, y = _to_device(x, self.device, cfg.channels_last), y.to(self.device)
+        x, y = to_device(x, self.device, cfg.channels_last), y.to(self.device)
         target = y
         if cfg.mixup or cfg.cutmix:
             x, target = mix_batch(x, y, len(self.splits.classes), mixup=cfg.mixup, cutmix=cfg.cutmix)
@@ -510,7 +374,7 @@ class FeatureStore:
     def build(t: Trainer) -> FeatureStore:
         cfg = t.cfg
         views = 1 if cfg.augment == "none" else cfg.feature_cache_views
-        prep = functools.partial(_to_device, device=t.device, channels_last=cfg.channels_last)
+        prep = functools.partial(to_device, device=t.device, channels_last=cfg.channels_last)
         head = t.head_module()
         ordered = DataLoader(t.loaders.train.dataset, batch_size=cfg.batch_size, shuffle=False,
                              num_workers=t.loaders.train.num_workers, collate_fn=collate_skipping)
@@ -739,7 +603,7 @@ def _adapt_batches(t: Trainer, max_images: int = 2048) -> Iterator[torch.Tensor]
         if seen >= max_images:
             break
         seen += x.shape[0]
-        yield _to_device(x, t.device, t.cfg.channels_last)
+        yield to_device(x, t.device, t.cfg.channels_last)
 
 
 def _check_resumable(run: Path, t: Trainer) -> None:

@@ -53,7 +53,8 @@ def load_run(run: str | Path, weights: str = "best") -> RunModel:
 def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] = (), batch_size: int = 64,
                  precision: str = "fp32", device: str = "auto") -> dict:
     """Accuracy, per-class accuracy and confusion matrix of RUN's best weights on DATA."""
-    from layerwise.engine import Amp, evaluate, pick_device
+    from layerwise.evaluation import evaluate
+    from layerwise.hardware import Amp, pick_device
 
     rm = load_run(run)
     items = eval_items(data, rm.classes)

@@ -1,0 +1,78 @@
+"""Evaluation: accuracy and loss over a loader or cached features, with TTA and DDP gathering."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from layerwise.distributed import DistInfo, gather_cat, unshard_order
+from layerwise.hardware import Amp, to_device
+from layerwise.tta import predict_proba
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    labels: torch.Tensor
+    probs: torch.Tensor
+
+    @property
+    def preds(self) -> torch.Tensor:
+        return self.probs.argmax(-1)
+
+    def confusion(self, num_classes: int) -> torch.Tensor:
+        idx = self.labels * num_classes + self.preds
+        return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
+
+    def per_class_acc(self, num_classes: int) -> list[float]:
+        cm = self.confusion(num_classes).float()
+        return (cm.diag() / cm.sum(1).clamp(min=1)).tolist()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, amp: Amp, device: torch.device,
+             views: Sequence[str] = (), channels_last: bool = False) -> EvalResult:
+    """Accuracy and mean NLL over ``loader``; TTA views are averaged as probabilities."""
+    was_training = model.training
+    model.eval()
+    labels, probs = [], []
+    for x, y in loader:
+        x = to_device(x, device, channels_last)
+        with amp.autocast():
+            probs.append(predict_proba(model, x, views).float().cpu())
+        labels.append(y)
+    model.train(was_training)
+    p, y = torch.cat(probs), torch.cat(labels)
+    loss = F.nll_loss(p.clamp_min(1e-12).log(), y).item()
+    return EvalResult(loss, (p.argmax(-1) == y).float().mean().item(), y, p)
+
+
+@torch.inference_mode()
+def evaluate_features(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, amp: Amp,
+                      device: torch.device, batch_size: int = 1024) -> EvalResult:
+    """:func:`evaluate` on cached head inputs (no TTA: views were not cached)."""
+    was_training = head.training
+    head.eval()
+    with amp.autocast():
+        probs = torch.cat([head(feats[i:i + batch_size].to(device)).float().softmax(-1).cpu()
+                           for i in range(0, len(labels), batch_size)])
+    head.train(was_training)
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    return EvalResult(loss, (probs.argmax(-1) == labels).float().mean().item(), labels, probs)
+
+
+def gather_eval(ev: EvalResult, info: DistInfo) -> EvalResult:
+    """Every rank's shard of the validation set, back in dataset order, scored once."""
+    if not info.enabled:
+        return ev
+    probs, labels = gather_cat(ev.probs, info), gather_cat(ev.labels, info)
+    order = unshard_order(len(labels), info)
+    probs, labels = probs[order], labels[order]
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+    return EvalResult(loss, (probs.argmax(-1) == labels).float().mean().item(), labels, probs)
