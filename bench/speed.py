@@ -48,9 +48,11 @@ def plain(args: argparse.Namespace, strategy: str) -> dict:
 
 def layerwise(args: argparse.Namespace, strategy: str) -> dict:
     run = ROOT / "runs" / "bench-speed" / strategy
+    # Equal settings: the plain loop's optimizer (Adam, constant LR, no weight decay).
+    same_optim = ["--optimizer", "adam", "--scheduler", "constant", "--weight-decay", "0"] if args.same_optimizer else []
     _, wall, rss = run_child([sys.executable, "-m", "layerwise", "fit", args.data, "--strategy", strategy,
                               "--epochs", str(args.epochs), "--img-size", str(args.img_size), "--augment", "none",
-                              "--workers", "1", "--quiet", "--out", str(run)])
+                              "--workers", "1", "--quiet", "--out", str(run), *same_optim])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {"rows": rows, "wall": wall, "rss": rss}
 
@@ -82,6 +84,8 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--target", type=float, default=0.55, help="val accuracy for time-to-accuracy")
     p.add_argument("--strategies", default="head,partial,full")
+    p.add_argument("--same-optimizer", action="store_true",
+                   help="give layerwise the plain loop's Adam / constant LR / no weight decay instead of its defaults")
     args = p.parse_args()
     if not Path(args.data).is_dir():
         raise SystemExit(f"benchmark data {args.data} not found; it is read from ../shared/data/cifar10-mini")
