@@ -261,3 +261,16 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(data, tmp_path, capsys
 
     assert load_state(run / "last" / "state.pt")["epoch"] == 0  # epoch 0's checkpoint survived
 
+
+
+def test_fit_tta_evaluates_best_weights_with_views(data, tmp_path, capsys):
+    import json as _json
+
+    run = tmp_path / "run"
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--tta", "hflip", "--out", str(run)) == 0
+    tta = _json.loads((run / "tta.json").read_text())
+    assert tta["views"] == ["hflip"] and 0 <= tta["val_acc"] <= 1
+    from layerwise.inference import evaluate_run
+
+    assert evaluate_run(run, str(data), views=["hflip"])["accuracy"] == pytest.approx(tta["val_acc"])
+    assert "with TTA hflip" in capsys.readouterr().out

@@ -672,12 +672,19 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object,
 
 
 def _final_eval(t: Trainer) -> EvalResult:
-    """Reload the best weights and evaluate them (for the confusion matrix)."""
+    """Reload the best weights and evaluate them, with ``--tta`` views if given (for the
+    report's confusion matrix)."""
     model = t.eval_model()
     if t.dist.enabled:
         torch.distributed.barrier()  # rank 0 has written best.safetensors
     load_weights(t.run / "best.safetensors", model)
-    return gather_eval(evaluate(model, t.loaders.val, t.amp, t.device, channels_last=t.cfg.channels_last), t.dist)
+    ev = gather_eval(evaluate(model, t.loaders.val, t.amp, t.device, views=t.cfg.tta,
+                              channels_last=t.cfg.channels_last), t.dist)
+    if t.cfg.tta:
+        _say(t.cfg, f"best weights with TTA {', '.join(t.cfg.tta)}: val accuracy {ev.acc:.4f}")
+        if t.dist.is_main:
+            write_json(t.run / "tta.json", {"views": t.cfg.tta, "val_acc": ev.acc, "val_loss": ev.loss})
+    return ev
 
 
 def _banner(t: Trainer) -> str:
