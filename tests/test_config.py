@@ -47,7 +47,7 @@ def test_unknown_name_error_is_a_keyerror_and_valueerror():
     assert isinstance(e, KeyError) and isinstance(e, ValueError) and str(e) == "unknown group 'x'; choose one of: a, b"
 
 
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from layerwise.config import KEYS  # noqa: E402
@@ -67,6 +67,8 @@ def test_fuzz_config_raises_only_documented_errors(values):
 
 @settings(max_examples=100, deadline=None)
 @given(st.text(max_size=200))
+@example("?")  # {None: None}: a non-string key once crashed the typo hint
+@example("1: 2")
 def test_fuzz_yaml_files(tmp_path_factory, text):
     p = tmp_path_factory.mktemp("y") / "c.yaml"
     p.write_text(text)

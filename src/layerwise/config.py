@@ -111,7 +111,7 @@ def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None) -> Ru
     """A config from a dict; unknown keys (likely typos) are errors with suggestions."""
     unknown = [k for k in values if k not in KEYS]
     if unknown:
-        hints = {k: difflib.get_close_matches(k, KEYS, n=1) for k in unknown}
+        hints = {k: difflib.get_close_matches(str(k), KEYS, n=1) for k in unknown}  # YAML allows non-string keys
         msg = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
         raise LayerwiseError(f"unknown config key(s) {msg}; valid keys: {', '.join(KEYS)}")
     hints = typing.get_type_hints(RunConfig)
