@@ -79,13 +79,12 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarise(runs: Sequence[Path], strategies: Sequence[str], n_val: int) -> dict:
-    """Per-strategy means (± std over repeats) and a recommendation that says when the
-    winner's margin is within noise."""
+def summarise(rows: Sequence[dict], strategies: Sequence[str], n_val: int) -> dict:
+    """Per-strategy means (± std over repeats) of :func:`run_row` rows, and a
+    recommendation that says when the winner's margin is within noise."""
     by: dict[str, list[dict]] = {s: [] for s in strategies}
-    for run in runs:
-        row = run_row(run)
-        by[run.name.split("-seed")[0]].append(row)
+    for row in rows:
+        by[Path(row["run"]).name.split("-seed")[0]].append(row)
     table = []
     for s, rows in by.items():
         acc, acc_sd = _mean_std([r["best_val_acc"] for r in rows])
@@ -127,11 +126,11 @@ def recommend(table: Sequence[dict], n_val: int) -> dict:
             "reason": f"{best['strategy']} beats {second['strategy']} by {margin:.3f} (noise {tol:.3f}, {how})"}
 
 
-def write_summary(out: Path, summary: dict, runs: Sequence[Path]) -> None:
+def write_summary(out: Path, summary: dict, rows: Sequence[dict]) -> None:
     from layerwise.report import plot_compare
 
     write_json(out / "summary.json", summary)
-    pngs = plot_compare([run_row(r) for r in runs], out)
+    pngs = plot_compare(rows, out)
     rec = summary["recommendation"]
     lines = ["# layerwise compare", "", f"**Recommendation: {rec['strategy']}** — {rec['reason']}.", "",
              "| strategy | best val acc | final val acc | train−val gap | wall s | img/s | trainable params (per epoch) |",
@@ -184,6 +183,7 @@ def compare(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: i
     """Run (or resume, or skip) every strategy, then write summary.json/.md and plots."""
     runs = run_all(base, strategies, out, repeats=repeats)
     n_val = json.loads((runs[0] / "model.json").read_text())["val_images"]
-    summary = summarise(runs, strategies, n_val)
-    write_summary(out, summary, runs)
+    rows = [run_row(r) for r in runs]  # each run's metrics read once, for table and plots
+    summary = summarise(rows, strategies, n_val)
+    write_summary(out, summary, rows)
     return summary

@@ -22,6 +22,12 @@ class EvalResult:
     labels: torch.Tensor
     probs: torch.Tensor
 
+    @classmethod
+    def from_probs(cls, probs: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+        """Mean NLL and accuracy of class probabilities against labels."""
+        loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+        return cls(loss, (probs.argmax(-1) == labels).float().mean().item(), labels, probs)
+
     @property
     def preds(self) -> torch.Tensor:
         return self.probs.argmax(-1)
@@ -49,8 +55,7 @@ def evaluate(model: nn.Module, loader: DataLoader, amp: Amp, device: torch.devic
         labels.append(y)
     model.train(was_training)
     p, y = torch.cat(probs), torch.cat(labels)
-    loss = F.nll_loss(p.clamp_min(1e-12).log(), y).item()
-    return EvalResult(loss, (p.argmax(-1) == y).float().mean().item(), y, p)
+    return EvalResult.from_probs(p, y)
 
 
 @torch.inference_mode()
@@ -63,8 +68,7 @@ def evaluate_features(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor
         probs = torch.cat([head(feats[i:i + batch_size].to(device)).float().softmax(-1).cpu()
                            for i in range(0, len(labels), batch_size)])
     head.train(was_training)
-    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
-    return EvalResult(loss, (probs.argmax(-1) == labels).float().mean().item(), labels, probs)
+    return EvalResult.from_probs(probs, labels)
 
 
 def gather_eval(ev: EvalResult, info: DistInfo) -> EvalResult:
@@ -74,5 +78,4 @@ def gather_eval(ev: EvalResult, info: DistInfo) -> EvalResult:
     probs, labels = gather_cat(ev.probs, info), gather_cat(ev.labels, info)
     order = unshard_order(len(labels), info)
     probs, labels = probs[order], labels[order]
-    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
-    return EvalResult(loss, (probs.argmax(-1) == labels).float().mean().item(), labels, probs)
+    return EvalResult.from_probs(probs, labels)
