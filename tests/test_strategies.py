@@ -108,11 +108,37 @@ def test_wd_map_sets_per_group_weight_decay():
 
 
 @pytest.mark.parametrize("n,expected", [(10, "head"), (100, "gradual"), (1000, "discriminative")])
-def test_auto_follows_the_table(n, expected):
+def test_auto_without_probe_follows_the_table(n, expected):
     choice, reason = auto_choice(n, 10)
     assert choice == expected and str(n) in reason
     s = make_strategy("auto", RESNET, StrategyOptions(images_per_class=n, num_classes=10))
     assert s.name == f"auto:{expected}" and s.reason
+
+
+@pytest.mark.parametrize("n,skill,expected", [
+    (12, 0.99, "head"),  # too few images: the probe does not matter
+    (30, 0.10, "head"),
+    (144, 0.95, "lp-ft"),  # the digits: frozen features already separate the classes
+    (5000, 0.92, "lp-ft"),
+    (100, 0.59, "discriminative"),  # cifar10-mini at 64 px: the body has to adapt
+    (100, 0.05, "discriminative"),
+    (31, 0.89, "discriminative"),
+])
+def test_auto_uses_the_probe(n, skill, expected):
+    choice, reason = auto_choice(n, 10, skill)
+    assert choice == expected
+    if expected != "head":
+        assert f"skill {skill:.2f}" in reason and f"{n} images per class" in reason
+    s = make_strategy("auto", RESNET, StrategyOptions(images_per_class=n, num_classes=10, probe_skill=skill))
+    assert s.name == f"auto:{expected}" and dict(s.overrides) == {"bn": "eval"}
+
+
+@given(st.one_of(st.none(), st.floats(0, 1e6)), st.one_of(st.none(), st.floats(-1, 1)))
+def test_auto_always_picks_one_of_its_four(n, skill):
+    choice, reason = auto_choice(n, 10, skill)
+    assert choice in {"head", "lp-ft", "gradual", "discriminative"} and reason
+    if skill is not None and choice != "head":
+        assert "probe" in reason
 
 
 def test_unknown_strategy_lists_registry():

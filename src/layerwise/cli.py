@@ -97,8 +97,13 @@ def _add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None
                    help="timm-style layer-wise LR decay over blocks (e.g. 0.75)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 1e-4; norms/biases exempt")
     g.add_argument("--bn", choices=["frozen", "adapt", "eval", "train"], default=S,
-                   help="BatchNorm statistics: frozen (frozen groups keep them; default), adapt (re-estimate on "
-                   "your data first), eval (every group keeps them), train (frozen groups update them)")
+                   help="BatchNorm statistics: frozen (frozen groups keep them; default, auto: eval), adapt "
+                   "(re-estimate on your data first), eval (every group keeps them), train (frozen groups update them)")
+    g.add_argument("--no-probe", dest="probe", action="store_false", default=S,
+                   help="auto: choose from the images per class alone, without the linear probe")
+    g.add_argument("--probe-skill", dest="probe_skill", type=float, default=S,
+                   help="auto: the linear probe's skill (0 = majority guess, 1 = perfect) if already known; "
+                   "skips the probe")
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:

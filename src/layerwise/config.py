@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "label_smoothing": 0.0,
     "t0": 5,
     "t_mult": 2,
+    "bn": "frozen",
 }
 
 
@@ -63,7 +64,9 @@ class RunConfig:
     wd_map: dict[str, float] | None = None
     layer_decay: float | None = None
     groups: dict[str, Any] | None = None  # user grouping: name -> path/regex
-    bn: str = "frozen"
+    bn: str | None = None  # None: frozen, or what the strategy implies (auto: eval)
+    probe: bool = True  # auto: run the linear probe before training
+    probe_skill: float | None = None  # auto: the probe's measured skill (set by the probe, or by you to skip it)
     # training (None: the strategy's or the library's default)
     head: str | None = None
     hidden: int = 512
@@ -185,6 +188,12 @@ def validate(cfg: RunConfig) -> None:
         raise LayerwiseError(f"feature_cache_views must be >= 0, got {cfg.feature_cache_views}")
     if cfg.nan not in NAN_POLICIES:
         raise UnknownNameError("NaN policy", cfg.nan, NAN_POLICIES)
+    from layerwise.freeze import BN_MODES
+
+    if cfg.bn is not None and cfg.bn not in BN_MODES:
+        raise UnknownNameError("bn mode", cfg.bn, BN_MODES)
+    if cfg.probe_skill is not None and not -1 <= cfg.probe_skill <= 1:
+        raise LayerwiseError(f"probe_skill must be between -1 and 1, got {cfg.probe_skill!r}")
     if cfg.precision not in PRECISIONS:
         raise UnknownNameError("precision", cfg.precision, PRECISIONS)
     if cfg.device not in DEVICES and not str(cfg.device).startswith("cuda:"):

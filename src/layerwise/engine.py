@@ -68,7 +68,7 @@ from layerwise.evaluation import EvalResult, evaluate, evaluate_features, gather
 from layerwise.freeze import recalibrate_norms, set_trainable
 from layerwise.hardware import Amp, pick_device, to_device
 from layerwise.optim import ScheduleSpec, apply_states, build_optimizer, lr_by_group, lr_scale, set_lr_scale
-from layerwise.plan import Setup, setup
+from layerwise.plan import Setup, setup, strategy_options
 
 # --- devices and precision ---------------------------------------------------------------
 
@@ -537,6 +537,8 @@ def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
 def _fit(cfg: RunConfig, run: Path, info: DistInfo, started: float, resume: bool) -> Path:
     auto_lr = cfg.lr == "auto"
     t = build_trainer(dataclasses.replace(cfg, lr=1e-3) if auto_lr else cfg, run, info)
+    if _wants_probe(t):
+        _probe_for_auto(t, run)
     if auto_lr:
         _find_lr(t, run)
     t.started = started  # elapsed_seconds counts data and model set-up too
@@ -578,6 +580,36 @@ def _fit(cfg: RunConfig, run: Path, info: DistInfo, started: float, resume: bool
         write_run_report(run, t.splits.classes, best)
     _say(t.cfg, f"best val accuracy {t.best_acc:.4f} (epoch {t.best_epoch})\nrun folder: {run}\nreport: {run / 'report.md'}")
     return run
+
+
+def _wants_probe(t: Trainer) -> bool:
+    """``auto`` with room to choose: more than a handful of images per class, not measured yet."""
+    from layerwise.strategies import AUTO_VERY_SMALL
+
+    cfg, n = t.cfg, t.splits.images_per_class
+    return (cfg.strategy == "auto" and cfg.probe and cfg.probe_skill is None and n > AUTO_VERY_SMALL
+            and t.head_module() is not None)
+
+
+def _probe_for_auto(t: Trainer, run: Path) -> None:
+    """Measure how well frozen features separate the classes and re-plan ``auto`` with it;
+    config.yaml records the skill, so a resume keeps the same choice without probing."""
+    from layerwise.probe import linear_probe
+    from layerwise.strategies import make_strategy
+
+    res = linear_probe(t)
+    skill, = all_sum([res.skill if t.dist.is_main else 0.0], t.dist)  # rank 0's verdict for all
+    t.cfg.probe_skill = round(skill, 4)
+    opts = strategy_options(t.cfg, images_per_class=t.splits.images_per_class, num_classes=len(t.splits.classes))
+    strategy = make_strategy("auto", [g.name for g in t.s.groups], opts)
+    t.s.plan = dataclasses.replace(t.s.plan, strategy=strategy)
+    if t.dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_json(run / "probe.json", {"val_acc": res.acc, "chance": res.chance, "skill": t.cfg.probe_skill,
+                                        "train_images": res.train_images, "seconds": round(res.seconds, 2),
+                                        "strategy": strategy.name, "reason": strategy.reason})
+    _say(t.cfg, f"auto: linear probe on frozen features: val acc {res.acc:.3f} (majority class {res.chance:.3f}), "
+                f"skill {t.cfg.probe_skill:.2f}, {res.seconds:.1f}s -> {strategy.name}")
 
 
 def _find_lr(t: Trainer, run: Path) -> None:

@@ -116,7 +116,7 @@ def strategy_options(cfg: "RunConfig", *, images_per_class: float | None, num_cl
     return StrategyOptions(
         epochs=cfg.epochs, from_group=cfg.from_group, lr_map=cfg.lr_map, decay=cfg.decay, every=cfg.every,
         schedule=cfg.schedule, probe_epochs=cfg.probe_epochs, ft_lr_mult=cfg.ft_lr_mult, wd_map=cfg.wd_map,
-        images_per_class=images_per_class, num_classes=num_classes,
+        images_per_class=images_per_class, num_classes=num_classes, probe_skill=cfg.probe_skill,
     )
 
 

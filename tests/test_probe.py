@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import make_image_folder
+from layerwise.checkpoint import read_jsonl
+from layerwise.cli import main
+from layerwise.config import RunConfig
+from layerwise.engine import build_trainer
+from layerwise.probe import ProbeResult, linear_probe, probe_accuracy
+
+TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32", "--batch-size", "16",
+        "--workers", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 32 images per class: above the head-only threshold, so auto probes.
+    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=32, size=16)
+
+
+def test_probe_accuracy_separable_and_random():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    centres = rng.normal(size=(3, 16)) * 5
+    x = centres[y] + rng.normal(size=(120, 16))
+    assert probe_accuracy(x[::2], y[::2], x[1::2], y[1::2]) == 1.0
+    noise = rng.normal(size=(120, 16))
+    assert probe_accuracy(noise[::2], y[::2], noise[1::2], y[1::2]) < 0.7
+
+
+def test_skill_rescales_against_the_majority_class():
+    assert ProbeResult(0.55, 0.1, 10, 0.0).skill == pytest.approx(0.5)
+    assert ProbeResult(0.1, 0.1, 10, 0.0).skill == pytest.approx(0.0)
+    assert ProbeResult(1.0, 0.5, 10, 0.0).skill == pytest.approx(1.0)
+
+
+def test_linear_probe_leaves_model_and_rng_untouched(data, tmp_path):
+    cfg = RunConfig(data=str(data), model="timm/test_efficientnet", weights="none", img_size=32, batch_size=16,
+                    workers=0, quiet=True, strategy="auto")
+    t = build_trainer(cfg, tmp_path / "run")
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    res = linear_probe(t)
+    assert torch.equal(rng, torch.get_rng_state())
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert res.train_images == 96 and 0 <= res.acc <= 1 and res.chance == pytest.approx(1 / 3)
+    # coloured squares are easy even for random features
+    assert res.skill > 0.5
+
+
+def test_fit_auto_probes_records_and_resumes_without_probing(data, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["fit", str(data), *TINY, "--epochs", "2", "--out", str(run)]) == 0
+    probe = json.loads((run / "probe.json").read_text())
+    plan = json.loads((run / "plan.json").read_text())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert plan["strategy"] == probe["strategy"] and plan["strategy"].startswith("auto:")
+    assert cfg["probe_skill"] == probe["skill"] and cfg["bn"] == "eval"
+    assert "linear probe" in capsys.readouterr().out
+    assert len(read_jsonl(run / "metrics.jsonl")) == 2
+
+    import layerwise.probe
+
+    def boom(*a, **k):
+        raise AssertionError("resume must reuse the recorded skill")
+
+    monkeypatch.setattr(layerwise.probe, "linear_probe", boom)
+    rerun = tmp_path / "rerun"
+    assert main(["fit", "--config", str(run / "config.yaml"), "--out", str(rerun)]) == 0
+    assert json.loads((rerun / "plan.json").read_text())["strategy"] == plan["strategy"]
+
+
+def test_no_probe_and_explicit_bn_are_respected(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["fit", str(data), *TINY, "--epochs", "1", "--no-probe", "--bn", "frozen", "--out", str(run)]) == 0
+    assert not (run / "probe.json").exists()
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["bn"] == "frozen" and cfg["probe_skill"] is None
+    assert json.loads((run / "plan.json").read_text())["strategy"] == "auto:gradual"
