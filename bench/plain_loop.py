@@ -32,8 +32,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     norm = transforms.Normalize([0.5] * 3, [0.5] * 3)
     size = args.img_size
     train_tf = transforms.Compose([transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size),

@@ -2,6 +2,12 @@
 same data, model, weights, image size, epochs and (no) augmentation, in one run.
 
     .venv/bin/python bench/speed.py [--epochs 3] [--img-size 64] [--target 0.55]
+    .venv/bin/python bench/speed.py --strategies full --same-optimizer --seeds 0,1,2,3,4
+
+With ``--seeds``, each seed runs the plain loop and layerwise once and the table reports
+accuracy as mean ± std and the paired difference (same seed) with its standard error, so
+"within 1 point" is measured rather than read off one noisy run (500 val images: one run's
+accuracy has a binomial s.e. of about 2 points).
 
 Each competitor runs in its own process (peak memory is that process's max RSS). Prints a
 Markdown table with ratios against the plain loop and writes it to bench/results/speed.md.
@@ -38,21 +44,21 @@ def run_child(cmd: list[str]) -> tuple[str, float, float]:
 COMPETITOR_STRATEGY = {"auto": "full"}
 
 
-def plain(args: argparse.Namespace, strategy: str) -> dict:
+def plain(args: argparse.Namespace, strategy: str, seed: int = 0) -> dict:
     strategy = COMPETITOR_STRATEGY.get(strategy, strategy)
     out, wall, rss = run_child([sys.executable, "bench/plain_loop.py", args.data, "--strategy", strategy,
-                                "--epochs", str(args.epochs), "--img-size", str(args.img_size)])
+                                "--epochs", str(args.epochs), "--img-size", str(args.img_size), "--seed", str(seed)])
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {"rows": rows, "wall": wall, "rss": rss}
 
 
-def layerwise(args: argparse.Namespace, strategy: str) -> dict:
-    run = ROOT / "runs" / "bench-speed" / strategy
+def layerwise(args: argparse.Namespace, strategy: str, seed: int = 0) -> dict:
+    run = ROOT / "runs" / "bench-speed" / f"{strategy}-seed{seed}"
     # Equal settings: the plain loop's optimizer (Adam, constant LR, no weight decay).
     same_optim = ["--optimizer", "adam", "--scheduler", "constant", "--weight-decay", "0"] if args.same_optimizer else []
     _, wall, rss = run_child([sys.executable, "-m", "layerwise", "fit", args.data, "--strategy", strategy,
                               "--epochs", str(args.epochs), "--img-size", str(args.img_size), "--augment", "none",
-                              "--workers", "1", "--quiet", "--out", str(run), *same_optim])
+                              "--workers", "1", "--quiet", "--seed", str(seed), "--out", str(run), *same_optim])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {"rows": rows, "wall": wall, "rss": rss}
 
@@ -77,6 +83,42 @@ def summarise(r: dict, target: float) -> dict:
             "best": max(x["val_acc"] for x in rows), "tta": hit, "wall": r["wall"], "rss": r["rss"]}
 
 
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1)) ** 0.5
+
+
+def parity(args: argparse.Namespace, seeds: list[int]) -> None:
+    """Best val accuracy and epoch-2+ throughput of both tools over seeds, paired by seed."""
+    settings = "the plain loop's Adam, constant LR, no weight decay" if args.same_optimizer else "layerwise defaults"
+    lines = [f"cifar10-mini, efficientnet_lite0, {args.img_size} px, {args.epochs} epochs, no augmentation, "
+             f"layerwise with {settings}; seeds {', '.join(map(str, seeds))}", "",
+             "| strategy | tool | best val acc per seed | mean ± std | img/s epochs 2+ (mean) | x plain |",
+             "|---|---|---|---:|---:|---:|"]
+    for strategy in args.strategies.split(","):
+        res = {"plain loop": [], "layerwise": []}
+        for seed in seeds:
+            res["plain loop"].append(summarise(plain(args, strategy, seed), args.target))
+            res["layerwise"].append(summarise(layerwise(args, strategy, seed), args.target))
+            print(f"seed {seed}: plain {res['plain loop'][-1]['best']:.3f}, layerwise {res['layerwise'][-1]['best']:.3f}",
+                  flush=True)
+        base = sum(r["ips2"] for r in res["plain loop"]) / len(seeds)
+        for tool, rs in res.items():
+            m, sd = _mean_std([r["best"] for r in rs])
+            ips = sum(r["ips2"] for r in rs) / len(rs)
+            per_seed = " ".join(f"{r['best']:.3f}" for r in rs)
+            lines.append(f"| {strategy} | {tool} | {per_seed} | {m:.3f} ± {sd:.3f} | "
+                         f"{ips:.0f} | {ips / base:.2f} |")
+        diffs = [a["best"] - b["best"] for a, b in zip(res["layerwise"], res["plain loop"])]
+        dm, dsd = _mean_std(diffs)
+        per_seed = " ".join(f"{d:+.3f}" for d in diffs)
+        lines.append(f"| {strategy} | layerwise − plain (paired) | {per_seed} | "
+                     f"{dm:+.3f} ± {dsd / len(diffs) ** 0.5:.3f} (s.e.) | | |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    (ROOT / "bench" / "results" / "parity.md").write_text(text + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DATA))
@@ -86,9 +128,13 @@ def main() -> None:
     p.add_argument("--strategies", default="head,partial,full")
     p.add_argument("--same-optimizer", action="store_true",
                    help="give layerwise the plain loop's Adam / constant LR / no weight decay instead of its defaults")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: accuracy parity over seeds (plain loop "
+                   "and layerwise only) instead of the one-seed table")
     args = p.parse_args()
     if not Path(args.data).is_dir():
         raise SystemExit(f"benchmark data {args.data} not found; it is read from ../shared/data/cifar10-mini")
+    if args.seeds:
+        return parity(args, [int(s) for s in args.seeds.split(",")])
     lines = [f"cifar10-mini, efficientnet_lite0 (offline ImageNet weights), {args.img_size} px, {args.epochs} epochs, "
              f"no augmentation, batch 64, 1 loader worker; time to val acc >= {args.target} counts set-up too", "",
              "| strategy | tool | img/s epoch 1 | img/s epochs 2+ | x plain (2+) | best val acc | time to target s "

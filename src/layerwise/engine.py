@@ -583,12 +583,9 @@ def _fit(cfg: RunConfig, run: Path, info: DistInfo, started: float, resume: bool
 
 
 def _wants_probe(t: Trainer) -> bool:
-    """``auto`` with room to choose: more than a handful of images per class, not measured yet."""
-    from layerwise.strategies import AUTO_VERY_SMALL
-
-    cfg, n = t.cfg, t.splits.images_per_class
-    return (cfg.strategy == "auto" and cfg.probe and cfg.probe_skill is None and n > AUTO_VERY_SMALL
-            and t.head_module() is not None)
+    """``auto``, with the probe on and its skill not known yet (a resume knows it)."""
+    cfg = t.cfg
+    return cfg.strategy == "auto" and cfg.probe and cfg.probe_skill is None and t.head_module() is not None
 
 
 def _probe_for_auto(t: Trainer, run: Path) -> None:

@@ -191,7 +191,7 @@ def recipe(names: Sequence[str], opts: StrategyOptions) -> Strategy:
                     RECIPE_SETTINGS)
 
 
-AUTO_VERY_SMALL = 30  # images per class at or below which only the head trains
+AUTO_VERY_SMALL = 30  # images per class: at or below, too few to tune the whole body
 AUTO_SMALL = 300  # without a probe: below, gradual unfreezing; above, discriminative LRs
 AUTO_CLOSE = 0.9  # probe skill at or above which the pretrained features already fit the task
 # auto picks a strategy that keeps early layers at a low LR (or frozen), and those need the
@@ -203,24 +203,31 @@ AUTO_SETTINGS = MappingProxyType({"bn": "eval"})
 def auto_choice(images_per_class: float | None, num_classes: int | None,
                 probe_skill: float | None = None) -> tuple[str, str]:
     """``(strategy, reason)`` from the data's size and, when measured, the linear probe's
-    skill (how well frozen pretrained features separate the classes). docs/strategies.md
-    gives the measurements behind each threshold."""
+    skill: how well frozen pretrained features separate the classes (0 = majority guess,
+    1 = perfect). docs/strategies.md gives the measurements behind each threshold."""
     k = f" ({num_classes} classes)" if num_classes else ""
     size = f"{images_per_class:.0f} images per class{k}" if images_per_class is not None else "dataset size unknown"
-    if images_per_class is not None and images_per_class <= AUTO_VERY_SMALL:
-        return "head", f"{size} <= {AUTO_VERY_SMALL}: too few to tune the body -> train the head only"
+    few = images_per_class is not None and images_per_class <= AUTO_VERY_SMALL
     if probe_skill is None:
         if images_per_class is None:
             return "discriminative", f"{size}: assuming a medium dataset -> discriminative LRs"
+        if few:
+            return "head", f"{size} <= {AUTO_VERY_SMALL}, no probe: very small dataset -> train the head only"
         if images_per_class < AUTO_SMALL:
             return "gradual", (f"{size} < {AUTO_SMALL}, no probe: small dataset -> gradual unfreezing "
                                "to avoid early overfitting")
         return "discriminative", f"{size} >= {AUTO_SMALL}, no probe: medium/large dataset -> discriminative LRs"
     probe = f"linear-probe skill {probe_skill:.2f}"
+    n = f"{size} {'<=' if few else '>'} {AUTO_VERY_SMALL}"
     if probe_skill >= AUTO_CLOSE:
-        return "lp-ft", (f"{size}, {probe} >= {AUTO_CLOSE}: the pretrained features already separate the "
-                         "classes -> probe the head, then fine-tune everything gently (lp-ft keeps the features)")
-    return "discriminative", (f"{size}, {probe} < {AUTO_CLOSE}: the features need adapting -> every group "
+        if few:
+            return "head", f"{n}, {probe} >= {AUTO_CLOSE}: the frozen features already fit -> train the head only"
+        return "lp-ft", (f"{n}, {probe} >= {AUTO_CLOSE}: the frozen features already fit -> probe the head, "
+                         "then fine-tune everything gently (lp-ft keeps the features)")
+    if few:
+        return "gradual", (f"{n}, {probe} < {AUTO_CLOSE}: the features need adapting but data is scarce -> "
+                           "unfreeze gradually from the head down")
+    return "discriminative", (f"{n}, {probe} < {AUTO_CLOSE}: the features need adapting -> every group "
                               "trains from the start, earlier ones at smaller LRs")
 
 
