@@ -56,6 +56,18 @@ def test_repeats_give_mean_and_std(data, tmp_path):
     assert (out / "head-seed0").is_dir() and (out / "head-seed1").is_dir()
 
 
+def test_auto_row_shows_its_choice_evidence_and_probe_time(data, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(data), *TINY, "--strategies", "auto", "--out", str(out)]) == 0
+    row = json.loads((out / "summary.json").read_text())["strategies"][0]
+    probe = json.loads((out / "auto" / "probe.json").read_text())
+    metrics = read_jsonl(out / "auto" / "metrics.jsonl")
+    assert row["chosen"] == probe["strategy"] and row["evidence"] == probe["reason"]
+    assert row["wall_seconds"] == pytest.approx(sum(m["epoch_seconds"] for m in metrics) + probe["seconds"])
+    assert f"auto chose {probe['strategy']}: {probe['reason']}" in (out / "summary.md").read_text()
+    assert "linear-probe skill" in (out / "report.html").read_text()
+
+
 def _row(name, acc, wall, repeats=1, sd=0.0):
     return {"strategy": name, "best_val_acc": acc, "wall_seconds": wall, "repeats": repeats, "best_val_acc_std": sd}
 

@@ -60,6 +60,8 @@ def run_row(run: Path) -> dict:
     plan = json.loads((run / "plan.json").read_text())
     best = max(rows, key=lambda r: r["val_acc"])
     last = rows[-1]
+    probe_file = run / "probe.json"  # auto's linear probe: its time counts against auto
+    probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
     return {
         "run": str(run),
         "strategy": plan["strategy"],
@@ -67,7 +69,8 @@ def run_row(run: Path) -> dict:
         "best_epoch": best["epoch"],
         "final_val_acc": last["val_acc"],
         "gap": last["train_acc"] - last["val_acc"],
-        "wall_seconds": sum(r["epoch_seconds"] for r in rows),
+        "wall_seconds": sum(r["epoch_seconds"] for r in rows) + (probe["seconds"] if probe else 0.0),
+        "probe": probe,
         "images_per_second": statistics.fmean(r["images_per_second"] for r in rows),
         "trainable_params": [r["trainable_params"] for r in rows],
         "val_acc": [r["val_acc"] for r in rows],
@@ -96,6 +99,7 @@ def summarise(rows: Sequence[dict], strategies: Sequence[str], n_val: int) -> di
             "wall_seconds": statistics.fmean(r["wall_seconds"] for r in rows),
             "images_per_second": statistics.fmean(r["images_per_second"] for r in rows),
             "trainable_params": rows[0]["trainable_params"], "runs": [r["run"] for r in rows],
+            "evidence": rows[0].get("probe") and rows[0]["probe"]["reason"],
         })
     return {"strategies": table, "recommendation": recommend(table, n_val)}
 
@@ -141,6 +145,7 @@ def write_summary(out: Path, summary: dict, rows: Sequence[dict]) -> None:
         params = " → ".join(f"{p / 1e6:.2f}M" for p in r["trainable_params"])
         lines.append(f"| {name} | {r['best_val_acc']:.3f}{sd} (epoch {r['best_epoch']}) | {r['final_val_acc']:.3f} | "
                      f"{r['gap']:+.3f} | {r['wall_seconds']:.0f} | {r['images_per_second']:.0f} | {params} |")
+    lines += [f"\n{r['strategy']} chose {r['chosen']}: {r['evidence']}." for r in summary["strategies"] if r["evidence"]]
     lines += ["", *(f"![{p}]({p})" for p in pngs)]
     atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "report.html", html_report(summary, [out / p for p in pngs]))
@@ -156,10 +161,13 @@ def html_report(summary: dict, pngs: Sequence[Path]) -> str:
     rows = []
     for r in summary["strategies"]:
         sd = f" ± {r['best_val_acc_std']:.3f}" if r["repeats"] > 1 else ""
-        cells = (r["strategy"], f"{r['best_val_acc']:.3f}{sd}", f"{r['final_val_acc']:.3f}", f"{r['gap']:+.3f}",
+        name = r["strategy"] if r["chosen"] == r["strategy"] else f"{r['strategy']} ({r['chosen']})"
+        cells = (name, f"{r['best_val_acc']:.3f}{sd}", f"{r['final_val_acc']:.3f}", f"{r['gap']:+.3f}",
                  f"{r['wall_seconds']:.0f}", f"{r['images_per_second']:.0f}")
         cls = ' class="pick"' if r["strategy"] == rec["strategy"] else ""
         rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    evidence = "".join(f'<p class="evidence">{html.escape(r["strategy"])} chose {html.escape(r["chosen"])}: '
+                       f'{html.escape(r["evidence"])}.</p>' for r in summary["strategies"] if r.get("evidence"))
     imgs = "".join(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
                    f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
                    for p in pngs)
@@ -171,6 +179,7 @@ tr.pick{{background:#e6f4ea;font-weight:600}}img{{max-width:100%}}figure{{margin
 <body><h1>layerwise compare</h1>
 <p id="recommendation"><strong>Recommendation: {html.escape(rec['strategy'])}</strong> — {html.escape(rec['reason'])}.</p>
 <table id="summary"><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead><tbody>{''.join(rows)}</tbody></table>
+{evidence}
 {imgs}
 <script>window.addEventListener("load", () => {{
   document.body.dataset.imagesLoaded = [...document.images].every(i => i.complete && i.naturalWidth > 0);
