@@ -53,6 +53,8 @@ def test_linear_probe_leaves_model_and_rng_untouched(data, tmp_path):
     assert res.train_images == 96 and 0 <= res.acc <= 1 and res.chance == pytest.approx(1 / 3)
     # coloured squares are easy even for random features
     assert res.skill > 0.5
+    capped = linear_probe(t, max_images=30)
+    assert capped.train_images == 30 and capped.acc * 30 == pytest.approx(round(capped.acc * 30))
 
 
 def test_fit_auto_probes_records_and_resumes_without_probing(data, tmp_path, capsys, monkeypatch):

@@ -3,7 +3,7 @@ separate the user's classes?
 
 A logistic regression on the head's input features (the standard linear-probe protocol)
 is trained on the training images through the deterministic eval transform and scored on
-the validation images. High skill means the data is close to the pretraining domain;
+the validation images (at most ``PROBE_MAX_IMAGES`` of each). High skill means the data is close to the pretraining domain;
 low skill means the body has to adapt.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from layerwise.augment import eval_transform
 from layerwise.cache import head_features
@@ -26,7 +26,7 @@ from layerwise.hardware import to_device
 if TYPE_CHECKING:
     from layerwise.engine import Trainer
 
-PROBE_MAX_IMAGES = 2000  # training images the probe sees at most: enough to rank, cheap on a CPU
+PROBE_MAX_IMAGES = 2000  # train and val images the probe sees at most: enough to rank, cheap on a CPU
 
 
 @dataclass(frozen=True)
@@ -57,26 +57,31 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, 
     return float(np.mean(clf.predict(val_x) == val_y))
 
 
-def _probe_loader(t: Trainer, max_images: int) -> DataLoader:
-    """The training set through the eval transform (sharing any decoded cache), at most
-    ``max_images`` of it, drawn with the run's seed."""
-    ds = copy.copy(t.loaders.train.dataset)
-    ds.transform = eval_transform(t.cfg.img_size, t.s.loaded.mean, t.s.loaded.std)
-    if len(ds) > max_images:
-        g = torch.Generator().manual_seed(t.cfg.seed)
-        ds = Subset(ds, torch.randperm(len(ds), generator=g)[:max_images].tolist())
+def _capped(ds: Dataset, max_images: int, seed: int) -> Dataset:
+    """At most ``max_images`` of ``ds``, drawn with the run's seed (the same on every rank)."""
+    if len(ds) <= max_images:
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    return Subset(ds, torch.randperm(len(ds), generator=g)[:max_images].tolist())
+
+
+def _loader(t: Trainer, ds: Dataset) -> DataLoader:
     return DataLoader(ds, batch_size=t.cfg.batch_size, shuffle=False, num_workers=t.loaders.train.num_workers,
                       collate_fn=collate_skipping)
 
 
-def _full_val_loader(t: Trainer) -> DataLoader:
+def _train_images(t: Trainer) -> Dataset:
+    """The training set through the eval transform, sharing any decoded cache."""
+    ds = copy.copy(t.loaders.train.dataset)
+    ds.transform = eval_transform(t.cfg.img_size, t.s.loaded.mean, t.s.loaded.std)
+    return ds
+
+
+def _val_images(t: Trainer) -> Dataset:
     """Every validation image, also when distributed runs shard them: each rank must
     reach the same verdict."""
     ds = t.loaders.val.dataset
-    if isinstance(ds, Subset):
-        ds = ds.dataset
-    return DataLoader(ds, batch_size=t.cfg.batch_size, shuffle=False, num_workers=t.loaders.val.num_workers,
-                      collate_fn=collate_skipping)
+    return ds.dataset if isinstance(ds, Subset) else ds
 
 
 def linear_probe(t: Trainer, *, max_images: int = PROBE_MAX_IMAGES) -> ProbeResult:
@@ -87,8 +92,9 @@ def linear_probe(t: Trainer, *, max_images: int = PROBE_MAX_IMAGES) -> ProbeResu
     tic = time.perf_counter()
     rng = torch.get_rng_state()
     prep = lambda x: to_device(x, t.device, t.cfg.channels_last)  # noqa: E731
-    tx, ty = head_features(t.model, head, _probe_loader(t, max_images), t.device, t.amp.autocast, prep)
-    vx, vy = head_features(t.model, head, _full_val_loader(t), t.device, t.amp.autocast, prep)
+    train, val = (_loader(t, _capped(ds, max_images, t.cfg.seed)) for ds in (_train_images(t), _val_images(t)))
+    tx, ty = head_features(t.model, head, train, t.device, t.amp.autocast, prep)
+    vx, vy = head_features(t.model, head, val, t.device, t.amp.autocast, prep)
     torch.set_rng_state(rng)
     acc = probe_accuracy(tx.flatten(1).numpy(), ty.numpy(), vx.flatten(1).numpy(), vy.numpy())
     chance = float(torch.bincount(vy).max() / len(vy))
