@@ -274,3 +274,14 @@ def test_fit_tta_evaluates_best_weights_with_views(data, tmp_path, capsys):
 
     assert evaluate_run(run, str(data), views=["hflip"])["accuracy"] == pytest.approx(tta["val_acc"])
     assert "with TTA hflip" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,hint", [
+    (["--strategy", "discriminative"], True),  # every group below the head at a low LR
+    (["--strategy", "gradual", "--every", "1"], True),  # groups start late
+    (["--strategy", "discriminative", "--bn", "frozen"], False),  # the user chose: no nagging
+    (["--strategy", "full"], False),
+])
+def test_bn_hint_for_slow_groups_on_batch_statistics(data, tmp_path, capsys, args, hint):
+    assert _fit(str(data), *TINY[:-1], *args, "--epochs", "2", "--out", str(tmp_path / "run")) == 0
+    assert ("hint:" in capsys.readouterr().out) == hint
