@@ -83,3 +83,19 @@ def test_eval_shards_cover_each_sample_once(n, world):
     gathered = torch.tensor(sum(parts, []))
     assert sorted(gathered.tolist()) == list(range(n))
     assert gathered[unshard_order(n, DistInfo(0, world))].tolist() == list(range(n))
+
+
+def test_auto_probes_once_and_every_rank_follows_rank_0(runs, tmp_path):
+    import json
+
+    _, data, _ = runs
+    args = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32", "--workers", "0", "--quiet",
+            "--epochs", "1", "--augment", "none", "--seed", "1"]
+    run = tmp_path / "auto"
+    ddp = subprocess.run([sys.executable, "-m", "layerwise", "fit", str(data), *args, "--strategy", "auto",
+                          "--batch-size", "4", "--nproc", "2", "--out", str(run)], capture_output=True, text=True,
+                         timeout=300)
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-2000:]
+    assert "ranks in sync" in ddp.stdout
+    probe = json.loads((run / "probe.json").read_text())
+    assert json.loads((run / "plan.json").read_text())["strategy"] == probe["strategy"]
