@@ -731,7 +731,7 @@ def _banner(t: Trainer) -> str:
     sp, s = t.splits, t.s
     lines = [f"data: {sp.name} · {len(sp.train)} train / {len(sp.val)} val images · {len(sp.classes)} classes",
              f"model: {s.loaded.name} ({s.loaded.source} {s.loaded.arch}) · weights {s.loaded.weights} · "
-             f"{t.cfg.img_size}px · {t.device} · {t.amp.precision}"]
+             f"{t.cfg.img_size}px · {t.device} · {t.amp.precision} · bn {t.cfg.bn}"]
     lines += s.loaded.notes
     return "\n".join(lines + [s.plan.table(), ""])
 
