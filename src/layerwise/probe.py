@@ -3,8 +3,8 @@ separate the user's classes?
 
 A logistic regression on the head's input features (the standard linear-probe protocol)
 is trained on the training images through the deterministic eval transform and scored on
-the validation images (at most ``PROBE_MAX_IMAGES`` of each). High skill means the data is close to the pretraining domain;
-low skill means the body has to adapt.
+the validation images, at most ``PROBE_MAX_IMAGES`` of each. High skill means the data is
+close to the pretraining domain; low skill means the body has to adapt.
 """
 
 from __future__ import annotations
