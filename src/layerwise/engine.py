@@ -68,7 +68,7 @@ from layerwise.evaluation import EvalResult, evaluate, evaluate_features, gather
 from layerwise.freeze import recalibrate_norms, set_trainable
 from layerwise.hardware import Amp, pick_device, to_device
 from layerwise.optim import ScheduleSpec, apply_states, build_optimizer, lr_by_group, lr_scale, set_lr_scale
-from layerwise.plan import Plan, Setup, setup, strategy_options
+from layerwise.plan import Plan, Setup, resolve_strategy, setup
 
 # --- devices and precision ---------------------------------------------------------------
 
@@ -603,13 +603,12 @@ def _probe_for_auto(t: Trainer, run: Path) -> None:
     """Measure how well frozen features separate the classes and re-plan ``auto`` with it;
     config.yaml records the skill, so a resume keeps the same choice without probing."""
     from layerwise.probe import linear_probe
-    from layerwise.strategies import make_strategy
 
     res = linear_probe(t)
     skill, = all_sum([res.skill if t.dist.is_main else 0.0], t.dist)  # rank 0's verdict for all
     t.cfg.probe_skill = round(skill, 4)
-    opts = strategy_options(t.cfg, images_per_class=t.splits.images_per_class, num_classes=len(t.splits.classes))
-    strategy = make_strategy("auto", [g.name for g in t.s.groups], opts)
+    strategy = resolve_strategy(t.cfg, t.s.groups, images_per_class=t.splits.images_per_class,
+                                num_classes=len(t.splits.classes))
     t.s.plan = dataclasses.replace(t.s.plan, strategy=strategy)
     if t.dist.is_main:
         run.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ from layerwise.strategies import States, Strategy
 if TYPE_CHECKING:
     from layerwise.config import RunConfig
     from layerwise.models import LoadedModel
-    from layerwise.strategies import StrategyOptions
 
 
 @dataclass(frozen=True)
@@ -110,14 +109,17 @@ class Setup:
     config: "RunConfig"
 
 
-def strategy_options(cfg: "RunConfig", *, images_per_class: float | None, num_classes: int) -> "StrategyOptions":
-    from layerwise.strategies import StrategyOptions
+def resolve_strategy(cfg: "RunConfig", groups: Sequence[LayerGroup], *, images_per_class: float | None,
+                     num_classes: int) -> Strategy:
+    """``cfg.strategy`` with its knobs from ``cfg``, over ``groups``."""
+    from layerwise.strategies import StrategyOptions, make_strategy
 
-    return StrategyOptions(
+    opts = StrategyOptions(
         epochs=cfg.epochs, from_group=cfg.from_group, lr_map=cfg.lr_map, decay=cfg.decay, every=cfg.every,
         schedule=cfg.schedule, probe_epochs=cfg.probe_epochs, ft_lr_mult=cfg.ft_lr_mult, wd_map=cfg.wd_map,
         images_per_class=images_per_class, num_classes=num_classes, probe_skill=cfg.probe_skill,
     )
+    return make_strategy(cfg.strategy, [g.name for g in groups], opts)
 
 
 def setup(cfg: "RunConfig", num_classes: int, *, images_per_class: float | None = None) -> Setup:
@@ -128,13 +130,11 @@ def setup(cfg: "RunConfig", num_classes: int, *, images_per_class: float | None 
     """
     from layerwise.groups import layer_groups
     from layerwise.models import create_model, replace_head
-    from layerwise.strategies import make_strategy
 
     base_head = cfg.head or "linear"
     loaded = create_model(cfg.model, num_classes, weights=cfg.weights, head=base_head, hidden=cfg.hidden)
-    opts = strategy_options(cfg, images_per_class=images_per_class, num_classes=num_classes)
     groups = layer_groups(loaded.model, cfg.groups)
-    strategy = make_strategy(cfg.strategy, [g.name for g in groups], opts)
+    strategy = resolve_strategy(cfg, groups, images_per_class=images_per_class, num_classes=num_classes)
     resolved = cfg.resolved(strategy.overrides)
     if resolved.head != base_head:
         replace_head(loaded.model, num_classes, resolved.head, cfg.hidden)
