@@ -6,7 +6,6 @@ Prints one JSON line per epoch, like bench/plain_loop.py.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -16,6 +15,7 @@ from fastai.learner import Recorder
 from fastai.metrics import accuracy
 from fastai.vision.all import ImageDataLoaders, Resize, vision_learner
 
+from competitor import competitor_parser  # bench/ is on the path: these run as scripts
 from layerwise.models import lite0_state_dict  # only to load the same offline weights
 
 
@@ -44,11 +44,7 @@ class Report(Callback):
 
 def main() -> None:
     started = time.perf_counter()
-    p = argparse.ArgumentParser()
-    p.add_argument("data")
-    p.add_argument("--strategy", default="full")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--img-size", type=int, default=64)
+    p = competitor_parser()
     args = p.parse_args()
     dls = ImageDataLoaders.from_folder(args.data, train="train", valid="val", item_tfms=Resize(args.img_size),
                                        bs=64, num_workers=1)

@@ -10,7 +10,6 @@ Prints one JSON line per epoch.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -19,16 +18,13 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
+from competitor import competitor_parser  # bench/ is on the path: these run as scripts
 from layerwise.models import lite0_state_dict  # only to load the same offline weights
 
 
 def main() -> None:
     started = time.perf_counter()
-    p = argparse.ArgumentParser()
-    p.add_argument("data")
-    p.add_argument("--strategy", default="full")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--img-size", type=int, default=64)
+    p = competitor_parser()
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=1)
