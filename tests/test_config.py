@@ -14,11 +14,32 @@ def test_unknown_key_suggests_the_right_one():
 @pytest.mark.parametrize("values,err", [
     ({"lr": 0}, "lr must be > 0"),
     ({"lr": -1e-3}, "lr must be > 0"),
+    ({"lr": "fast"}, "lr must be a number or 'auto'"),
     ({"epochs": 0}, "epochs must be"),
     ({"strategy": "freeze"}, "unknown strategy"),
     ({"augment": "heavy"}, "unknown augmentation preset"),
     ({"tta": ["spin"]}, "unknown TTA view"),
     ({"precision": "fp8"}, "unknown precision"),
+    # issue 13: each of these was accepted, then hung, crashed late or trained nonsense
+    ({"t0": 0}, r"t0 must be in \[1,"),
+    ({"t_mult": 0}, r"t_mult must be in \[1,"),
+    ({"warmup_epochs": 4}, "warmup_epochs must be shorter than the run"),
+    ({"probe_epochs": 4}, "probe_epochs must leave an epoch"),
+    ({"label_smoothing": 2.0}, r"label_smoothing must be in \[0, 1\)"),
+    ({"ema": 2.0}, r"ema must be in \(0, 1\)"),
+    ({"workers": -1}, r"workers must be in \[0, 256\]"),
+    ({"wd_map": {"head": -5.0}}, "wd_map values must each be a weight decay >= 0"),
+    ({"lr_map": {"head": -1.0}}, "lr_map values must each be an LR multiplier >= 0"),
+    ({"mixup": -1.0}, "mixup must be"),
+    ({"cutmix": -1.0}, "cutmix must be"),
+    ({"clip_grad": -1.0}, "clip_grad must be > 0"),
+    ({"patience": -1}, "patience must be >= 0"),
+    ({"hidden": 0}, "hidden must be in"),
+    ({"every": 0}, "every must be >= 1"),
+    ({"img_size": 100_000}, r"img_size must be in \[16, 2048\]"),
+    ({"batch_size": 10**9}, "batch_size must be in"),
+    ({"schedule": {4: "head"}}, "schedule epochs must lie in the run"),
+    ({"seed": -1}, "seed must be in"),
 ])
 def test_bad_values(values, err):
     with pytest.raises(LayerwiseError, match=err):

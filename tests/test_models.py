@@ -120,3 +120,62 @@ def test_pickled_callable_is_refused(tmp_path):
 def test_missing_weights_file():
     with pytest.raises(MissingPathError, match="does not exist"):
         create_model("resnet18", 3, weights="nope.safetensors")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every connection attempt fails, as on a machine with no network at all."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_torchvision_weights_offline_is_a_clear_error(no_network, tmp_path, monkeypatch, capsys):
+    from layerwise.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert main(["plan", "--model", "resnet18", "--weights", "IMAGENET1K_V1"]) == 2
+    err = capsys.readouterr().err
+    assert "need a download from https://download.pytorch.org/models/resnet18-" in err
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in err and "--weights path/to/file.pth" in err
+    assert "Traceback" not in err
+
+
+def test_torchvision_weights_in_the_torch_cache_load_without_network(no_network, tmp_path, monkeypatch):
+    from torchvision import models as tvm
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    w = tvm.get_model_weights("resnet18")["IMAGENET1K_V1"]
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / w.url.rpartition("/")[2]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(1)
+    state = tvm.resnet18().state_dict()
+    torch.save(state, cached)
+    loaded = create_model("resnet18", 3, weights="IMAGENET1K_V1")
+    assert torch.equal(loaded.model.conv1.weight, state["conv1.weight"])
+
+
+def test_unknown_timm_tag_lists_the_tags():
+    with pytest.raises(UnknownNameError, match="a1_in1k"):
+        create_model("timm/resnet18", 3, weights="bogus")
+
+
+@pytest.mark.parametrize("weights", ["x.pkl", "model.ckpt", "dir/weights"])
+def test_weights_path_of_unsupported_type_is_an_error(weights):
+    with pytest.raises(LayerwiseError, match="unsupported type"):
+        create_model("resnet18", 3, weights=weights)
+
+
+def test_torchvision_enum_style_weights_name_is_not_a_path():
+    with pytest.raises(UnknownNameError, match="IMAGENET1K_V1"):
+        create_model("resnet18", 3, weights="ResNet18_Weights.BOGUS")
+
+
+@pytest.mark.parametrize("n", [0, 100_001])
+def test_num_classes_bounded(n):
+    with pytest.raises(LayerwiseError, match="num_classes must be an integer from 1 to 100000"):
+        create_model("resnet18", n, weights="none")

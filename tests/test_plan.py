@@ -72,7 +72,7 @@ def test_argparse_choices(capsys, args, msg):
     (["--model", "resnet18", "--strategy", "partial", "--from-group", "layer3x"], "layer3x"),
     (["--model", "resnet18", "--lr", "-1"], "lr must be > 0"),
     (["--model", "resnet18", "--epochs", "0"], "epochs must be"),
-    (["--model", "resnet18", "--strategy", "gradual", "--schedule", "0:head,2:layer1,4:layer4"], "from the head down"),
+    (["--model", "resnet18", "--strategy", "gradual", "--schedule", "0:head,2:layer1,4:layer4", "--epochs", "6"], "from the head down"),
 ])
 def test_user_errors_exit_2_with_message(capsys, args, msg):
     assert main(["plan", "--weights", "none", *args]) == 2

@@ -56,6 +56,20 @@ def _lr(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from e
 
 
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type for an integer flag that must lie in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from e
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {hi}, got {v}")
+        return v
+
+    return parse
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -321,6 +335,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from layerwise.config import MAX_BATCH_SIZE, MAX_CLASSES
     from layerwise.strategies import STRATEGIES
 
     p = argparse.ArgumentParser(
@@ -333,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print which groups train, when, at which LR and weight decay")
     _add_model_args(pl)
     _add_strategy_args(pl)
-    pl.add_argument("--num-classes", dest="num_classes", type=int, default=10)
+    pl.add_argument("--num-classes", dest="num_classes", type=_int_in(1, MAX_CLASSES), default=10)
     pl.add_argument("--images-per-class", dest="images_per_class", type=float, default=None,
                     help="dataset size, for --strategy auto")
     pl.add_argument("--config", default=None, help="YAML config; flags override it")
@@ -360,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="run folder")
     ev.add_argument("data", help="folder of class folders (as is), dataset root (its test/, else val/), or CSV")
     ev.add_argument("--tta", type=_csv, default=[], help=tta_help)
-    ev.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    ev.add_argument("--batch-size", dest="batch_size", type=_int_in(1, MAX_BATCH_SIZE), default=64)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
@@ -369,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run", help="run folder")
     pr.add_argument("images", nargs="+", help="image files")
     pr.add_argument("--tta", type=_csv, default=[], help=tta_help)
-    pr.add_argument("--topk", type=int, default=3)
+    pr.add_argument("--topk", type=_int_in(1, MAX_CLASSES), default=3, help="classes to list per image (3)")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
 

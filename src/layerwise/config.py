@@ -167,6 +167,75 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+MAX_IMG_SIZE = 2048  # pixels: one 2048 px batch of 64 is already 3 GB of fp32 input
+MAX_BATCH_SIZE = 65_536
+MAX_CLASSES = 100_000
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A closed or half-open interval; ``note`` says what the knob means."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""
+
+    def __contains__(self, v: float) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi == math.inf:
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+RANGES: dict[str, Bound] = {
+    "epochs": Bound(1, 100_000),
+    "batch_size": Bound(1, MAX_BATCH_SIZE),
+    "lr": Bound(0, lo_open=True, note="or 'auto'"),
+    "img_size": Bound(16, MAX_IMG_SIZE, note="pixels"),
+    "seed": Bound(0, 2**63, hi_open=True),
+    "val_split": Bound(0, 1, lo_open=True, hi_open=True),
+    "decay": Bound(1, 1000, note="the head gets the base LR, each earlier group decay times less"),
+    "every": Bound(1, note="epochs between unfreezes"),
+    "probe_epochs": Bound(0, note="head-only epochs"),
+    "ft_lr_mult": Bound(0, 100, lo_open=True, note="the LR multiplier after the probe"),
+    "layer_decay": Bound(0, 1, lo_open=True, note="timm uses 0.65-0.9"),
+    "probe_skill": Bound(-1, 1),
+    "hidden": Bound(1, 65_536, note="the MLP head's width"),
+    "weight_decay": Bound(0, 10),
+    "warmup_epochs": Bound(0),
+    "t0": Bound(1, 100_000, note="epochs in the first cosine period"),
+    "t_mult": Bound(1, 100, note="growth of each cosine period"),
+    "label_smoothing": Bound(0, 1, hi_open=True),
+    "momentum": Bound(0, 1, hi_open=True),
+    "clip_grad": Bound(0, lo_open=True, note="max gradient norm; leave it unset for no clipping"),
+    "ema": Bound(0, 1, lo_open=True, hi_open=True, note="e.g. 0.999"),
+    "mixup": Bound(0, 100, note="MixUp's alpha; 0 is off"),
+    "cutmix": Bound(0, 100, note="CutMix's alpha; 0 is off"),
+    "patience": Bound(0, note="epochs without a val-acc gain; 0 is off"),
+    "time_budget": Bound(0, lo_open=True, note="seconds"),
+    "workers": Bound(0, 256),
+    "feature_cache_views": Bound(0, 100),
+}
+
+
+def _validate_relations(cfg: RunConfig) -> None:
+    """Knobs whose valid range depends on another knob."""
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
+        raise LayerwiseError(f"warmup_epochs must be shorter than the run ({cfg.epochs} epochs), "
+                             f"got {cfg.warmup_epochs!r}")
+    if cfg.probe_epochs is not None and cfg.probe_epochs >= cfg.epochs:
+        raise LayerwiseError(f"probe_epochs must leave an epoch to fine-tune: below --epochs {cfg.epochs}, "
+                             f"got {cfg.probe_epochs!r}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Reject values no run could use, naming the field and the valid range/choices."""
     from layerwise.augment import PRESETS
@@ -184,30 +253,32 @@ def validate(cfg: RunConfig) -> None:
         raise UnknownNameError("cache mode", cfg.cache, CACHE_MODES)
     if cfg.feature_cache not in ("auto", "off"):
         raise UnknownNameError("feature-cache mode", cfg.feature_cache, ("auto", "off"))
-    if cfg.feature_cache_views < 0:
-        raise LayerwiseError(f"feature_cache_views must be >= 0, got {cfg.feature_cache_views}")
     if cfg.nan not in NAN_POLICIES:
         raise UnknownNameError("NaN policy", cfg.nan, NAN_POLICIES)
     from layerwise.freeze import BN_MODES
 
     if cfg.bn is not None and cfg.bn not in BN_MODES:
         raise UnknownNameError("bn mode", cfg.bn, BN_MODES)
-    if cfg.probe_skill is not None and not -1 <= cfg.probe_skill <= 1:
-        raise LayerwiseError(f"probe_skill must be between -1 and 1, got {cfg.probe_skill!r}")
     if cfg.precision not in PRECISIONS:
         raise UnknownNameError("precision", cfg.precision, PRECISIONS)
     if cfg.device not in DEVICES and not str(cfg.device).startswith("cuda:"):
         raise UnknownNameError("device", cfg.device, DEVICES)
-    for name in ("epochs", "batch_size"):
+    if isinstance(cfg.lr, str) and cfg.lr != "auto":
+        raise LayerwiseError(f"lr must be a number or 'auto', got {cfg.lr!r}")
+    for name, bound in RANGES.items():
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise LayerwiseError(f"{name} must be an integer >= 1, got {v!r}")
-    if cfg.lr != "auto" and not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
-        raise LayerwiseError(f"lr must be > 0 or 'auto', got {cfg.lr!r}")
-    if not 0 < cfg.val_split < 1:
-        raise LayerwiseError(f"val_split must be between 0 and 1, got {cfg.val_split!r}")
-    if cfg.img_size is not None and cfg.img_size < 16:
-        raise LayerwiseError(f"img_size must be >= 16 pixels, got {cfg.img_size!r}")
+        if v is not None and v != "auto" and v not in bound:
+            raise LayerwiseError(f"{name} must be {bound}, got {v!r}")
+    _validate_relations(cfg)
+    for what, mapping, lo_ok in (("lr_map", cfg.lr_map, "an LR multiplier >= 0"),
+                                 ("wd_map", cfg.wd_map, "a weight decay >= 0")):
+        bad = {k: v for k, v in (mapping or {}).items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise LayerwiseError(f"{what} values must each be {lo_ok}, got {bad}")
+    bad_epochs = [e for e in (cfg.schedule or {}) if e < 0 or e >= cfg.epochs]
+    if bad_epochs:
+        raise LayerwiseError(f"schedule epochs must lie in the run, 0..{cfg.epochs - 1}, got {bad_epochs}; "
+                             "raise --epochs or move the unfreeze earlier")
     from layerwise.tta import VIEWS
 
     for v in cfg.tta:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +13,10 @@ import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError
+
+
+class WeightsDownloadError(LayerwiseError):
+    """Pretrained weights that must be downloaded could not be."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -175,7 +181,9 @@ def _build_torchvision(arch: str, weights: str) -> tuple[nn.Module, dict]:
     w = enum[key]
     t = w.transforms()
     meta = {"mean": tuple(t.mean), "std": tuple(t.std), "img_size": int(t.crop_size[0])}
-    return tvm.get_model(arch, weights=w), meta  # downloads on first use, like torchvision
+    # torch.hub reads its cache first, so weights downloaded once load without a network.
+    with _explain_download(f"{arch} {key} weights", w.url, _torch_cache_dir(), "TORCH_HOME"):
+        return tvm.get_model(arch, weights=w), meta
 
 
 def _build_timm(arch: str, weights: str) -> tuple[nn.Module, dict, str]:
@@ -187,13 +195,43 @@ def _build_timm(arch: str, weights: str) -> tuple[nn.Module, dict, str]:
         return model, {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "img_size": 224}, "tf_efficientnet_lite0"
     if weights in ("none", "file"):
         model = timm.create_model(arch, pretrained=False)
-    elif weights in ("default", "pretrained", "timm"):
-        model = timm.create_model(arch, pretrained=True)  # hub download, for users with a network
     else:
-        model = timm.create_model(f"{arch}.{weights}", pretrained=True)  # a pretrained tag
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+        tagged = weights not in ("default", "pretrained", "timm")
+        if tagged and weights not in tags:
+            raise UnknownNameError(f"weights for timm {arch}", weights, ["default", "none", *tags])
+        name = f"{arch}.{weights}" if tagged else arch
+        with _explain_download(f"timm {name} weights", f"https://huggingface.co/timm/{name}", _hf_cache_dir(),
+                               "HF_HOME"):
+            model = timm.create_model(name, pretrained=True)  # hub download, for users with a network
     cfg = model.pretrained_cfg
     meta = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "img_size": int(cfg["input_size"][-1])}
     return model, meta, arch
+
+
+def _torch_cache_dir() -> str:
+    return str(Path(torch.hub.get_dir()) / "checkpoints")
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+@contextlib.contextmanager
+def _explain_download(what: str, url: str, cache: str, env: str) -> Iterator[None]:
+    """A failed weights download (no network, proxy, offline mode) becomes a user error that
+    says where the file comes from, where it is cached, and how to use a local copy."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # URLError, hub's LocalEntryNotFoundError, HTTP errors
+        raise WeightsDownloadError(
+            f"{what} need a download from {url}, which failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"Downloaded weights are cached in {cache} (set {env} to move it) and are used from "
+            "there without a network; copy the file there, or pass a local file with --weights path/to/file.pth "
+            "(or .safetensors), or train from scratch with --weights none."
+        ) from e
 
 
 def _load_file_into(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int, head: str, hidden: int) -> str:
@@ -210,6 +248,24 @@ def _load_file_into(model: nn.Module, state: dict[str, torch.Tensor], num_classe
             f"unexpected {result.unexpected_keys[:5]}. Check --model, --head and --num-classes."
         )
     return path
+
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
+
+
+def _is_weights_file(weights: str) -> bool:
+    """A path (has a separator or a file suffix, or exists) rather than a weights name.
+    A path with another suffix (.pkl, .ckpt...) is an error, not a hub tag to look up."""
+    p = Path(weights)
+    # A lowercase extension means a file; torchvision's ResNet50_Weights.IMAGENET1K_V2 is a name.
+    ext = p.suffix[1:]
+    looks_like_path = "/" in weights or "\\" in weights or p.exists() or (ext.isalnum() and ext.islower())
+    if not looks_like_path:
+        return False
+    if p.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise LayerwiseError(f"weights file {weights!r} has an unsupported type; use a state_dict saved as "
+                             f"{', '.join(WEIGHT_SUFFIXES)}, or a weights name such as default or none")
+    return True
 
 
 def load_pretrained(name: str, weights: str = "default") -> tuple[nn.Module, dict, str, str]:
@@ -244,11 +300,13 @@ def create_model(
         head: ``linear`` or ``mlp`` (the tutorial's dropout head).
         hidden: width of the MLP head's hidden layer.
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise LayerwiseError(f"num_classes must be a positive integer, got {num_classes!r}")
+    from layerwise.config import MAX_CLASSES
+
+    if not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        raise LayerwiseError(f"num_classes must be an integer from 1 to {MAX_CLASSES}, got {num_classes!r}")
     if head not in HEADS:
         raise UnknownNameError("head", head, HEADS)
-    is_file = weights.endswith((".pth", ".pt", ".safetensors", ".bin"))
+    is_file = _is_weights_file(weights)
     model, meta, source, built = load_pretrained(name, "file" if is_file else weights)
     if is_file:
         path = _load_file_into(model, load_state_file(weights), num_classes, head, hidden)

@@ -151,6 +151,11 @@ class ScheduleSpec:
     t0: int = 5  # cosine-restarts: first period, in epochs
     t_mult: int = 2  # cosine-restarts: period growth
 
+    def __post_init__(self) -> None:
+        for name, lo in (("total_steps", 0), ("steps_per_epoch", 1), ("warmup_steps", 0), ("t0", 1), ("t_mult", 1)):
+            if getattr(self, name) < lo:
+                raise LayerwiseError(f"schedule {name} must be >= {lo}, got {getattr(self, name)!r}")
+
 
 def constant(step: int, s: ScheduleSpec) -> float:
     return 1.0
@@ -170,10 +175,18 @@ def warmup_cosine(step: int, s: ScheduleSpec) -> float:
 def cosine_restarts(step: int, s: ScheduleSpec) -> float:
     """``CosineAnnealingWarmRestarts(T_0, T_mult)`` stepped per batch in fractional epochs."""
     t = step / s.steps_per_epoch
-    period = float(s.t0)
-    while t >= period:
-        t -= period
-        period *= s.t_mult
+    if s.t_mult == 1:
+        t, period = math.fmod(t, s.t0), float(s.t0)
+    else:  # closed form, as torch's scheduler: no loop whose length grows with the step
+        n = int(math.log(t / s.t0 * (s.t_mult - 1) + 1, s.t_mult))
+        start = s.t0 * (s.t_mult ** n - 1) / (s.t_mult - 1)
+        if t < start:  # float rounding at a boundary
+            n -= 1
+            start = s.t0 * (s.t_mult ** n - 1) / (s.t_mult - 1)
+        period = s.t0 * s.t_mult ** n
+        if t - start >= period:
+            start, period = start + period, period * s.t_mult
+        t -= start
     return 0.5 * (1 + math.cos(math.pi * t / period))
 
 
