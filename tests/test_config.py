@@ -97,3 +97,10 @@ def test_fuzz_yaml_files(tmp_path_factory, text):
         from_mapping(load_yaml(p))
     except LayerwiseError:
         pass
+
+
+def test_latin1_yaml_is_a_user_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes("model: r\xe9snet\n".encode("latin-1"))
+    with pytest.raises(LayerwiseError, match="is not UTF-8 text"):
+        load_yaml(p)

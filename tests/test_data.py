@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from conftest import SHARED_DATA, make_image_folder
 from layerwise.data import class_counts, digits, eval_items, load_splits, stratified_split
-from layerwise.errors import DataError, MissingPathError
+from layerwise.errors import DataError, LayerwiseError, MissingPathError
 
 
 def test_train_val_folders(tmp_path):
@@ -87,8 +87,8 @@ def test_embedded_digits_are_real_and_split():
 
 def test_eval_items_prefers_test_then_val(tmp_path):
     root = make_image_folder(tmp_path, classes=2, per_class=4)
-    assert len(eval_items(str(root), ["class_0", "class_1"])) == 4  # val/
-    assert len(eval_items(str(root / "train"), ["class_0", "class_1"])) == 8  # as it is
+    assert len(eval_items(str(root), ["class_0", "class_1"])[1]) == 4  # val/
+    assert len(eval_items(str(root / "train"), ["class_0", "class_1"])[1]) == 8  # as it is
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10-mini").is_dir(), reason="shared cifar10-mini absent")
@@ -211,3 +211,20 @@ def test_unreadable_file_mid_epoch_does_not_crash(tmp_path):
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         x, y = collate_skipping([ds[0], ds[1]])
     assert x.shape == (1, 3, 8, 8) and y.tolist() == [0]
+
+
+@pytest.mark.parametrize("payload", ["caf\xe9.png,caf\xe9\n".encode("latin-1"), bytes(range(256))])
+def test_non_utf8_csv_is_a_user_error(tmp_path, payload):
+    p = tmp_path / "labels.csv"
+    p.write_bytes(payload)
+    with pytest.raises(LayerwiseError, match="is not UTF-8 text"):
+        load_splits(str(p))
+
+
+def test_class_folder_with_a_non_utf8_name_is_refused_before_training(tmp_path):
+    import os
+
+    make_image_folder(tmp_path / "d", classes=2, per_class=4, split=False)
+    os.rename(tmp_path / "d" / "class_1", os.path.join(bytes(tmp_path / "d"), b"caf\xe9"))
+    with pytest.raises(LayerwiseError, match=r"class folder name\(s\) 'caf\\xe9'.*not printable UTF-8"):
+        load_splits(str(tmp_path / "d"))

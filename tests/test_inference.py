@@ -78,3 +78,93 @@ def test_cli_evaluate_and_predict(run, capsys):
     assert "probability" in capsys.readouterr().out
     assert main(["evaluate", str(out), str(data), "--tta", "spin"]) == 2
     assert "spin" in capsys.readouterr().err
+
+
+def _copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_evaluate_skips_and_lists_an_unreadable_image(run, tmp_path, capsys):
+    import shutil
+
+    out, data = run
+    folder = tmp_path / "eval"
+    shutil.copytree(data / "val", folder)
+    good = sorted((folder / "class_0").iterdir())[0]
+    (folder / "class_0" / "broken.jpg").write_bytes(good.read_bytes()[:40])  # a truncated file
+    assert main(["evaluate", str(out), str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert f"scored {folder}: 9 images" in text
+    assert "skipped 1 unreadable image(s)" in text and "broken.jpg" in text
+    r = evaluate_run(out, str(folder))
+    assert r["images"] == 9 and [s["path"] for s in r["skipped"]] == [str(folder / "class_0" / "broken.jpg")]
+
+
+def test_evaluate_says_which_split_it_scored(run, capsys):
+    out, data = run
+    assert main(["evaluate", str(out), str(data)]) == 0
+    assert f"scored {data / 'val'}:" in capsys.readouterr().out
+
+
+def test_predict_names_a_decompression_bomb(run, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    out, data = run
+    img = str(sorted((data / "val" / "class_0").iterdir())[0])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # every image is now over the limit
+    assert main(["predict", str(out), img]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "DecompressionBomb" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["evaluate", "RUN", "DATA", "--batch-size", "0"], "--batch-size: must be an integer from 1"),
+    (["predict", "RUN", "IMG", "--topk", "-3"], "--topk: must be an integer from 1"),
+    (["predict", "RUN", "IMG", "--topk", "0"], "--topk: must be an integer from 1"),
+])
+def test_inference_flags_out_of_range_exit_2(run, capsys, args, msg):
+    out, data = run
+    img = str(sorted((data / "val" / "class_0").iterdir())[0])
+    argv = [{"RUN": str(out), "DATA": str(data), "IMG": img}.get(a, a) for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda t: t[: len(t) // 2], "is not valid JSON"),
+    (lambda t: "[1, 2]", "must hold a JSON object"),
+    (lambda t: t.replace('"img_size"', '"img_sz"'), "'img_size' must be"),
+    (lambda t: __import__("re").sub(r'"img_size": \d+', '"img_size": 1000000', t), "'img_size' must be"),
+    (lambda t: __import__("re").sub(r'"num_classes": \d+', '"num_classes": 100000000', t), "'num_classes' must be"),
+    (lambda t: __import__("re").sub(r'"num_classes": \d+', '"num_classes": 5', t), "'classes' must be"),
+    (lambda t: t.replace('"head": "linear"', '"head": "transformer"'), "'head' must be"),
+    (lambda t: t.replace('"source": "timm"', '"source": "os.system"'), "'source' must be"),
+])
+def test_crafted_model_json_is_a_user_error(run, tmp_path, capsys, edit, msg):
+    out, data = run
+    bad = _copy_run(out, tmp_path / "run")
+    p = bad / "model.json"
+    p.write_text(edit(p.read_text()))
+    img = str(sorted((data / "val" / "class_0").iterdir())[0])
+    assert main(["predict", str(bad), img]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "other-model"])
+def test_damaged_best_weights_are_a_user_error(run, tmp_path, capsys, damage):
+    from layerwise.checkpoint import save_weights
+
+    out, data = run
+    bad = _copy_run(out, tmp_path / "run")
+    w = bad / "best.safetensors"
+    if damage == "truncate":
+        w.write_bytes(w.read_bytes()[:1000])
+    else:
+        save_weights(w, torch.nn.Linear(3, 3))
+    assert main(["evaluate", str(bad), str(data)]) == 2
+    assert "cannot load weights" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerwise.errors import LayerwiseError
+from layerwise.errors import LayerwiseError, quote_error
+
+TMP_SUFFIX = ".tmp"  # atomic writes go to .NAME.XXXX.tmp beside their target
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path``, fsync it, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared run from its group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -39,6 +43,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete temp files a killed writer left in ``folder`` and its subfolders. Call it only
+    while holding the folder's lock, when no other writer can be mid-write."""
+    stale = [p for p in folder.rglob(f".*{TMP_SUFFIX}") if p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -63,20 +82,44 @@ def save_weights(path: Path, model: nn.Module) -> None:
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
+    """Load a safetensors file into ``model``; a truncated, foreign or wrong-shape file is
+    a user error naming the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise LayerwiseError(f"cannot load weights {str(path)!r}: {quote_error(e, 300)}. The file is damaged or belongs to "
+                             "another model; re-run the fit, or point at the right run folder") from e
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, _serialise(lambda buf: torch.save(state, buf)))
 
 
+class CorruptCheckpointError(LayerwiseError):
+    """A run's training state that cannot be read back."""
+
+
 def load_state(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise LayerwiseError(f"refusing to load {str(path)!r}: it holds pickled code, not just tensors") from e
+        if zipfile.is_zipfile(path):  # a well-formed torch file whose pickle names code
+            raise LayerwiseError(f"refusing to load {str(path)!r}: it holds pickled code, not just tensors") from e
+        raise _damaged(path, e) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated or not a torch file
+        raise _damaged(path, e) from e
+    if not isinstance(state, dict) or not {"epoch", "step", "model", "optimizer"} <= set(state):
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} is not a layerwise training state")
+    return state
+
+
+def _damaged(path: Path, e: Exception) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"checkpoint {str(path)!r} is damaged ({quote_error(e)}); "
+        "delete it to restart the run from its last good state, or start a new run")
 
 
 def write_json(path: Path, obj: Any) -> None:

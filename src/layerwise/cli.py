@@ -248,7 +248,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(r, indent=2))
         return 0
     tta = f" with TTA {', '.join(r['tta'])}" if r["tta"] else ""
-    print(f"{r['images']} images{tta}: accuracy {r['accuracy']:.4f} · loss {r['loss']:.4f}")
+    print(f"scored {r['scored']}: {r['images']} images{tta}: accuracy {r['accuracy']:.4f} · loss {r['loss']:.4f}")
+    if r["skipped"]:
+        print(f"skipped {len(r['skipped'])} unreadable image(s): "
+              + "; ".join(f"{s['path']} ({s['reason']})" for s in r["skipped"][:10]))
     width = max(len(c) for c in r["classes"])
     for c, a in r["per_class_accuracy"].items():
         print(f"  {c:<{width}}  {a:.4f}  ({r['class_counts'][c]} images)")

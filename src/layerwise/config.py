@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError
+from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError, read_user_text
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECK_DATA = ("auto", "on", "off")
@@ -159,7 +159,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise MissingPathError(f"config file {str(p)!r} does not exist")
     try:
-        values = yaml.safe_load(p.read_text()) or {}
+        values = yaml.safe_load(read_user_text(p, "config file")) or {}
     except yaml.YAMLError as e:
         raise LayerwiseError(f"config file {str(p)!r} is not valid YAML: {e}") from e
     if not isinstance(values, dict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import warnings
 from collections import Counter
@@ -23,7 +24,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from layerwise.errors import DataError, MissingPathError
+from layerwise.errors import DataError, MissingPathError, read_user_text
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 Source = str | np.ndarray  # a file path, or an in-memory HxW / HxWx3 uint8 image
@@ -140,6 +141,14 @@ def write_skipped(path: Path, skipped: list[dict]) -> None:
 # --- discovery -------------------------------------------------------------------------
 
 
+def _not_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8 come back from the OS as surrogates
+        return True
+    return False
+
+
 def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
@@ -147,6 +156,11 @@ def _is_image(p: Path) -> bool:
 def scan_class_folders(root: Path) -> tuple[list[Item], list[str]]:
     """Items and sorted class names from ``root/<class>/<images>`` (symlinks followed)."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    undecodable = [c for c in classes if not c.isprintable() or _not_utf8(c)]
+    if undecodable:  # caught here, not after training when the report cannot print the name
+        shown = ", ".join(repr(os.fsencode(c))[1:] for c in undecodable[:5])
+        raise DataError(f"class folder name(s) {shown} in {str(root)!r} are not printable UTF-8; class names are "
+                        "written to model.json and the report, so rename them (e.g. convmv -f latin1 -t utf-8)")
     if not classes:
         raise DataError(f"{str(root)!r} has no class folders; expected {root}/<class name>/<images>")
     items: list[Item] = []
@@ -163,7 +177,7 @@ def scan_class_folders(root: Path) -> tuple[list[Item], list[str]]:
 
 def read_csv(path: Path) -> tuple[list[Item], list[str]]:
     """Items from a ``path,label`` CSV; relative paths are relative to the CSV."""
-    rows = list(csv.reader(path.read_text().splitlines()))
+    rows = list(csv.reader(read_user_text(path, "CSV file").splitlines()))
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
         rows = rows[1:]
     pairs, missing, blank = [], [], []
@@ -270,8 +284,9 @@ def _matching(folder: Path, classes: Sequence[str], against: str = "train/") -> 
     return items
 
 
-def eval_items(data: str, classes: Sequence[str]) -> list[Item]:
-    """Items to evaluate: a folder of class folders as it is; a dataset root's test/, else val/."""
+def eval_items(data: str, classes: Sequence[str]) -> tuple[str, list[Item]]:
+    """What to evaluate: a folder of class folders as it is; a dataset root's test/, else val/.
+    Returns the folder (or CSV) scored, and its items."""
     root = Path(data)
     if not root.exists():
         raise MissingPathError(f"data path {data!r} does not exist")
@@ -281,11 +296,11 @@ def eval_items(data: str, classes: Sequence[str]) -> list[Item]:
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise DataError(f"{data!r} has labels the model does not know: {unknown}; known: {list(classes)}")
-        return [(p, index[found[label]]) for p, label in items]
+        return str(root), [(p, index[found[label]]) for p, label in items]
     for sub in ("test", "val"):
         if (root / sub).is_dir():
-            return _matching(root / sub, classes, "the run's classes")
-    return _matching(root, classes, "the run's classes")
+            return str(root / sub), _matching(root / sub, classes, "the run's classes")
+    return str(root), _matching(root, classes, "the run's classes")
 
 
 def class_counts(items: Sequence[Item], classes: Sequence[str]) -> dict[str, int]:

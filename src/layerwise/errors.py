@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class LayerwiseError(ValueError):
@@ -22,6 +23,22 @@ class UnknownNameError(LayerwiseError, KeyError):
 
 class DataError(LayerwiseError):
     """A dataset that cannot be used as it is laid out."""
+
+
+def quote_error(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, for quoting a library's exception in ours."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+
+
+def read_user_text(path: Path, what: str) -> str:
+    """A user's text file (CSV, YAML, JSON) as UTF-8; another encoding or a binary file is a
+    user error that names the file, not a UnicodeDecodeError traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LayerwiseError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                             "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from e
 
 
 class MissingPathError(LayerwiseError, FileNotFoundError):

@@ -13,8 +13,12 @@ from torch.utils.data import DataLoader
 
 from layerwise.augment import eval_transform
 from layerwise.checkpoint import load_weights
-from layerwise.data import ImageDataset, class_counts, eval_items, open_image
-from layerwise.errors import DataError, MissingPathError
+from layerwise.data import IMAGE_ERRORS, ImageDataset, check_images, class_counts, collate_skipping, eval_items, open_image
+from layerwise.errors import DataError, LayerwiseError, MissingPathError, read_user_text
+
+
+class RunFileError(LayerwiseError):
+    """A run folder's JSON that is damaged, edited or crafted."""
 from layerwise.models import create_model
 
 
@@ -32,14 +36,58 @@ class RunModel:
         return eval_transform(self.img_size, self.mean, self.std)
 
 
-def load_run(run: str | Path, weights: str = "best") -> RunModel:
-    """Rebuild RUN's architecture and head, then load ``best`` (or ``last``) weights."""
-    run = Path(run)
-    info_path = run / "model.json"
-    if not info_path.is_file():
+def read_model_info(run: Path) -> dict:
+    """``model.json``, checked as untrusted input: a hand-edited or crafted file must not
+    crash a command or make it allocate an absurd model or image."""
+    from layerwise.config import MAX_CLASSES, MAX_IMG_SIZE, RANGES
+    from layerwise.models import HEADS
+
+    path = run / "model.json"
+    if not path.is_file():
         raise MissingPathError(f"{str(run)!r} is not a layerwise run folder (no model.json); pass the --out of a fit")
-    info = json.loads(info_path.read_text())
-    wpath = run / "best.safetensors" if weights == "best" else run / "last" / "model.safetensors"
+    try:
+        info = json.loads(read_user_text(path, "run file"))
+    except json.JSONDecodeError as e:
+        raise RunFileError(f"{str(path)!r} is not valid JSON ({e}); re-run the fit to rewrite it") from e
+    if not isinstance(info, dict):
+        raise RunFileError(f"{str(path)!r} must hold a JSON object, got {type(info).__name__}")
+
+    def bad(key: str, want: str) -> RunFileError:
+        return RunFileError(f"{str(path)!r}: {key!r} must be {want}, got {info.get(key)!r}; "
+                            "the file was edited or damaged, re-run the fit to rewrite it")
+
+    checks = {
+        "source": (lambda v: v in ("torchvision", "timm"), "'torchvision' or 'timm'"),
+        "arch": (lambda v: isinstance(v, str) and v.isidentifier(), "an architecture name"),
+        "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
+        "hidden": (lambda v: _is_int(v) and v in RANGES["hidden"], f"an integer {RANGES['hidden']}"),
+        "num_classes": (lambda v: _is_int(v) and 1 <= v <= MAX_CLASSES, f"an integer from 1 to {MAX_CLASSES}"),
+        "classes": (lambda v: isinstance(v, list) and len(v) == info.get("num_classes")
+                    and all(isinstance(c, str) for c in v), "a list of num_classes names"),
+        "img_size": (lambda v: _is_int(v) and 16 <= v <= MAX_IMG_SIZE, f"an integer from 16 to {MAX_IMG_SIZE}"),
+        "mean": (lambda v: _floats3(v), "three numbers"),
+        "std": (lambda v: _floats3(v) and min(v) > 0, "three positive numbers"),
+    }
+    for key, (ok, want) in checks.items():
+        if key not in info or not ok(info[key]):
+            raise bad(key, want)
+    return info
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _floats3(v: object) -> bool:
+    return (isinstance(v, list) and len(v) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e6 for x in v))
+
+
+def load_run(run: str | Path) -> RunModel:
+    """Rebuild RUN's architecture and head, then load its best weights."""
+    run = Path(run)
+    info = read_model_info(run)
+    wpath = run / "best.safetensors"
     if not wpath.is_file():
         raise MissingPathError(f"{str(wpath)!r} does not exist; the run has not finished an epoch yet")
     # Build the exact architecture that was trained (e.g. tf_efficientnet_lite0), unweighted.
@@ -57,13 +105,18 @@ def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] = (), batch
     from layerwise.hardware import Amp, pick_device
 
     rm = load_run(run)
-    items = eval_items(data, rm.classes)
+    scored, items = eval_items(data, rm.classes)
+    items, skipped = check_images(items)  # unreadable files are listed, as fit does, not a crash
+    if not items:
+        raise DataError(f"no readable images in {scored}: all {len(skipped)} failed to decode, "
+                        f"e.g. {skipped[0]['path']} ({skipped[0]['reason']})")
     dev = pick_device(device)
-    loader = DataLoader(ImageDataset(items, rm.transform()), batch_size=batch_size)
+    loader = DataLoader(ImageDataset(items, rm.transform()), batch_size=batch_size, collate_fn=collate_skipping)
     res = evaluate(rm.model.to(dev), loader, Amp(precision, dev), dev, views=views)
     k = len(rm.classes)
     return {
-        "data": data, "images": len(items), "tta": list(views), "accuracy": res.acc, "loss": res.loss,
+        "data": data, "scored": scored, "images": len(items), "skipped": skipped,
+        "tta": list(views), "accuracy": res.acc, "loss": res.loss,
         "per_class_accuracy": dict(zip(rm.classes, res.per_class_acc(k))),
         "class_counts": class_counts(items, rm.classes),
         "confusion": res.confusion(k).tolist(), "classes": rm.classes,
@@ -83,8 +136,8 @@ def predict(run: str | Path, images: Sequence[str], *, views: Sequence[str] = ()
     for path in images:
         try:
             x = tf(open_image(path)).unsqueeze(0)
-        except OSError as e:
-            raise DataError(f"cannot read image {path!r}: {e}") from e
+        except IMAGE_ERRORS as e:  # truncated, not an image, or a decompression bomb
+            raise DataError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
         p = predict_proba(rm.model, x, views)[0]
         top = p.topk(min(topk, len(rm.classes)))
         out.append({"image": path, "top": [{"class": rm.classes[i], "probability": float(v)}

@@ -92,10 +92,9 @@ def lr_find(t: "Trainer", *, start: float = 1e-7, end: float = 1.0, steps: int =
 
 
 def plot_lr_find(res: LRFind, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from layerwise.report import save_figure  # sets the Agg backend
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(res.lrs, res.losses)
@@ -104,7 +103,5 @@ def plot_lr_find(res: LRFind, path: Path) -> Path:
            title="LR range test")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

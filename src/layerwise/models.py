@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError
+from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError, quote_error
 
 
 class WeightsDownloadError(LayerwiseError):
@@ -227,7 +227,7 @@ def _explain_download(what: str, url: str, cache: str, env: str) -> Iterator[Non
         yield
     except (OSError, RuntimeError) as e:  # URLError, hub's LocalEntryNotFoundError, HTTP errors
         raise WeightsDownloadError(
-            f"{what} need a download from {url}, which failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"{what} need a download from {url}, which failed ({quote_error(e)}). "
             f"Downloaded weights are cached in {cache} (set {env} to move it) and are used from "
             "there without a network; copy the file there, or pass a local file with --weights path/to/file.pth "
             "(or .safetensors), or train from scratch with --weights none."

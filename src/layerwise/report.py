@@ -12,13 +12,20 @@ import matplotlib.ticker
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from layerwise.checkpoint import atomic_write_text, read_jsonl  # noqa: E402
+from layerwise.checkpoint import atomic_write_bytes, atomic_write_text, read_jsonl  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> str:
+def save_figure(fig: plt.Figure, path: Path) -> str:
+    """Render to memory, then write atomically: a full disk leaves no 0-byte PNG behind."""
+    import io
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path.name
 
 
@@ -36,7 +43,7 @@ def plot_curves(rows: Sequence[dict], path: Path) -> str:
     for ax in (a, b):
         ax.legend()
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lrs(steps: Sequence[dict], frozen: dict[str, list[int]], path: Path) -> str:
@@ -52,7 +59,7 @@ def plot_lrs(steps: Sequence[dict], frozen: dict[str, list[int]], path: Path) ->
     ax.set(title="learning rate per group (dashed: frozen)", xlabel="step", ylabel="lr", yscale="log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=max(1, len(groups) // 8), loc="lower left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_trainable(plan: dict, path: Path) -> str:
@@ -70,7 +77,7 @@ def plot_trainable(plan: dict, path: Path) -> str:
     b.set_yticks(range(len(names)), names, fontsize=7)
     b.set_xticks(range(len(eps)), [str(e["epoch"]) for e in eps], fontsize=7)
     b.set(title="trainable groups (green)", xlabel="epoch")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(cm: list[list[int]], classes: Sequence[str], path: Path) -> str:
@@ -87,7 +94,7 @@ def plot_confusion(cm: list[list[int]], classes: Sequence[str], path: Path) -> s
                 ax.text(j, i, cm[i][j], ha="center", va="center", fontsize=7,
                         color="white" if cm[i][j] > top / 2 else "black")
     ax.set(title="confusion matrix (best weights, val)", xlabel="predicted", ylabel="true")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_run_report(run: Path, classes: Sequence[str], best: object) -> Path:
@@ -151,4 +158,4 @@ def plot_compare(rows: Sequence[dict], out: Path) -> list[str]:
     ax.legend(fontsize=8)
     ax2.set(title="time vs best accuracy", xlabel="training seconds", ylabel="best val acc")
     ax2.grid(alpha=0.3)
-    return [_save(fig, out / "compare_val_acc.png"), _save(fig2, out / "compare_time_acc.png")]
+    return [save_figure(fig, out / "compare_val_acc.png"), save_figure(fig2, out / "compare_time_acc.png")]
