@@ -155,7 +155,7 @@ def test_resume_refuses_another_model(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert _fit(str(data), *TINY, "--strategy", "head", "--epochs", "1", "--out", str(run)) == 0
     assert main(["fit", "--resume", str(run), "--model", "resnet18"]) == 2
-    assert "different model" in capsys.readouterr().err
+    assert "cannot change model" in capsys.readouterr().err
 
 
 def _spawn_fit(args, **kw):

@@ -160,7 +160,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="while only the head trains, run the frozen rest once and train on its output (auto)")
     g.add_argument("--feature-cache-views", dest="feature_cache_views", type=int, default=S,
                    help="with random augmentation: K augmented views cached per image (0: no cache)")
-    g.add_argument("--nan", choices=["stop", "skip"], default=S, help="on a non-finite loss: stop (default) or skip the batch")
+    g.add_argument("--nan", choices=["stop", "skip"], default=S, help="on a non-finite loss: stop (default) or skip "
+                   "the batch (a run of skipped batches still stops)")
+    g.add_argument("--checkpoint-every", dest="checkpoint_every", default=S, metavar="TIME|STEPS",
+                   help="also checkpoint inside an epoch, so a kill loses at most this much: 30s, 10m, 1h, a "
+                   "number of steps, or off (default 10m)")
     g.add_argument("--quiet", action="store_true", default=S, help="no progress bars (logs, CI)")
 
 
@@ -210,34 +214,39 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
         return launch(nproc, _without_nproc(args.argv))
 
-    from layerwise.config import from_mapping, load_yaml
     from layerwise.engine import Interrupted, fit
 
     resume = getattr(args, "resume", None)
-    if resume:
-        run = Path(resume)
-        if not (run / "last" / "state.pt").is_file():
-            raise LayerwiseError(f"{resume!r} has no last/ checkpoint to resume; pass the run folder of a started fit")
-        saved = from_mapping(load_yaml(run / "config.yaml"))
-        changed = {k: v for k, v in vars(args).items() if k in _RESUME_FIXED and getattr(saved, k) != v}
-        if changed:
-            raise LayerwiseError(f"--resume {resume}: the run was made with different {', '.join(changed)} "
-                                 f"({', '.join(f'{k}={getattr(saved, k)!r}' for k in changed)}); "
-                                 "start a new run with --out instead")
-        overrides = {k: v for k, v in vars(args).items() if k in _RESUME_OVERRIDABLE}
-        cfg = from_mapping({**overrides, "out": str(run)}, saved)
-    else:
-        cfg = _config_from(args, skip=("resume",))
+    if resume and args.overwrite:
+        raise LayerwiseError("--resume continues a run and --overwrite replaces it; give one of them")
+    cfg = _resume_config(args, Path(resume)) if resume else _config_from(args, skip=("resume", "overwrite"))
     try:
-        fit(cfg, resume=bool(resume))
+        fit(cfg, resume=bool(resume), overwrite=args.overwrite)
     except Interrupted:
         return 130
     return 0
 
 
-# Resuming may extend or quieten a run, never change what it trains.
-_RESUME_OVERRIDABLE = ("epochs", "quiet", "workers", "device")
-_RESUME_FIXED = ("model", "weights", "strategy", "head", "img_size", "data", "groups")
+def _resume_config(args: argparse.Namespace, run: Path) -> "RunConfig":
+    """The run's saved config with the flags a resume may change; any other flag that
+    would change the run is refused rather than silently ignored."""
+    from layerwise import rundir
+    from layerwise.config import KEYS, from_mapping, load_yaml
+    from layerwise.engine import RESUME_OVERRIDABLE
+
+    if not (run / rundir.CONFIG).is_file():
+        raise LayerwiseError(f"{str(run)!r} is not a run folder (no {rundir.CONFIG}); pass the --out of a started fit")
+    saved = from_mapping(load_yaml(run / rundir.CONFIG))
+    given = {k: v for k, v in vars(args).items() if k in KEYS and k != "out"}
+    fixed = {k: v for k, v in given.items() if k not in RESUME_OVERRIDABLE and getattr(saved, k) != v}
+    if fixed:
+        raise LayerwiseError(
+            f"--resume {run}: cannot change {', '.join(f'{k} ({getattr(saved, k)!r} -> {v!r})' for k, v in fixed.items())} "
+            f"of a started run; a resume may change only {', '.join(RESUME_OVERRIDABLE)}. Start a new run with "
+            "another --out (or --overwrite) to change the rest")
+    if given.get("lr") == "auto":
+        raise LayerwiseError("--lr auto runs the LR range test before training; on --resume give a number")
+    return from_mapping({k: v for k, v in given.items() if k in RESUME_OVERRIDABLE} | {"out": str(run)}, saved)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -292,12 +301,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from layerwise.compare import compare
 
-    cfg = _config_from(args, skip=("strategies", "repeats", "budget", "resume"))
+    cfg = _config_from(args, skip=("strategies", "repeats", "budget", "resume", "overwrite"))
     if not cfg.out:
         raise LayerwiseError("compare needs --out CMP, the folder that holds one run per strategy")
     if args.budget:
         cfg.time_budget = args.budget
-    summary = compare(cfg, args.strategies, Path(cfg.out), repeats=args.repeats)
+    summary = compare(cfg, args.strategies, Path(cfg.out), repeats=args.repeats, overwrite=args.overwrite)
     rec = summary["recommendation"]
     for r in summary["strategies"]:
         sd = f" ± {r['best_val_acc_std']:.3f}" if r["repeats"] > 1 else ""
@@ -365,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategy_args(fi)
     _add_training_args(fi)
     fi.add_argument("--config", default=None, help="YAML config (e.g. a run's config.yaml); flags override it")
-    fi.add_argument("--resume", default=None, metavar="RUN", help="continue RUN from its last/ checkpoint")
+    fi.add_argument("--resume", default=None, metavar="RUN", help="continue RUN from its last checkpoint (may "
+                    "change --epochs --lr --clip-grad --precision --nan --patience --checkpoint-every)")
+    fi.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else refused)")
     fi.add_argument("--nproc", type=int, default=None, help="processes on this node: starts torchrun for you "
                     "(DDP; --batch-size is per process). For several nodes run torchrun -m layerwise fit ...")
     fi.set_defaults(func=cmd_fit)
@@ -410,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategy_args(co, name=False)
     _add_training_args(co)
     co.add_argument("--config", default=None, help="YAML config; flags override it")
+    co.add_argument("--overwrite", action="store_true", help="redo runs in --out that were made with other data or "
+                    "settings (else refused)")
     co.set_defaults(func=cmd_compare)
 
     lf = sub.add_parser("lr-find", help="LR range test with the strategy's per-group multipliers fixed")

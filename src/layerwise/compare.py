@@ -6,13 +6,15 @@ finished run is skipped when compare runs again; an interrupted one resumes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from layerwise import rundir
 from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
 from layerwise.config import RunConfig
 from layerwise.errors import LayerwiseError, UnknownNameError
@@ -26,11 +28,13 @@ def run_dir(out: Path, strategy: str, seed: int, repeats: int) -> Path:
 
 
 def is_finished(run: Path) -> bool:
-    return (run / "report.md").is_file()
+    return (run / rundir.REPORT).is_file()
 
 
-def run_all(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: int = 1) -> list[Path]:
-    """Fit each strategy ``repeats`` times (seeds base.seed, base.seed + 1, ...)."""
+def run_all(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: int = 1,
+            overwrite: bool = False) -> list[Path]:
+    """Fit each strategy ``repeats`` times (seeds base.seed, base.seed + 1, ...). A run already
+    in ``out`` counts only if its fingerprint (data files, settings) matches this call's."""
     from layerwise.engine import fit
 
     unknown = [s for s in strategies if s not in STRATEGIES]
@@ -44,23 +48,42 @@ def run_all(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: i
             seed = base.seed + r
             run = run_dir(out, strategy, seed, repeats)
             runs.append(run)
-            if is_finished(run):
-                print(f"compare: {run} is finished, skipped", flush=True)
-                continue
-            resume = (run / "last" / "state.pt").is_file()
             cfg = dataclasses.replace(base, strategy=strategy, seed=seed, out=str(run))
-            print(f"compare: {'resuming' if resume else 'running'} {strategy} (seed {seed}) -> {run}", flush=True)
-            fit(cfg, resume=resume)
+            stale = rundir.holds_run(run) and rundir.fingerprint_mismatch(run, rundir.run_fingerprint(cfg))
+            if stale and not overwrite:
+                raise LayerwiseError(
+                    f"compare: {run} was made with other inputs (differs in: {', '.join(stale)}); pass --overwrite "
+                    "to redo such runs, or choose another --out")
+            if not stale and is_finished(run):
+                print(f"compare: {run} is finished with the same inputs, skipped", flush=True)
+                continue
+            resume = not stale and rundir.holds_run(run)
+            what = "redoing (inputs changed)" if stale else "resuming" if resume else "running"
+            print(f"compare: {what} {strategy} (seed {seed}) -> {run}", flush=True)
+            with _run_log(run, quiet=base.quiet):
+                fit(cfg, resume=resume, overwrite=bool(stale))
     return runs
+
+
+@contextlib.contextmanager
+def _run_log(run: Path, *, quiet: bool) -> Iterator[None]:
+    """With --quiet, each run's own log (banner, plan, epochs) goes to RUN/train.log instead
+    of the terminal, where compare prints one line per run."""
+    if not quiet:
+        yield
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / rundir.LOG, "a") as f, contextlib.redirect_stdout(f):
+        yield
 
 
 def run_row(run: Path) -> dict:
     """One run's summary, straight from its metrics.jsonl and plan.json."""
-    rows = read_jsonl(run / "metrics.jsonl")
-    plan = json.loads((run / "plan.json").read_text())
+    rows = read_jsonl(run / rundir.METRICS)
+    plan = json.loads((run / rundir.PLAN).read_text())
     best = max(rows, key=lambda r: r["val_acc"])
     last = rows[-1]
-    probe_file = run / "probe.json"  # auto's linear probe: its time counts against auto
+    probe_file = run / rundir.PROBE
     probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
     return {
         "run": str(run),
@@ -69,7 +92,8 @@ def run_row(run: Path) -> dict:
         "best_epoch": best["epoch"],
         "final_val_acc": last["val_acc"],
         "gap": last["train_acc"] - last["val_acc"],
-        "wall_seconds": sum(r["epoch_seconds"] for r in rows) + (probe["seconds"] if probe else 0.0),
+        # From the start of fit: data scan, model set-up and auto's probe count too.
+        "wall_seconds": rows[-1]["elapsed_seconds"],
         "probe": probe,
         "images_per_second": statistics.fmean(r["images_per_second"] for r in rows),
         "trainable_params": [r["trainable_params"] for r in rows],
@@ -188,10 +212,11 @@ tr.pick{{background:#e6f4ea;font-weight:600}}img{{max-width:100%}}figure{{margin
 """
 
 
-def compare(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: int = 1) -> dict:
+def compare(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: int = 1,
+            overwrite: bool = False) -> dict:
     """Run (or resume, or skip) every strategy, then write summary.json/.md and plots."""
-    runs = run_all(base, strategies, out, repeats=repeats)
-    n_val = json.loads((runs[0] / "model.json").read_text())["val_images"]
+    runs = run_all(base, strategies, out, repeats=repeats, overwrite=overwrite)
+    n_val = json.loads((runs[0] / rundir.MODEL).read_text())["val_images"]
     rows = [run_row(r) for r in runs]  # each run's metrics read once, for table and plots
     summary = summarise(rows, strategies, n_val)
     write_summary(out, summary, rows)

@@ -93,7 +93,10 @@ class RunConfig:
     feature_cache: str = "auto"  # frozen-prefix features while only the head trains: auto, off
     feature_cache_views: int = 0  # with random augmentation: K augmented views precomputed
     nan: str = "stop"
+    checkpoint_every: str | int = "10m"  # mid-epoch checkpoints: a time (30s, 10m, 1h) or a number of steps
     quiet: bool = False
+    # What each --resume changed, and from which epoch/step (written by fit, not by you).
+    resumed: list[dict[str, Any]] = field(default_factory=list)
 
     def resolved(self, overrides: Mapping[str, Any] = {}) -> RunConfig:
         """Fill unset training settings from the strategy's overrides, then defaults."""
@@ -226,6 +229,25 @@ RANGES: dict[str, Bound] = {
 }
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def checkpoint_interval(text: str) -> tuple[float | None, int | None]:
+    """``"10m"`` -> (600.0, None) seconds; ``"500"`` -> (None, 500) steps; ``"off"`` -> (None, None)."""
+    text = str(text).strip().lower()
+    if text == "off":
+        return None, None
+    num, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "")
+    try:
+        value = float(num) if unit else int(num)
+    except ValueError:
+        value = -1
+    if not value > 0 or not math.isfinite(value):
+        raise LayerwiseError(f"checkpoint_every must be a time such as 30s, 10m or 1h, a number of steps such as "
+                             f"500, or off; got {text!r}")
+    return (value * _UNITS[unit], None) if unit else (None, int(value))
+
+
 def _validate_relations(cfg: RunConfig) -> None:
     """Knobs whose valid range depends on another knob."""
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
@@ -270,6 +292,7 @@ def validate(cfg: RunConfig) -> None:
         if v is not None and v != "auto" and v not in bound:
             raise LayerwiseError(f"{name} must be {bound}, got {v!r}")
     _validate_relations(cfg)
+    checkpoint_interval(cfg.checkpoint_every)
     for what, mapping, lo_ok in (("lr_map", cfg.lr_map, "an LR multiplier >= 0"),
                                  ("wd_map", cfg.wd_map, "a weight decay >= 0")):
         bad = {k: v for k, v in (mapping or {}).items() if not (math.isfinite(v) and v >= 0)}

@@ -16,7 +16,7 @@ import random
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ class Splits:
     classes: list[str]
     test: list[Item] | None = None
     name: str = ""
+    skipped: list[dict] = field(default_factory=list)  # unreadable files dropped by the data check
 
     @property
     def images_per_class(self) -> float:

@@ -44,7 +44,8 @@ from layerwise.checkpoint import (
     state_dict_cpu,
     write_json,
 )
-from layerwise.config import CHECK_DATA_AUTO_LIMIT, RunConfig
+from layerwise import rundir
+from layerwise.config import CHECK_DATA_AUTO_LIMIT, RunConfig, checkpoint_interval
 from layerwise.data import (
     DEFAULT_IMG_SIZE,
     ImageDataset,
@@ -182,6 +183,26 @@ class Interrupted(Exception):
     """Training stopped on a signal; ``last/`` holds the last completed epoch."""
 
 
+# --nan skip stops after this many non-finite batches in a row: the weights are gone by then.
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+class NonFiniteError(LayerwiseError):
+    """The loss or the weights became NaN/inf; nothing non-finite was saved."""
+
+    def __init__(self, what: str, run: Path) -> None:
+        super().__init__(
+            f"{what}. Nothing non-finite was saved: last/ keeps the last good state. Lower the LR, clip gradients "
+            f"or train in fp32, then continue: layerwise fit --resume {run} --lr 1e-4 --clip-grad 1.0 "
+            "--precision fp32 (resume accepts --lr, --clip-grad, --precision and --nan)")
+
+
+def _check_finite(model: nn.Module, step: int, run: Path) -> None:
+    """Never write NaN/inf weights: a checkpoint must always be worth resuming from."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteError(f"the weights became non-finite by step {step}", run)
+
+
 @dataclass
 class Trainer:
     """Everything one run holds while it trains."""
@@ -205,6 +226,10 @@ class Trainer:
     dist: DistInfo = DistInfo()
     net: nn.Module | None = None  # what runs the forward pass: the model, or its DDP wrapper
     wrapped_for: tuple[str, ...] = ()
+    history: list[dict] = dataclasses.field(default_factory=list)  # metrics rows; the checkpoint holds them
+    skipped: list[dict] = dataclasses.field(default_factory=list)  # unreadable images, for skipped.json
+    nan_run: int = 0  # consecutive batches with a non-finite loss
+    saved_at: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
     def model(self) -> nn.Module:
@@ -274,15 +299,23 @@ class Trainer:
             p.batches = i + 1
             if hasattr(bar, "set_postfix") and p.total:
                 bar.set_postfix(loss=f"{p.loss_sum / p.total:.4f}", acc=f"{p.correct / p.total:.3f}")
-            if stop.flag:  # between steps: the checkpoint captures a consistent state
+            if stop.flag or self.checkpoint_due():  # between steps: a consistent state to resume from
                 p.rng = _get_rng()
                 self.save_last(epoch - 1, p)
-                raise Interrupted
+                if stop.flag:
+                    raise Interrupted
         if self.dist.is_main:
-            with open(self.run / "steps.jsonl", "a") as f:  # per epoch: no fsync on the hot path
+            with open(self.run / rundir.STEPS, "a") as f:  # per epoch: no fsync on the hot path
                 f.writelines(json.dumps(r) + "\n" for r in p.rows)
         total, correct, loss_sum = all_sum([p.total, p.correct, p.loss_sum], self.dist)
         return {"train_loss": loss_sum / max(1, total), "train_acc": correct / max(1, total), "images": total}
+
+    def checkpoint_due(self) -> bool:
+        """``--checkpoint-every``: time since the last save, or steps done."""
+        seconds, steps = checkpoint_interval(self.cfg.checkpoint_every)
+        if steps:
+            return self.step % steps == 0
+        return seconds is not None and time.perf_counter() - self.saved_at >= seconds
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, p: EpochProgress, model: nn.Module) -> None:
         cfg = self.cfg
@@ -295,14 +328,16 @@ class Trainer:
             logits = model(x)
             loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
+            self.nan_run += 1
             if cfg.nan == "stop":
-                raise LayerwiseError(
-                    f"loss became {loss.item()} at step {self.step} (epoch {p.epoch}); last/ keeps the last good "
-                    "epoch. Lower --lr, use --clip-grad 1.0 or --precision fp32, then resume."
-                )
+                raise NonFiniteError(f"loss became {loss.item()} at step {self.step} (epoch {p.epoch})", self.run)
+            if self.nan_run >= MAX_SKIPPED_IN_A_ROW:
+                raise NonFiniteError(f"{self.nan_run} batches in a row had a non-finite loss (--nan skip), the last "
+                                     f"at step {self.step} (epoch {p.epoch})", self.run)
             _say(cfg, f"warning: non-finite loss at step {self.step} (epoch {p.epoch}); batch skipped (--nan skip)")
             self.step += 1
             return
+        self.nan_run = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.amp.step(loss, self.optimizer, cfg.clip_grad)
         if self.ema is not None:
@@ -316,9 +351,10 @@ class Trainer:
         self.step += 1
 
     def save_last(self, epoch: int, progress: EpochProgress | None = None) -> None:
-        """One atomic file, so model and optimizer state can never disagree."""
+        """One atomic file, so model, optimizer and logged epochs can never disagree."""
+        _check_finite(self.model, self.step, self.run)
         state = {"epoch": epoch, "step": self.step, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
-                 "stale": self.stale, "model": state_dict_cpu(self.model),
+                 "stale": self.stale, "metrics": self.history, "model": state_dict_cpu(self.model),
                  "optimizer": self.optimizer.state_dict(),
                  "progress": dataclasses.asdict(progress) if progress else None}
         if self.ema is not None:
@@ -327,11 +363,12 @@ class Trainer:
             state["scaler"] = self.amp.scaler.state_dict()
         if self.dist.is_main:
             with _explain_write_errors(self.run):
-                save_state(self.run / "last" / "state.pt", state)
+                save_state(self.run / rundir.STATE, state)
+        self.saved_at = time.perf_counter()
 
     def load_last(self) -> tuple[int, EpochProgress | None]:
         """Restore ``last/``: the epoch to continue from, and its progress if it stopped mid-way."""
-        state = load_state(self.run / "last" / "state.pt")
+        state = load_state(self.run / rundir.STATE)
         self.model.load_state_dict(state["model"])
         # Put the optimizer's groups into the resumed epoch's state before loading, so
         # loaded LR/decay values and the model's requires_grad agree.
@@ -343,6 +380,9 @@ class Trainer:
             self.amp.scaler.load_state_dict(state["scaler"])
         self.step, self.best_acc, self.best_epoch, self.stale = (
             state["step"], state["best_acc"], state["best_epoch"], state["stale"])
+        # Checkpoints before the log kept the rows in metrics.jsonl only.
+        self.history = state.get("metrics") or [r for r in read_jsonl(self.run / rundir.METRICS)
+                                                if r["epoch"] <= state["epoch"]]
         progress = EpochProgress(**state["progress"]) if state.get("progress") else None
         return state["epoch"] + 1, progress
 
@@ -416,9 +456,11 @@ def _explain_write_errors(run: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
+        kept = ("The previous checkpoint is intact" if rundir.has_checkpoint(run)
+                else "No checkpoint was written yet, so the run will start over")
         raise LayerwiseError(
-            f"could not write a checkpoint in {run}: {e.strerror or e}. The previous checkpoint is intact; "
-            f"free some space, then resume with: layerwise fit --resume {run}"
+            f"could not write in {run}: {e.strerror or e}. {kept}; free some space (or make the folder writable), "
+            f"then continue with: layerwise fit --resume {run}"
         ) from e
 
 
@@ -446,19 +488,18 @@ def _model_info(s: Setup, splits: Splits) -> dict:
             "std": list(lm.std), "img_size": s.config.img_size}
 
 
-def check_splits(splits: Splits, cfg: RunConfig, run: Path | None) -> None:
-    """Decode every file once and drop unreadable ones (listed in ``skipped.json``)."""
+def check_splits(splits: Splits, cfg: RunConfig) -> None:
+    """Decode every file once and drop unreadable ones (kept in ``splits.skipped``, written to
+    ``skipped.json`` with the run's header: nothing touches the disk before the run is valid)."""
     n = len(splits.train) + len(splits.val)
     if cfg.check_data == "off" or (cfg.check_data == "auto" and n > CHECK_DATA_AUTO_LIMIT):
         return
     splits.train, bad_train = check_images(splits.train, progress=not cfg.quiet)
     splits.val, bad_val = check_images(splits.val, progress=not cfg.quiet)
-    skipped = bad_train + bad_val
-    if run is not None:
-        run.mkdir(parents=True, exist_ok=True)
-        write_skipped(run / "skipped.json", skipped)
-    if skipped:
-        _say(cfg, f"warning: skipped {len(skipped)} unreadable image(s); see {run / 'skipped.json' if run else 'the log'}")
+    splits.skipped = bad_train + bad_val
+    if splits.skipped:
+        _say(cfg, f"warning: skipped {len(splits.skipped)} unreadable image(s); the run folder's "
+                  f"{rundir.SKIPPED} lists them")
     for part, items in (("train", splits.train), ("val", splits.val)):
         empty = set(range(len(splits.classes))) - {label for _, label in items}
         if empty:
@@ -467,9 +508,9 @@ def check_splits(splits: Splits, cfg: RunConfig, run: Path | None) -> None:
                                  "fix or replace those files")
 
 
-def prepare(cfg: RunConfig, run: Path | None = None) -> tuple[Setup, Splits]:
+def prepare(cfg: RunConfig) -> tuple[Setup, Splits]:
     splits = load_splits(cfg.data, val_split=cfg.val_split, seed=cfg.seed)
-    check_splits(splits, cfg, run)
+    check_splits(splits, cfg)
     if cfg.data is None:  # 8x8 digits: upscale a little, and never flip or crop them
         cfg.img_size = cfg.img_size or DEFAULT_IMG_SIZE
         cfg.augment = cfg.augment or "none"
@@ -479,7 +520,7 @@ def prepare(cfg: RunConfig, run: Path | None = None) -> tuple[Setup, Splits]:
 
 
 def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Trainer:
-    s, splits = prepare(cfg, run if info.is_main else None)
+    s, splits = prepare(cfg)
     cfg = s.config
     device = pick_device(cfg.device)
     if info.enabled and device.type == "cuda":
@@ -505,21 +546,28 @@ def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Tra
 
 def _write_run_header(t: Trainer) -> None:
     run = t.run
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "config.yaml", t.cfg.to_yaml())
-    write_json(run / "plan.json", t.s.plan.to_dict())
-    write_json(run / "model.json", _model_info(t.s, t.splits))
+    with _explain_write_errors(run):
+        atomic_write_text(run / rundir.CONFIG, t.cfg.to_yaml())
+        write_json(run / rundir.PLAN, t.s.plan.to_dict())
+        write_json(run / rundir.MODEL, _model_info(t.s, t.splits))
+        write_skipped(run / rundir.SKIPPED, t.splits.skipped)
 
 
-def _truncate_logs(run: Path, start_epoch: int) -> None:
-    """Drop log rows of epochs that ``last/`` does not cover (they will be redone)."""
-    for name in ("metrics.jsonl", "steps.jsonl"):
-        rows = [r for r in read_jsonl(run / name) if r["epoch"] < start_epoch]
-        atomic_write_text(run / name, "".join(json.dumps(r) + "\n" for r in rows))
+def _sync_logs(t: Trainer, start_epoch: int) -> None:
+    """Make the logs say exactly what ``last/`` holds: metrics.jsonl is rewritten from the
+    checkpoint's rows (a kill may have come between the checkpoint and its log row), and
+    steps of epochs the checkpoint does not cover are dropped (they will be redone)."""
+    with _explain_write_errors(t.run):
+        atomic_write_text(t.run / rundir.METRICS, "".join(json.dumps(r) + "\n" for r in t.history))
+        rows = [r for r in read_jsonl(t.run / rundir.STEPS) if r["epoch"] < start_epoch]
+        atomic_write_text(t.run / rundir.STEPS, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
-    """Train ``cfg`` into its run folder (``cfg.out``); returns the folder."""
+def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train ``cfg`` into its run folder (``cfg.out``); returns the folder.
+
+    A folder that already holds a run is refused unless ``resume`` (continue it) or
+    ``overwrite`` (replace it); one process writes a run folder at a time."""
     started = time.perf_counter()
     info = from_env()
     if info.enabled and not cfg.out:
@@ -529,26 +577,44 @@ def fit(cfg: RunConfig, *, resume: bool = False) -> Path:
     if not info.is_main:
         cfg.quiet = True
     try:
-        return _fit(cfg, run, info, started, resume)
+        with rundir.writer_lock(run) if info.is_main else contextlib.nullcontext():
+            if info.is_main and not resume and not overwrite:
+                rundir.refuse_existing(run)
+            # Taken before set-up resolves defaults, so compare can predict it from its inputs.
+            fingerprint = None if resume else rundir.run_fingerprint(cfg)
+            return _fit(cfg, run, info, started, resume, overwrite, fingerprint)
     finally:
         shutdown(info)
 
 
-def _fit(cfg: RunConfig, run: Path, info: DistInfo, started: float, resume: bool) -> Path:
+def _fit(cfg: RunConfig, run: Path, info: DistInfo, started: float, resume: bool, overwrite: bool,
+         fingerprint: dict | None) -> Path:
     auto_lr = cfg.lr == "auto"
     t = build_trainer(dataclasses.replace(cfg, lr=1e-3) if auto_lr else cfg, run, info)
+    if overwrite and info.is_main:  # only now: a config or data error must not cost the old run
+        rundir.clear(run)
     if _wants_probe(t):
         _probe_for_auto(t, run)
     if auto_lr:
         _find_lr(t, run)
     t.started = started  # elapsed_seconds counts data and model set-up too
     start, progress = 0, None
-    if resume:
+    restored = resume and rundir.has_checkpoint(run)
+    if restored:
         _check_resumable(run, t)
         start, progress = t.load_last()
+        if t.history:  # elapsed_seconds keeps counting across sittings
+            t.started -= t.history[-1]["elapsed_seconds"]
+    elif resume:
+        _say(t.cfg, f"resume: {run} has no checkpoint yet (stopped before the first one was written); "
+                    "starting it from step 0")
+    if resume:
+        _record_resume(t, run, start)
     if info.is_main:
-        _truncate_logs(run, start) if resume else _fresh_run(run)
+        _sync_logs(t, start)
         _write_run_header(t)
+        if fingerprint is not None:
+            write_json(run / rundir.FINGERPRINT, fingerprint)
     _say(t.cfg, _banner(t))
     if cfg.bn is None and t.cfg.bn == "frozen" and _has_slow_groups(t.s.plan):
         _say(t.cfg, f"hint: {t.s.plan.strategy.name} trains some groups late or at a low LR; with batch statistics "
@@ -557,7 +623,7 @@ def _fit(cfg: RunConfig, run: Path, info: DistInfo, started: float, resume: bool
     if info.enabled:
         _say(t.cfg, f"distributed: {info.world} processes x batch {t.cfg.batch_size} = global batch "
                     f"{info.world * t.cfg.batch_size}; the LR is not scaled (set --lr for the global batch)")
-    if t.cfg.bn == "adapt" and not resume:
+    if t.cfg.bn == "adapt" and not restored:
         n = recalibrate_norms(t.model, _adapt_batches(t))
         _say(t.cfg, f"bn adapt: re-estimated BatchNorm statistics on {n} training images")
     writer = _tensorboard(run) if info.is_main else None
@@ -581,8 +647,9 @@ def _fit(cfg: RunConfig, run: Path, info: DistInfo, started: float, resume: bool
         _say(t.cfg, f"ranks in sync: all {info.world} processes hold identical weights")
     best = _final_eval(t)
     if info.is_main:
-        write_run_report(run, t.splits.classes, best)
-    _say(t.cfg, f"best val accuracy {t.best_acc:.4f} (epoch {t.best_epoch})\nrun folder: {run}\nreport: {run / 'report.md'}")
+        with _explain_write_errors(run):
+            write_run_report(run, t.splits.classes, best)
+    _say(t.cfg, f"best val accuracy {t.best_acc:.4f} (epoch {t.best_epoch})\nrun folder: {run}\nreport: {run / rundir.REPORT}")
     return run
 
 
@@ -612,7 +679,7 @@ def _probe_for_auto(t: Trainer, run: Path) -> None:
     t.s.plan = dataclasses.replace(t.s.plan, strategy=strategy)
     if t.dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        write_json(run / "probe.json", {"val_acc": res.acc, "chance": res.chance, "skill": t.cfg.probe_skill,
+        write_json(run / rundir.PROBE, {"val_acc": res.acc, "chance": res.chance, "skill": t.cfg.probe_skill,
                                         "train_images": res.train_images, "seconds": round(res.seconds, 2),
                                         "strategy": strategy.name, "reason": strategy.reason})
     _say(t.cfg, f"auto: linear probe on frozen features: val acc {res.acc:.3f} (majority class {res.chance:.3f}), "
@@ -628,8 +695,8 @@ def _find_lr(t: Trainer, run: Path) -> None:
     t.s.plan = dataclasses.replace(t.s.plan, lr=res.suggestion)
     if t.dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        plot_lr_find(res, run / "lr_find.png")
-    _say(t.cfg, f"lr auto: {res.reason}; base lr {res.suggestion:.2e} (plot: {run / 'lr_find.png'})")
+        plot_lr_find(res, run / rundir.LR_FIND_PNG)
+    _say(t.cfg, f"lr auto: {res.reason}; base lr {res.suggestion:.2e} (plot: {run / rundir.LR_FIND_PNG})")
 
 
 def _adapt_batches(t: Trainer, max_images: int = 2048) -> Iterator[torch.Tensor]:
@@ -646,7 +713,7 @@ def _adapt_batches(t: Trainer, max_images: int = 2048) -> Iterator[torch.Tensor]
 
 
 def _check_resumable(run: Path, t: Trainer) -> None:
-    saved = json.loads((run / "model.json").read_text())
+    saved = json.loads((run / rundir.MODEL).read_text())
     now = _model_info(t.s, t.splits)
     for key in ("arch", "num_classes", "classes", "head"):
         if saved[key] != now[key]:
@@ -654,9 +721,27 @@ def _check_resumable(run: Path, t: Trainer) -> None:
                                  f"this data/config gives {now[key]!r}; start a new run with --out")
 
 
-def _fresh_run(run: Path) -> None:
-    for name in ("metrics.jsonl", "steps.jsonl"):
-        (run / name).unlink(missing_ok=True)
+# What --resume may change: how far and how fast to go, and what to do about divergence.
+# Anything else would make the checkpoint and the config disagree.
+RESUME_OVERRIDABLE = ("epochs", "lr", "clip_grad", "precision", "nan", "patience", "checkpoint_every",
+                      "quiet", "workers", "device")
+# Where the run lives, not how it trains: never compared or recorded.
+_RESUME_IGNORED = ("out", "quiet", "workers", "device", "resumed")
+
+
+def _record_resume(t: Trainer, run: Path, start: int) -> None:
+    """config.yaml keeps each resume's changed settings and the epoch/step they took effect."""
+    from layerwise.config import from_mapping, load_yaml
+
+    saved = from_mapping(load_yaml(run / rundir.CONFIG))
+    changed = {k: getattr(t.cfg, k) for k in RESUME_OVERRIDABLE
+               if k not in _RESUME_IGNORED and getattr(t.cfg, k) != getattr(saved, k)}
+    if changed:
+        t.cfg.resumed = [*saved.resumed, {"epoch": start, "step": t.step, "changed": changed}]
+        _say(t.cfg, f"resume: from epoch {start} (step {t.step}) with " +
+             ", ".join(f"{k} {getattr(saved, k)!r} -> {v!r}" for k, v in changed.items()))
+    else:
+        t.cfg.resumed = saved.resumed
 
 
 def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object,
@@ -693,14 +778,17 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object,
     improved = ev.acc > t.best_acc
     if improved:
         t.best_acc, t.best_epoch, t.stale = ev.acc, epoch, 0
+        _check_finite(t.eval_model(), t.step, t.run)
         if t.dist.is_main:
             with _explain_write_errors(t.run):
-                save_weights(t.run / "best.safetensors", t.eval_model())
+                save_weights(t.run / rundir.BEST, t.eval_model())
     else:
         t.stale += 1
+    t.history.append(row)
+    t.save_last(epoch)  # the checkpoint first: the log never names an epoch the checkpoint lacks
     if t.dist.is_main:
-        append_jsonl(t.run / "metrics.jsonl", row)
-    t.save_last(epoch)
+        with _explain_write_errors(t.run):
+            append_jsonl(t.run / rundir.METRICS, row)
     if writer is not None:
         for k in ("train_loss", "train_acc", "val_loss", "val_acc", "images_per_second"):
             writer.add_scalar(k, row[k], epoch)
@@ -716,13 +804,13 @@ def _final_eval(t: Trainer) -> EvalResult:
     model = t.eval_model()
     if t.dist.enabled:
         torch.distributed.barrier()  # rank 0 has written best.safetensors
-    load_weights(t.run / "best.safetensors", model)
+    load_weights(t.run / rundir.BEST, model)
     ev = gather_eval(evaluate(model, t.loaders.val, t.amp, t.device, views=t.cfg.tta,
                               channels_last=t.cfg.channels_last), t.dist)
     if t.cfg.tta:
         _say(t.cfg, f"best weights with TTA {', '.join(t.cfg.tta)}: val accuracy {ev.acc:.4f}")
         if t.dist.is_main:
-            write_json(t.run / "tta.json", {"views": t.cfg.tta, "val_acc": ev.acc, "val_loss": ev.loss})
+            write_json(t.run / rundir.TTA, {"views": t.cfg.tta, "val_acc": ev.acc, "val_loss": ev.loss})
     return ev
 
 

@@ -1,0 +1,154 @@
+"""The run folder: the names of its files, its writer lock, and how a fit may start in it.
+
+One process writes a run folder at a time (an exclusive ``flock`` on ``RUN/.lock``, released
+by the kernel when the process dies, even by SIGKILL). A folder that already holds a run is
+never overwritten silently: a fit continues it with ``--resume`` or replaces it with
+``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from layerwise.checkpoint import remove_stale_temp_files
+from layerwise.errors import LayerwiseError
+
+if TYPE_CHECKING:
+    from layerwise.config import RunConfig
+
+CONFIG = "config.yaml"
+PLAN = "plan.json"
+MODEL = "model.json"
+METRICS = "metrics.jsonl"
+STEPS = "steps.jsonl"
+BEST = "best.safetensors"
+STATE = "last/state.pt"
+PROBE = "probe.json"
+SKIPPED = "skipped.json"
+TTA = "tta.json"
+REPORT = "report.md"
+LR_FIND_PNG = "lr_find.png"
+FINGERPRINT = "fingerprint.json"
+LOG = "train.log"  # compare --quiet: the run's own log
+LOCK = ".lock"
+# What a fit writes; --overwrite removes exactly these (and the plots), nothing of the user's.
+RUN_FILES = (CONFIG, PLAN, MODEL, METRICS, STEPS, BEST, PROBE, SKIPPED, TTA, REPORT, LR_FIND_PNG, FINGERPRINT, LOG,
+             "curves.png", "lr.png", "trainable.png", "confusion.png")
+RUN_DIRS = ("last", "tb")
+
+
+class RunExistsError(LayerwiseError):
+    """``--out`` already holds a run, and neither ``--resume`` nor ``--overwrite`` was given."""
+
+
+class RunLockedError(LayerwiseError):
+    """Another process is writing the same run folder."""
+
+
+def holds_run(run: Path) -> bool:
+    """Has a fit written here (even one killed before its first checkpoint)?"""
+    return any((run / name).exists() for name in (CONFIG, MODEL, METRICS, BEST, "last"))
+
+
+def has_checkpoint(run: Path) -> bool:
+    return (run / STATE).is_file()
+
+
+def clear(run: Path) -> None:
+    """Remove a previous run's files (``--overwrite``); other files in the folder stay."""
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        shutil.rmtree(run / name, ignore_errors=True)
+
+
+def refuse_existing(run: Path) -> None:
+    if holds_run(run):
+        raise RunExistsError(
+            f"{str(run)!r} already holds a run; continue it with `layerwise fit --resume {run}`, replace it with "
+            "--overwrite, or choose another --out")
+
+
+@contextlib.contextmanager
+def writer_lock(run: Path) -> Iterator[None]:
+    """Hold ``run`` for this process only. A folder this call created and left without a
+    run in it (a config error, a failed data check) is removed again on the way out."""
+    created = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        _lock(fd, run)
+        remove_stale_temp_files(run)  # we hold the lock: any temp file is a dead writer's
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+        if created and not holds_run(run):
+            (run / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: something of the user's is there
+                run.rmdir()
+
+
+# Settings that change where or how visibly a run executes, not what it computes.
+NOT_DEFINING = ("out", "quiet", "workers", "device", "cache", "cache_dir", "check_data", "checkpoint_every",
+                "resumed", "probe_skill")
+
+
+def data_fingerprint(data: str | None) -> str:
+    """A hash of DATA's file list with sizes and modification times (a CSV: of the CSV and
+    the files it lists are not opened): the same folder with other images hashes differently."""
+    if data is None:
+        return "embedded digits"
+    root, h = Path(data), hashlib.sha256()
+    if root.is_file():
+        st = root.stat()
+        h.update(f"{root.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            with contextlib.suppress(OSError):  # vanished, or a dangling link: not part of the data
+                st = p.stat()
+                h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """What defines a run's result: its data files and every setting that changes the training."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_DEFINING}
+    return {"data": data_fingerprint(cfg.data), "config": json.loads(json.dumps(config, default=str))}
+
+
+def fingerprint_mismatch(run: Path, expected: dict[str, Any]) -> list[str]:
+    """Names of what differs between ``run``'s fingerprint and ``expected`` (``[]``: same)."""
+    path = run / FINGERPRINT
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ["fingerprint.json (missing or unreadable)"]
+    if not isinstance(saved, dict):
+        return ["fingerprint.json (not an object)"]
+    diff = ["data files"] if saved.get("data") != expected["data"] else []
+    old, new = saved.get("config") or {}, expected["config"]
+    return diff + sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _lock(fd: int, run: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; a second writer is not detected
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunLockedError(
+            f"another layerwise process is writing {str(run)!r}; wait for it to finish (or stop it), or choose "
+            "another --out") from None
