@@ -285,3 +285,231 @@ def test_fit_tta_evaluates_best_weights_with_views(data, tmp_path, capsys):
 def test_bn_hint_for_slow_groups_on_batch_statistics(data, tmp_path, capsys, args, hint):
     assert _fit(str(data), *TINY[:-1], *args, "--epochs", "2", "--out", str(tmp_path / "run")) == 0
     assert ("hint:" in capsys.readouterr().out) == hint
+
+
+# --- issue 13: the run folder, resume at any moment, NaN policy ---------------------------
+
+
+def test_fit_refuses_an_existing_run_unless_resume_or_overwrite(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [str(data), *TINY, "--strategy", "head", "--epochs", "1", "--out", str(run)]
+    assert _fit(*args) == 0
+    before = (run / "best.safetensors").read_bytes()
+    other = make_image_folder(tmp_path / "other", classes=4, per_class=4)
+    assert _fit(str(other), *args[1:]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "--resume" in err
+    assert (run / "best.safetensors").read_bytes() == before and len(read_jsonl(run / "metrics.jsonl")) == 1
+    assert _fit(str(other), *args[1:], "--overwrite") == 0
+    assert json.loads((run / "model.json").read_text())["num_classes"] == 4
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(data, tmp_path, capsys):
+    from layerwise.rundir import writer_lock
+
+    run = tmp_path / "run"
+    with writer_lock(run):  # as a fit in another process would hold it
+        assert _fit(str(data), *TINY, "--strategy", "head", "--epochs", "1", "--out", str(run)) == 2
+    assert "another layerwise process is writing" in capsys.readouterr().err
+    assert _fit(str(data), *TINY, "--strategy", "head", "--epochs", "1", "--out", str(run)) == 0  # released
+
+
+def test_config_error_after_the_data_scan_leaves_no_folder(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _fit(str(data), *TINY, "--strategy", "gradual", "--schedule", "0:head,1:nosuchgroup", "--epochs", "2",
+                "--out", str(run)) == 2
+    assert "nosuchgroup" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_resume_before_the_first_checkpoint_starts_from_step_zero(data, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [str(data), *TINY, "--strategy", "full", "--epochs", "2", "--seed", "2"]
+    assert _fit(*common, "--out", str(a)) == 0
+    assert _fit(*common, "--out", str(b)) == 0
+    import shutil
+
+    shutil.rmtree(b / "last")  # as if killed in the first epoch: config.yaml and plan.json are there
+    (b / "best.safetensors").unlink()
+    (b / "metrics.jsonl").write_text("")
+    capsys.readouterr()
+    assert _fit("--resume", str(b)) == 0
+    assert "has no checkpoint yet" in capsys.readouterr().out
+    assert [r["val_acc"] for r in read_jsonl(a / "metrics.jsonl")] == [r["val_acc"] for r in read_jsonl(b / "metrics.jsonl")]
+
+
+def test_resume_with_no_run_is_a_clear_error(tmp_path, capsys):
+    assert _fit("--resume", str(tmp_path / "nothing")) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_kill_between_checkpoint_and_log_row_resumes_with_the_row(data, tmp_path, monkeypatch):
+    from layerwise import engine
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = [str(data), *TINY, "--strategy", "full", "--epochs", "3", "--seed", "4"]
+    assert _fit(*common, "--out", str(a)) == 0
+    real = engine.append_jsonl
+
+    class Killed(BaseException):
+        pass
+
+    def die_on_second_row(path, row):
+        if row["epoch"] == 1:
+            raise Killed  # the checkpoint of epoch 1 is written, its log row is not
+        real(path, row)
+
+    monkeypatch.setattr(engine, "append_jsonl", die_on_second_row)
+    with pytest.raises(Killed):
+        _fit(*common, "--out", str(b))
+    assert [r["epoch"] for r in read_jsonl(b / "metrics.jsonl")] == [0]  # the log lags, never leads
+    monkeypatch.setattr(engine, "append_jsonl", real)
+    assert _fit("--resume", str(b)) == 0
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [r["epoch"] for r in rb] == [0, 1, 2]
+    assert [r["val_acc"] for r in ra] == [r["val_acc"] for r in rb]
+
+
+def test_resume_accepts_the_documented_overrides_and_records_them(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--out", str(run)) == 0
+    assert _fit("--resume", str(run), "--epochs", "2", "--lr", "1e-4", "--clip-grad", "1.0", "--nan", "skip") == 0
+    assert "resume: from epoch 1" in capsys.readouterr().out
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["lr"] == 1e-4 and cfg["clip_grad"] == 1.0 and cfg["nan"] == "skip"
+    assert cfg["resumed"] == [{"epoch": 1, "step": cfg["resumed"][0]["step"],
+                               "changed": {"epochs": 2, "lr": 1e-4, "clip_grad": 1.0, "nan": "skip"}}]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert max(rows[1]["lr"].values()) <= 1e-4 < max(rows[0]["lr"].values())  # the new LR took effect
+
+
+@pytest.mark.parametrize("flag,value", [("--strategy", "head"), ("--batch-size", "4"), ("--label-smoothing", "0.2")])
+def test_resume_refuses_flags_that_would_change_the_run(data, tmp_path, capsys, flag, value):
+    run = tmp_path / "run"
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--out", str(run)) == 0
+    assert _fit("--resume", str(run), flag, value) == 2
+    err = capsys.readouterr().err
+    assert f"cannot change {flag[2:].replace('-', '_')}" in err and "may change only epochs, lr" in err
+
+
+def test_nan_skip_stops_after_a_run_of_bad_batches_and_saves_no_nan(data, tmp_path, capsys, monkeypatch):
+    from layerwise import engine
+
+    run = tmp_path / "run"
+    real = engine.F.cross_entropy
+    monkeypatch.setattr(engine.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    assert _fit(str(bigger_data(tmp_path)), *TINY, "--strategy", "full", "--epochs", "2", "--nan", "skip",
+                "--out", str(run)) == 2
+    err = capsys.readouterr().err
+    assert f"{engine.MAX_SKIPPED_IN_A_ROW} batches in a row had a non-finite loss" in err
+    assert f"layerwise fit --resume {run} --lr" in err
+    assert not (run / "best.safetensors").exists()
+
+
+def test_nan_skip_keeps_going_past_one_bad_batch(data, tmp_path, capsys, monkeypatch):
+    from layerwise import engine
+
+    run = tmp_path / "run"
+    real, calls = engine.F.cross_entropy, []
+
+    def nan_once(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(engine.F, "cross_entropy", nan_once)
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "2", "--nan", "skip", "--out", str(run)) == 0
+    assert capsys.readouterr().out.count("batch skipped (--nan skip)") == 1
+    assert all(torch.isfinite(t).all() for t in load_file(str(run / "best.safetensors")).values())
+
+
+def test_non_finite_weights_are_never_saved(data, tmp_path, capsys, monkeypatch):
+    from layerwise import engine
+
+    run = tmp_path / "run"
+    real = engine.Trainer._step
+
+    def poison(self, *a, **k):  # the epoch's last step leaves an inf weight behind
+        real(self, *a, **k)
+        if self.step == len(self.loaders.train):
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(engine.Trainer, "_step", poison)
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--out", str(run)) == 2
+    assert "weights became non-finite" in capsys.readouterr().err
+    assert not (run / "best.safetensors").exists() and not (run / "last" / "state.pt").exists()
+
+
+def bigger_data(tmp_path):
+    return make_image_folder(tmp_path / "bigger", classes=3, per_class=30)
+
+
+def test_full_disk_at_the_first_checkpoint_does_not_claim_a_previous_one(data, tmp_path, capsys, monkeypatch):
+    from layerwise import engine
+
+    def full(path, state):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine, "save_state", full)
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--out", str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "No checkpoint was written yet" in err and "previous checkpoint is intact" not in err
+
+
+def test_unwritable_report_is_a_clear_error_and_leaves_no_empty_png(data, tmp_path, capsys, monkeypatch):
+    from layerwise import report
+
+    run = tmp_path / "run"
+    real = report.atomic_write_bytes
+
+    def full(path, data):
+        if path.suffix == ".png":
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(report, "atomic_write_bytes", full)
+    assert _fit(str(data), *TINY, "--strategy", "head", "--epochs", "1", "--out", str(run)) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not list(run.glob("*.png")) and not list(run.glob(".*.tmp"))
+
+
+def test_sigkill_at_random_moments_then_resume_ends_with_the_same_weights(bigger, tmp_path):
+    """Kills land anywhere: during set-up, before the first checkpoint, mid-epoch (between
+    the per-2-step checkpoints), between a checkpoint and its log row, inside a write.
+    Every run then finishes with `fit --resume` (or a plain re-run, if killed before
+    config.yaml existed) and ends where an uninterrupted run ends."""
+    import random
+    import signal
+    import time
+
+    from layerwise.checkpoint import load_state
+
+    common = [str(bigger), *TINY, "--img-size", "64", "--strategy", "gradual", "--every", "1", "--seed", "7",
+              "--epochs", "8", "--checkpoint-every", "2"]
+    ref = tmp_path / "ref"
+    tic = time.time()
+    proc = _spawn_fit([*common, "--out", str(ref)])
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    total = time.time() - tic
+    ref_w = load_state(ref / "last" / "state.pt")["model"]
+    ref_acc = [r["val_acc"] for r in read_jsonl(ref / "metrics.jsonl")]
+    rng, kinds = random.Random(13), []
+    for trial in range(4):
+        run = tmp_path / f"t{trial}"
+        proc = _spawn_fit([*common, "--out", str(run)])
+        time.sleep(rng.uniform(0.3, 0.95) * total)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = run / "last" / "state.pt"
+        kinds.append("no checkpoint" if not state.is_file() else
+                     "mid-epoch" if load_state(state)["progress"] else "epoch end")
+        if (run / "config.yaml").is_file():
+            assert _fit("--resume", str(run), "--quiet") == 0, trial
+        else:
+            assert _fit(*common, "--out", str(run)) == 0, trial
+        w = load_state(run / "last" / "state.pt")["model"]
+        for k in ref_w:
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-6, atol=1e-7, msg=f"trial {trial}: {k}")
+        assert [r["val_acc"] for r in read_jsonl(run / "metrics.jsonl")] == ref_acc, trial
+        assert not list(run.rglob(".*.tmp")), trial  # a write cut short left nothing behind
+    assert "mid-epoch" in kinds, kinds  # the periodic checkpoints were really exercised
