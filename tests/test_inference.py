@@ -55,7 +55,11 @@ def test_predict_is_deterministic_with_tta(run):
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_matches_pytorch(run, tmp_path, fmt):
     out, _ = run
-    path = export_run(out, fmt, tmp_path / f"m.{fmt}")
+    e = export_run(out, fmt, tmp_path / f"m.{fmt}")
+    path = e.path
+    assert e.max_abs_diff is not None and e.max_abs_diff < 1e-3
+    if fmt == "onnx":
+        assert e.exporter == "torch.export (dynamo)"
     rm = load_run(out)
     x = torch.randn(4, 3, rm.img_size, rm.img_size)
     with torch.inference_mode():
@@ -168,3 +172,10 @@ def test_damaged_best_weights_are_a_user_error(run, tmp_path, capsys, damage):
         save_weights(w, torch.nn.Linear(3, 3))
     assert main(["evaluate", str(bad), str(data)]) == 2
     assert "cannot load weights" in capsys.readouterr().err
+
+
+def test_cli_export_prints_the_parity_check(run, tmp_path, capsys):
+    out, _ = run
+    assert main(["export", str(out), "--output", str(tmp_path / "m.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "torch.export (dynamo)" in text and "parity: max |logit difference| against PyTorch" in text

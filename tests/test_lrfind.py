@@ -68,3 +68,12 @@ def test_lr_find_cli(data, tmp_path, capsys):
                  "--batch-size", "8", "--workers", "0", "--quiet", "--steps", "20", "--out", str(tmp_path)]) == 0
     assert "suggested base lr" in capsys.readouterr().out
     assert (tmp_path / "lr_find.png").is_file() and (tmp_path / "lr_find.json").is_file()
+
+
+def test_lr_find_shows_progress_unless_quiet(data, tmp_path, capsys):
+    args = ["lr-find", str(data), "--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32",
+            "--batch-size", "8", "--workers", "0", "--steps", "20", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert "lr-find:" in capsys.readouterr().err  # the bar, on stderr
+    assert main([*args, "--quiet"]) == 0
+    assert "lr-find:" not in capsys.readouterr().err

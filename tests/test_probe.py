@@ -86,3 +86,11 @@ def test_no_probe_and_explicit_bn_are_respected(data, tmp_path):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["bn"] == "frozen" and cfg["probe_skill"] is None
     assert json.loads((run / "plan.json").read_text())["strategy"] == "auto:gradual"
+
+
+def test_probe_shows_progress_unless_quiet(data, tmp_path, capsys):
+    args = ["fit", str(data), *TINY[:-1], "--strategy", "auto", "--epochs", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "probe: train features" in capsys.readouterr().err
+    assert main([*args, "--quiet", "--out", str(tmp_path / "b")]) == 0
+    assert "probe:" not in capsys.readouterr().err

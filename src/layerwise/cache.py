@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 
 from layerwise.augment import CROP_PCT
 from layerwise.data import ImageDataset, Item
+from layerwise.progress import bar
 
 CACHE_MODES = ("auto", "ram", "disk", "off")
 RAM_BUDGET = 0.25  # 'auto' caches decoded images when they fit in a quarter of the RAM
@@ -56,9 +57,7 @@ class DecodedImages(Dataset):
         loader = DataLoader(ImageDataset(items, decode), batch_size=None, num_workers=workers)
         it: Iterator = iter(loader)
         if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, total=len(items), desc="decoding images once", unit="img", leave=False)
+            it = bar(it, "decoding images once", total=len(items), unit="img")
         self.images: list[torch.Tensor] = []
         self.labels: list[int] = []
         for sample in it:
@@ -144,7 +143,7 @@ class _Captured(Exception):
 
 
 @torch.inference_mode()
-def head_features(model: nn.Module, head: nn.Module, loader: DataLoader, device: torch.device,
+def head_features(model: nn.Module, head: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                   autocast: Callable, prepare: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's input for every sample of ``loader``, with the rest of the model in eval
     mode and without autograd; the head itself is never run."""

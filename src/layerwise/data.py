@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from layerwise.errors import DataError, MissingPathError, read_user_text
+from layerwise.progress import bar
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 Source = str | np.ndarray  # a file path, or an in-memory HxW / HxWx3 uint8 image
@@ -118,12 +119,7 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
 def check_images(items: Sequence[Item], *, progress: bool = False) -> tuple[list[Item], list[dict]]:
     """Decode every file once; returns the readable items and ``{path, reason}`` per skip."""
     good, skipped = [], []
-    it = items
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(items, desc="checking images", unit="img", leave=False)
-    for src, label in it:
+    for src, label in bar(items, "checking images", enabled=progress, unit="img"):
         if isinstance(src, np.ndarray):
             good.append((src, label))
             continue

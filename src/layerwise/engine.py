@@ -70,6 +70,7 @@ from layerwise.freeze import recalibrate_norms, set_trainable
 from layerwise.hardware import Amp, pick_device, to_device
 from layerwise.optim import ScheduleSpec, apply_states, build_optimizer, lr_by_group, lr_scale, set_lr_scale
 from layerwise.plan import Plan, Setup, resolve_strategy, setup
+from layerwise.progress import bar
 
 # --- devices and precision ---------------------------------------------------------------
 
@@ -465,12 +466,7 @@ def _explain_write_errors(run: Path) -> Iterator[None]:
 
 
 def _progress(batches: Iterator, epoch: int, epochs: int, quiet: bool, total: int | None = None) -> Iterator:
-    if quiet:
-        return iter(batches)
-    from tqdm import tqdm
-
-    return tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=True, dynamic_ncols=True,
-                total=total)
+    return bar(batches, f"epoch {epoch + 1}/{epochs}", enabled=not quiet, total=total, unit="batch", leave=True)
 
 
 def _say(cfg: RunConfig, msg: str) -> None:

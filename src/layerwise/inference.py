@@ -148,8 +148,22 @@ def predict(run: str | Path, images: Sequence[str], *, views: Sequence[str] = ()
 EXPORT_FORMATS = ("onnx", "torchscript")
 
 
-def export_run(run: str | Path, fmt: str, out: str | Path | None = None) -> Path:
-    """Write RUN's best model as ONNX or TorchScript (batch dimension dynamic)."""
+PARITY_TOLERANCE = 1e-3  # max |logit difference| an export may show against PyTorch
+
+
+@dataclass
+class Export:
+    """An exported file, how it was made, and how closely it reproduces PyTorch's logits."""
+
+    path: Path
+    exporter: str
+    max_abs_diff: float | None  # None: no runtime to check with (pip install onnxruntime)
+    images: int
+
+
+def export_run(run: str | Path, fmt: str, out: str | Path | None = None) -> Export:
+    """Write RUN's best model as ONNX or TorchScript (batch dimension dynamic), then run the
+    file on random images of two batch sizes and compare its logits with PyTorch's."""
     from layerwise.errors import UnknownNameError
 
     if fmt not in EXPORT_FORMATS:
@@ -158,8 +172,51 @@ def export_run(run: str | Path, fmt: str, out: str | Path | None = None) -> Path
     x = torch.zeros(1, 3, rm.img_size, rm.img_size)
     path = Path(out) if out else Path(run) / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
     if fmt == "onnx":
-        torch.onnx.export(rm.model, (x,), str(path), dynamo=False, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        exporter = _export_onnx(rm.model, x, path)
+        run_file = _onnx_runner(path)
     else:
+        exporter = "torch.jit.trace"
         torch.jit.trace(rm.model, x).save(str(path))
-    return path
+        scripted = torch.jit.load(str(path))
+        run_file = lambda batch: scripted(batch).detach()  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 3, rm.img_size, rm.img_size, generator=g) for n in (1, 3)]
+    diff = None
+    if run_file is not None:
+        with torch.inference_mode():
+            diff = max(float((run_file(b) - rm.model(b)).abs().max()) for b in batches)
+        if diff > PARITY_TOLERANCE:
+            raise LayerwiseError(f"{path} was written, but its logits differ from PyTorch's by up to {diff:.2e} "
+                                 f"(tolerance {PARITY_TOLERANCE:g}); do not deploy it. Try --format torchscript")
+    return Export(path, exporter, diff, sum(len(b) for b in batches))
+
+
+def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> str:
+    """torch.export-based ONNX (the maintained exporter), else the legacy TorchScript one
+    when onnxscript is missing or the model does not export that way."""
+    import contextlib
+    import io
+    import warnings
+
+    names = {"input_names": ["image"], "output_names": ["logits"]}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+        return "torch.export (dynamo)"
+    except Exception:  # noqa: BLE001 - any failure of the new path falls back to the proven one
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (x,), str(path), dynamo=False, dynamic_axes={"image": {0: "batch"},
+                              "logits": {0: "batch"}}, **names)
+        return "torch.onnx legacy (TorchScript)"
+
+
+def _onnx_runner(path: Path):  # noqa: ANN202 - a callable batch -> logits, or None
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: torch.from_numpy(session.run(None, {name: batch.numpy()})[0])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from layerwise.errors import LayerwiseError
 from layerwise.optim import set_lr_scale
+from layerwise.progress import bar
 
 if TYPE_CHECKING:
     from layerwise.engine import Trainer
@@ -59,7 +60,7 @@ def lr_find(t: "Trainer", *, start: float = 1e-7, end: float = 1.0, steps: int =
     lrs, losses, avg, best = [], [], 0.0, math.inf
     try:
         batches = iter(t.loaders.train)
-        for i in range(steps):
+        for i in bar(range(steps), "lr-find", enabled=not t.cfg.quiet, unit="step"):
             try:
                 x, y = next(batches)
             except StopIteration:

@@ -22,6 +22,7 @@ from layerwise.augment import eval_transform
 from layerwise.cache import head_features
 from layerwise.data import collate_skipping
 from layerwise.hardware import to_device
+from layerwise.progress import bar
 
 if TYPE_CHECKING:
     from layerwise.engine import Trainer
@@ -93,8 +94,11 @@ def linear_probe(t: Trainer, *, max_images: int = PROBE_MAX_IMAGES) -> ProbeResu
     rng = torch.get_rng_state()
     prep = lambda x: to_device(x, t.device, t.cfg.channels_last)  # noqa: E731
     train, val = (_loader(t, _capped(ds, max_images, t.cfg.seed)) for ds in (_train_images(t), _val_images(t)))
-    tx, ty = head_features(t.model, head, train, t.device, t.amp.autocast, prep)
-    vx, vy = head_features(t.model, head, val, t.device, t.amp.autocast, prep)
+    show = not t.cfg.quiet
+    tx, ty = head_features(t.model, head, bar(train, "probe: train features", enabled=show, total=len(train),
+                                              unit="batch"), t.device, t.amp.autocast, prep)
+    vx, vy = head_features(t.model, head, bar(val, "probe: val features", enabled=show, total=len(val),
+                                              unit="batch"), t.device, t.amp.autocast, prep)
     torch.set_rng_state(rng)
     acc = probe_accuracy(tx.flatten(1).numpy(), ty.numpy(), vx.flatten(1).numpy(), vy.numpy())
     chance = float(torch.bincount(vy).max() / len(vy))
