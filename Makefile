@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/layerwise fit --strategy full --label-smoothing 0.1 --out runs/demo
+	$(BIN)/layerwise fit --strategy full --label-smoothing 0.1 --out runs/demo --overwrite
 
 # The compare report's browser test needs Debian's chromium; without root it is skipped.
 browser:

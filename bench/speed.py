@@ -59,7 +59,8 @@ def layerwise(args: argparse.Namespace, strategy: str, seed: int = 0) -> dict:
     same_optim = ["--optimizer", "adam", "--scheduler", "constant", "--weight-decay", "0"] if args.same_optimizer else []
     _, wall, rss = run_child([sys.executable, "-m", "layerwise", "fit", args.data, "--strategy", strategy,
                               "--epochs", str(args.epochs), "--img-size", str(args.img_size), "--augment", "none",
-                              "--workers", "1", "--quiet", "--seed", str(seed), "--out", str(run), *same_optim])
+                              "--workers", "1", "--quiet", "--seed", str(seed), "--out", str(run), "--overwrite",
+                              *same_optim])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {"rows": rows, "wall": wall, "rss": rss}
 

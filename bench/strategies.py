@@ -43,7 +43,7 @@ def main() -> None:
             cfg = RunConfig(data=args.data, strategy=name, epochs=args.epochs, img_size=args.img_size, bn=bn,
                             augment=args.augment, precision=args.precision, out=str(run), quiet=True, seed=0)
             tic = time.perf_counter()
-            fit(cfg)
+            fit(cfg, overwrite=True)  # a benchmark re-measures: replace the last run
             wall = time.perf_counter() - tic
             m = read_jsonl(run / "metrics.jsonl")
             plan = json.loads((run / "plan.json").read_text())
