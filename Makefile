@@ -27,6 +27,7 @@ browser:
 	  echo "chromium not installed: the HTML report browser test will be skipped"
 
 test: $(STAMP) browser
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -10,12 +10,12 @@ import json
 import time
 
 import timm
+from competitor import competitor_parser  # bench/ is on the path: these run as scripts
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastai.metrics import accuracy
 from fastai.vision.all import ImageDataLoaders, Resize, vision_learner
 
-from competitor import competitor_parser  # bench/ is on the path: these run as scripts
 from layerwise.models import lite0_state_dict  # only to load the same offline weights
 
 

@@ -16,9 +16,9 @@ import time
 import timm
 import torch
 import torch.nn.functional as F
+from competitor import competitor_parser  # bench/ is on the path: these run as scripts
 from torchvision import datasets, transforms
 
-from competitor import competitor_parser  # bench/ is on the path: these run as scripts
 from layerwise.models import lite0_state_dict  # only to load the same offline weights
 
 

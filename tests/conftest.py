@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,19 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: in
                 px = (torch.tensor(colours[c % len(colours)]) + noise).clamp(0, 255).to(torch.uint8)
                 Image.fromarray(px.numpy()).save(d / f"{i}.png")
     return root
+
+
+@contextlib.contextmanager
+def hang_guard(seconds: float):
+    """Fail, instead of hanging the suite, when the body runs past ``seconds``: a hang
+    detector (a loop that never ends), not a speed target."""
+    def stop(*_):
+        raise TimeoutError(f"did not return within {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

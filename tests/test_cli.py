@@ -3,14 +3,11 @@ exit 0 or exit 2 with a message, never a hang and never a traceback."""
 
 from __future__ import annotations
 
-import contextlib
-import signal
-
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_image_folder
+from conftest import hang_guard, make_image_folder
 from layerwise.cli import main
 
 TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--batch-size", "8", "--workers", "0", "--quiet"]
@@ -19,20 +16,6 @@ TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--batch-size"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=8, size=16)
-
-
-@contextlib.contextmanager
-def hang_guard(seconds: float):
-    def stop(*_):
-        raise TimeoutError(f"the command did not end within {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def run_cli(argv: list[str]) -> int:

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import hang_guard
 from layerwise.errors import LayerwiseError
 from layerwise.freeze import set_trainable
 from layerwise.groups import layer_groups
@@ -146,22 +145,6 @@ def test_bad_lr_rejected(tiny):
         build_optimizer(tiny, groups, make_strategy("full", [g.name for g in groups]).states(0), lr=0)
 
 
-@contextlib.contextmanager
-def _hang_guard(seconds: float):
-    """Fail (instead of hanging the suite) if the body runs past ``seconds``: a loop whose
-    length grows with the step, as cosine_restarts once had, trips it."""
-    def stop(*_):
-        raise TimeoutError(f"schedule did not return within {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 @settings(max_examples=300, deadline=None)
 @given(name=st.sampled_from(sorted(SCHEDULES)), epochs=st.integers(1, 10_000), spe=st.integers(1, 10_000),
        t0=st.integers(1, 100_000), t_mult=st.integers(1, 100), warmup=st.floats(0, 0.99),
@@ -171,7 +154,7 @@ def test_every_schedule_returns_promptly_for_any_valid_config(name, epochs, spe,
     total = epochs * spe
     spec = ScheduleSpec(total, spe, warmup_steps=int(warmup * epochs * spe), t0=t0, t_mult=t_mult)
     step = int(frac * total * 1000)  # far past the end too: resume with more epochs
-    with _hang_guard(1.0):
+    with hang_guard(1.0):
         v = lr_scale(name, step, spec)
     assert 0.0 <= v <= 1.0 and math.isfinite(v)
 

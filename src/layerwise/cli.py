@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from layerwise.errors import LayerwiseError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from layerwise.config import RunConfig
 
 S = argparse.SUPPRESS

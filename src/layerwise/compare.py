@@ -216,7 +216,7 @@ def compare(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: i
             overwrite: bool = False) -> dict:
     """Run (or resume, or skip) every strategy, then write summary.json/.md and plots."""
     runs = run_all(base, strategies, out, repeats=repeats, overwrite=overwrite)
-    n_val = json.loads((runs[0] / rundir.MODEL).read_text())["val_images"]
+    n_val = rundir.read_model_info(runs[0])["val_images"]
     rows = [run_row(r) for r in runs]  # each run's metrics read once, for table and plots
     summary = summarise(rows, strategies, n_val)
     write_summary(out, summary, rows)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from layerwise import rundir
 from layerwise.augment import PRESETS, eval_transform, mix_batch
 from layerwise.cache import (
     DecodedImages,
@@ -44,7 +45,6 @@ from layerwise.checkpoint import (
     state_dict_cpu,
     write_json,
 )
-from layerwise import rundir
 from layerwise.config import CHECK_DATA_AUTO_LIMIT, RunConfig, checkpoint_interval
 from layerwise.data import (
     DEFAULT_IMG_SIZE,
@@ -709,7 +709,7 @@ def _adapt_batches(t: Trainer, max_images: int = 2048) -> Iterator[torch.Tensor]
 
 
 def _check_resumable(run: Path, t: Trainer) -> None:
-    saved = json.loads((run / rundir.MODEL).read_text())
+    saved = rundir.read_model_info(run)
     now = _model_info(t.s, t.splits)
     for key in ("arch", "num_classes", "classes", "head"):
         if saved[key] != now[key]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +10,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from layerwise import rundir
 from layerwise.augment import eval_transform
 from layerwise.checkpoint import load_weights
-from layerwise.data import IMAGE_ERRORS, ImageDataset, check_images, class_counts, collate_skipping, eval_items, open_image
-from layerwise.errors import DataError, LayerwiseError, MissingPathError, read_user_text
-
-
-class RunFileError(LayerwiseError):
-    """A run folder's JSON that is damaged, edited or crafted."""
+from layerwise.data import (
+    IMAGE_ERRORS,
+    ImageDataset,
+    check_images,
+    class_counts,
+    collate_skipping,
+    eval_items,
+    open_image,
+)
+from layerwise.errors import DataError, LayerwiseError, MissingPathError
 from layerwise.models import create_model
 
 
@@ -36,57 +40,10 @@ class RunModel:
         return eval_transform(self.img_size, self.mean, self.std)
 
 
-def read_model_info(run: Path) -> dict:
-    """``model.json``, checked as untrusted input: a hand-edited or crafted file must not
-    crash a command or make it allocate an absurd model or image."""
-    from layerwise.config import MAX_CLASSES, MAX_IMG_SIZE, RANGES
-    from layerwise.models import HEADS
-
-    path = run / "model.json"
-    if not path.is_file():
-        raise MissingPathError(f"{str(run)!r} is not a layerwise run folder (no model.json); pass the --out of a fit")
-    try:
-        info = json.loads(read_user_text(path, "run file"))
-    except json.JSONDecodeError as e:
-        raise RunFileError(f"{str(path)!r} is not valid JSON ({e}); re-run the fit to rewrite it") from e
-    if not isinstance(info, dict):
-        raise RunFileError(f"{str(path)!r} must hold a JSON object, got {type(info).__name__}")
-
-    def bad(key: str, want: str) -> RunFileError:
-        return RunFileError(f"{str(path)!r}: {key!r} must be {want}, got {info.get(key)!r}; "
-                            "the file was edited or damaged, re-run the fit to rewrite it")
-
-    checks = {
-        "source": (lambda v: v in ("torchvision", "timm"), "'torchvision' or 'timm'"),
-        "arch": (lambda v: isinstance(v, str) and v.isidentifier(), "an architecture name"),
-        "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
-        "hidden": (lambda v: _is_int(v) and v in RANGES["hidden"], f"an integer {RANGES['hidden']}"),
-        "num_classes": (lambda v: _is_int(v) and 1 <= v <= MAX_CLASSES, f"an integer from 1 to {MAX_CLASSES}"),
-        "classes": (lambda v: isinstance(v, list) and len(v) == info.get("num_classes")
-                    and all(isinstance(c, str) for c in v), "a list of num_classes names"),
-        "img_size": (lambda v: _is_int(v) and 16 <= v <= MAX_IMG_SIZE, f"an integer from 16 to {MAX_IMG_SIZE}"),
-        "mean": (lambda v: _floats3(v), "three numbers"),
-        "std": (lambda v: _floats3(v) and min(v) > 0, "three positive numbers"),
-    }
-    for key, (ok, want) in checks.items():
-        if key not in info or not ok(info[key]):
-            raise bad(key, want)
-    return info
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _floats3(v: object) -> bool:
-    return (isinstance(v, list) and len(v) == 3
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e6 for x in v))
-
-
 def load_run(run: str | Path) -> RunModel:
     """Rebuild RUN's architecture and head, then load its best weights."""
     run = Path(run)
-    info = read_model_info(run)
+    info = rundir.read_model_info(run)
     wpath = run / "best.safetensors"
     if not wpath.is_file():
         raise MissingPathError(f"{str(wpath)!r} does not exist; the run has not finished an epoch yet")
