@@ -8,6 +8,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import make_image_folder
+from layerwise import trainer
 from layerwise.checkpoint import read_jsonl
 from layerwise.cli import main
 from layerwise.config import RunConfig
@@ -240,11 +241,10 @@ def test_nan_skip_keeps_going(data, tmp_path, capsys):
 
 
 def test_disk_full_while_saving_keeps_previous_checkpoint(data, tmp_path, capsys, monkeypatch):
-    from layerwise import engine
 
     run = tmp_path / "run"
     common = [str(data), *TINY, "--strategy", "full", "--epochs", "2", "--out", str(run)]
-    real = engine.save_state
+    real = trainer.save_state
     calls = []
 
     def full_disk_on_second_save(path, state):
@@ -253,7 +253,7 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(data, tmp_path, capsys
             raise OSError(28, "No space left on device")
         real(path, state)
 
-    monkeypatch.setattr(engine, "save_state", full_disk_on_second_save)
+    monkeypatch.setattr(trainer, "save_state", full_disk_on_second_save)
     assert _fit(*common) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "previous checkpoint is intact" in err
@@ -393,30 +393,28 @@ def test_resume_refuses_flags_that_would_change_the_run(data, tmp_path, capsys, 
 
 
 def test_nan_skip_stops_after_a_run_of_bad_batches_and_saves_no_nan(data, tmp_path, capsys, monkeypatch):
-    from layerwise import engine
 
     run = tmp_path / "run"
-    real = engine.F.cross_entropy
-    monkeypatch.setattr(engine.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
     assert _fit(str(bigger_data(tmp_path)), *TINY, "--strategy", "full", "--epochs", "2", "--nan", "skip",
                 "--out", str(run)) == 2
     err = capsys.readouterr().err
-    assert f"{engine.MAX_SKIPPED_IN_A_ROW} batches in a row had a non-finite loss" in err
+    assert f"{trainer.MAX_SKIPPED_IN_A_ROW} batches in a row had a non-finite loss" in err
     assert f"layerwise fit --resume {run} --lr" in err
     assert not (run / "best.safetensors").exists()
 
 
 def test_nan_skip_keeps_going_past_one_bad_batch(data, tmp_path, capsys, monkeypatch):
-    from layerwise import engine
 
     run = tmp_path / "run"
-    real, calls = engine.F.cross_entropy, []
+    real, calls = torch.nn.functional.cross_entropy, []
 
     def nan_once(*a, **k):
         calls.append(1)
         return real(*a, **k) * (float("nan") if len(calls) == 2 else 1.0)
 
-    monkeypatch.setattr(engine.F, "cross_entropy", nan_once)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_once)
     assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "2", "--nan", "skip", "--out", str(run)) == 0
     assert capsys.readouterr().out.count("batch skipped (--nan skip)") == 1
     assert all(torch.isfinite(t).all() for t in load_file(str(run / "best.safetensors")).values())
@@ -445,12 +443,11 @@ def bigger_data(tmp_path):
 
 
 def test_full_disk_at_the_first_checkpoint_does_not_claim_a_previous_one(data, tmp_path, capsys, monkeypatch):
-    from layerwise import engine
 
     def full(path, state):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine, "save_state", full)
+    monkeypatch.setattr(trainer, "save_state", full)
     assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--out", str(tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert "No checkpoint was written yet" in err and "previous checkpoint is intact" not in err

@@ -10,8 +10,9 @@ import yaml
 from conftest import make_image_folder
 from layerwise.cli import main
 from layerwise.config import RunConfig
-from layerwise.engine import build_trainer
-from layerwise.lrfind import lr_find, steepest, sweep_lr
+from layerwise.engine import build_trainer, range_test
+from layerwise.lrfind import steepest, sweep_lr
+from layerwise.trainer import EpochProgress
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +25,12 @@ def test_lr_find_restores_model_and_optimizer_exactly(data, tmp_path):
                     workers=0, quiet=True, strategy="discriminative")
     t = build_trainer(cfg, tmp_path / "run")
     # Give the optimizer some state first, so restoring it is a real check.
-    from layerwise.engine import EpochProgress
-
     t.apply_plan(0)
-    x, y = next(iter(t.loaders.train))
-    t._step(x, y, EpochProgress(0), t.net)
+    t._step(next(iter(t.loaders.train)), EpochProgress(0), t.net)
     model_before = {k: v.clone() for k, v in t.model.state_dict().items()}
     opt_before = copy.deepcopy(t.optimizer.state_dict())  # state_dict() holds live tensors
     mults = [pg["lr_mult"] for pg in t.optimizer.param_groups]
-    res = lr_find(t, steps=30)
+    res = range_test(t, steps=30)
     for k, v in t.model.state_dict().items():
         assert torch.equal(v, model_before[k]), k
     after = t.optimizer.state_dict()

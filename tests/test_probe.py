@@ -12,7 +12,7 @@ from layerwise.checkpoint import read_jsonl
 from layerwise.cli import main
 from layerwise.config import RunConfig
 from layerwise.engine import build_trainer
-from layerwise.probe import ProbeResult, linear_probe, probe_accuracy
+from layerwise.probe import ProbeResult, linear_probe, probe_accuracy, probe_loaders
 
 TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32", "--batch-size", "16",
         "--workers", "0", "--quiet"]
@@ -46,14 +46,21 @@ def test_linear_probe_leaves_model_and_rng_untouched(data, tmp_path):
     t = build_trainer(cfg, tmp_path / "run")
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     rng = torch.get_rng_state()
-    res = linear_probe(t)
+    def probe(**kw):
+        from layerwise.loaders import with_eval_transform
+
+        train = with_eval_transform(t.loaders.train.dataset, 32, t.s.loaded.mean, t.s.loaded.std)
+        loaders = probe_loaders(train, t.loaders.val.dataset, batch_size=16, workers=0, seed=0, **kw)
+        return linear_probe(t.model, t.head_module(), *loaders, t.device, t.amp)
+
+    res = probe()
     assert torch.equal(rng, torch.get_rng_state())
     for k, v in t.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert res.train_images == 96 and 0 <= res.acc <= 1 and res.chance == pytest.approx(1 / 3)
     # coloured squares are easy even for random features
     assert res.skill > 0.5
-    capped = linear_probe(t, max_images=30)
+    capped = probe(max_images=30)
     assert capped.train_images == 30 and capped.acc * 30 == pytest.approx(round(capped.acc * 30))
 
 

@@ -324,21 +324,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    import dataclasses
     from pathlib import Path
 
-    from layerwise.checkpoint import write_json
-    from layerwise.engine import build_trainer
-    from layerwise.lrfind import lr_find, plot_lr_find
+    from layerwise.engine import find_lr
 
     cfg = _config_from(args, skip=("start", "end", "steps"))
     out = Path(cfg.out or "runs/lr-find")
-    out.mkdir(parents=True, exist_ok=True)
-    t = build_trainer(cfg if cfg.lr != "auto" else dataclasses.replace(cfg, lr=1e-3), out)
-    res = lr_find(t, start=args.start, end=args.end, steps=args.steps)
-    write_json(out / "lr_find.json", res.to_dict())
-    plot_lr_find(res, out / "lr_find.png")
-    mults = {pg["group"]: pg["lr_mult"] for pg in t.optimizer.param_groups}
+    res, mults = find_lr(cfg, out, start=args.start, end=args.end, steps=args.steps)
     print(f"suggested base lr {res.suggestion:.2e}: {res.reason}")
     print("per-group LRs at that base: " + ", ".join(f"{g} {res.suggestion * m:.1e}" for g, m in mults.items()))
     print(f"plot: {out / 'lr_find.png'}")

@@ -131,6 +131,22 @@ def check_images(items: Sequence[Item], *, progress: bool = False) -> tuple[list
     return good, skipped
 
 
+def drop_unreadable(splits: Splits, *, check: str, limit: int, progress: bool) -> None:
+    """Decode every file once (``check`` on, or auto under ``limit`` images) and drop the
+    unreadable ones from ``splits``, keeping them in ``splits.skipped``."""
+    if check == "off" or (check == "auto" and len(splits.train) + len(splits.val) > limit):
+        return
+    splits.train, bad_train = check_images(splits.train, progress=progress)
+    splits.val, bad_val = check_images(splits.val, progress=progress)
+    splits.skipped = bad_train + bad_val
+    for part, items in (("train", splits.train), ("val", splits.val)):
+        empty = set(range(len(splits.classes))) - {label for _, label in items}
+        if empty:
+            names = ", ".join(splits.classes[i] for i in sorted(empty))
+            raise DataError(f"after skipping unreadable images, class(es) {names} have no {part} images; "
+                            "fix or replace those files")
+
+
 def write_skipped(path: Path, skipped: list[dict]) -> None:
     path.write_text(json.dumps({"count": len(skipped), "files": skipped}, indent=2) + "\n")
 

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from layerwise.errors import LayerwiseError
 from layerwise.optim import set_lr_scale
 from layerwise.progress import bar
+from layerwise.rng import get_rng, set_rng
+from layerwise.step import StepResult
 
-if TYPE_CHECKING:
-    from layerwise.engine import Trainer
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -46,37 +47,33 @@ def steepest(lrs: list[float], losses: list[float]) -> tuple[float, str]:
     return lrs[i], f"steepest descent of the smoothed loss at lr {lrs[i]:.2e} (minimum at {lrs[low]:.2e})"
 
 
-def lr_find(t: "Trainer", *, start: float = 1e-7, end: float = 1.0, steps: int = 100, beta: float = 0.9,
-            diverge: float = 4.0) -> LRFind:
-    """Run the range test on ``t`` (a built Trainer) in its epoch-0 plan; restores its state."""
+def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[Batch],
+            step: Callable[[Batch], StepResult | None], *, start: float = 1e-7, end: float = 1.0, steps: int = 100,
+            beta: float = 0.9, diverge: float = 4.0, quiet: bool = True) -> LRFind:
+    """Sweep the base LR from ``start`` to ``end`` over ``steps`` batches of ``loader``, each
+    taken by ``step`` (the training loop's own step) with every group at base LR x its own
+    multiplier. The model, optimizer and RNG are restored exactly afterwards."""
     if not 0 < start < end:
         raise LayerwiseError(f"lr-find needs 0 < start < end, got {start} and {end}")
-    model, opt = t.model, t.optimizer
     saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
-    saved_rng = torch.get_rng_state()
-    t.apply_plan(0)
+    saved_opt = copy.deepcopy(optimizer.state_dict())
+    saved_rng = get_rng()
     model.train()
-    lrs, losses, avg, best = [], [], 0.0, math.inf
+    lrs: list[float] = []
+    losses: list[float] = []
+    avg, best = 0.0, math.inf
     try:
-        batches = iter(t.loaders.train)
-        for i in bar(range(steps), "lr-find", enabled=not t.cfg.quiet, unit="step"):
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                batches = iter(t.loaders.train)
-                x, y = next(batches)
+        batches = _cycle(loader)
+        for i in bar(range(steps), "lr-find", enabled=not quiet, unit="step"):
             lr = sweep_lr(i, steps, start, end)
-            set_lr_scale(opt, lr, 1.0)  # every group at lr x its own multiplier
-            x, y = x.to(t.device), y.to(t.device)
-            with t.amp.autocast():
-                loss = F.cross_entropy((t.net or model)(x).float(), y)
-            if not torch.isfinite(loss):
+            set_lr_scale(optimizer, lr, 1.0)
+            r = step(next(batches))
+            if r is None:  # every image of the batch unreadable
+                continue
+            if not r.finite:
                 break
-            opt.zero_grad(set_to_none=True)
-            t.amp.step(loss, opt, t.cfg.clip_grad)
-            avg = beta * avg + (1 - beta) * loss.item()
-            smoothed = avg / (1 - beta ** (i + 1))
+            avg = beta * avg + (1 - beta) * r.loss
+            smoothed = avg / (1 - beta ** (len(losses) + 1))
             lrs.append(lr)
             losses.append(smoothed)
             best = min(best, smoothed)
@@ -84,12 +81,23 @@ def lr_find(t: "Trainer", *, start: float = 1e-7, end: float = 1.0, steps: int =
                 break
     finally:
         model.load_state_dict(saved_model)
-        opt.load_state_dict(saved_opt)
-        torch.set_rng_state(saved_rng)
+        optimizer.load_state_dict(saved_opt)
+        set_rng(saved_rng)
     if len(lrs) < 5:
         raise LayerwiseError("lr-find diverged within 5 steps; lower its start LR")
     suggestion, reason = steepest(lrs, losses)
     return LRFind(lrs, losses, suggestion, reason)
+
+
+def _cycle(loader: Iterable[Batch]) -> Iterator[Batch]:
+    """The loader's batches, starting over at its end (a short dataset still fills the sweep)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise LayerwiseError("lr-find has no training batch to run; add images or lower --batch-size")
 
 
 def plot_lr_find(res: LRFind, path: Path) -> Path:

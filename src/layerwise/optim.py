@@ -80,9 +80,24 @@ def param_groups(
             for decay in (True, False):
                 ps = [named[n] for n in names if (n not in skip) == decay]
                 if ps:
-                    out.append({"params": ps, "group": g.name, "block": b, "block_mult": mult,
-                                "decay": decay, "lr_mult": mult, "lr": 0.0, "weight_decay": 0.0})
+                    out.append({"params": ps, "group": g.name, "block": b, "block_mult": mult, "decay": decay,
+                                "lr_mult": 1.0, "trainable": True, "lr": 0.0, "weight_decay": 0.0})
     return out
+
+
+def group_lr(base_lr: float, state: GroupState, scale: float = 1.0, block_mult: float = 1.0) -> float | None:
+    """The one formula for a group's LR: base LR x the strategy's multiplier x the block's
+    layer-decay multiplier x the schedule's scale at the step; ``None`` while frozen.
+
+    The optimizer, ``layerwise plan``, plan.json, metrics.jsonl and steps.jsonl all use it."""
+    return base_lr * state.lr_mult * block_mult * scale if state.trainable else None
+
+
+def group_wd(weight_decay: float, state: GroupState) -> float | None:
+    """A group's weight decay: the strategy's own, else the run's; ``None`` while frozen."""
+    if not state.trainable:
+        return None
+    return weight_decay if state.weight_decay is None else state.weight_decay
 
 
 def apply_states(
@@ -93,15 +108,14 @@ def apply_states(
     weight_decay: float,
     scale: float = 1.0,
 ) -> None:
-    """Set each param group's LR to ``lr * group mult * block mult * scale`` and its
-    weight decay (0 for no-decay parameters). Only the scale changes per step, so
-    the ratios between groups always hold."""
+    """Put each param group in its layer group's state: LR from :func:`group_lr` (0 while
+    frozen: the group has no gradients anyway), weight decay (0 for no-decay parameters).
+    Only the scale changes per step, so the ratios between groups always hold."""
     for pg in optimizer.param_groups:
         st = states[pg["group"]]
-        pg["lr_mult"] = st.lr_mult * pg["block_mult"]
-        pg["lr"] = lr * pg["lr_mult"] * scale
-        wd = weight_decay if st.weight_decay is None else st.weight_decay
-        pg["weight_decay"] = wd if pg["decay"] else 0.0
+        pg["lr_mult"], pg["trainable"] = st.lr_mult, st.trainable
+        pg["lr"] = group_lr(lr, st, scale, pg["block_mult"]) or 0.0
+        pg["weight_decay"] = (group_wd(weight_decay, st) or 0.0) if pg["decay"] else 0.0
 
 
 def build_optimizer(
@@ -132,11 +146,14 @@ def build_optimizer(
     return opt
 
 
-def lr_by_group(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Each layer group's current LR (its top block's, under layer decay)."""
-    out: dict[str, float] = {}
+def lr_by_group(optimizer: torch.optim.Optimizer) -> dict[str, float | None]:
+    """Each layer group's current LR (its top block's, under layer decay); ``None`` while frozen."""
+    out: dict[str, float | None] = {}
     for pg in optimizer.param_groups:
-        out[pg["group"]] = max(out.get(pg["group"], 0.0), pg["lr"])
+        if not pg["trainable"]:
+            out[pg["group"]] = None
+        else:
+            out[pg["group"]] = max(out.get(pg["group"]) or 0.0, pg["lr"])
     return out
 
 
@@ -238,4 +255,5 @@ def torch_scheduler(optimizer: torch.optim.Optimizer, name: str, spec: ScheduleS
 def set_lr_scale(optimizer: torch.optim.Optimizer, lr: float, scale: float) -> None:
     """Per-step LR update: every group moves by the same ``scale``, keeping its ratio."""
     for pg in optimizer.param_groups:
-        pg["lr"] = lr * pg["lr_mult"] * scale
+        state = GroupState(pg["trainable"], pg["lr_mult"])
+        pg["lr"] = group_lr(lr, state, scale, pg["block_mult"]) or 0.0

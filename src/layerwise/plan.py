@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from torch import nn
 
+from layerwise.errors import LayerwiseError
 from layerwise.groups import LayerGroup
+from layerwise.optim import ScheduleSpec, group_lr, group_wd, layer_decay_mults, lr_scale
 from layerwise.strategies import States, Strategy
 
 if TYPE_CHECKING:
@@ -16,8 +19,16 @@ if TYPE_CHECKING:
     from layerwise.models import LoadedModel
 
 
+# ``layerwise plan`` knows no data: it shows the schedule at this many steps per epoch. Epoch-
+# start LRs of every schedule depend on the epoch fraction only, so any value gives the same.
+NOMINAL_STEPS_PER_EPOCH = 100
+
+
 @dataclass(frozen=True)
 class Plan:
+    """What trains when, at which LR and weight decay: the strategy's states over the groups,
+    with the schedule and layer decay that scale them."""
+
     model: str
     strategy: Strategy
     groups: tuple[LayerGroup, ...]
@@ -25,19 +36,43 @@ class Plan:
     epochs: int
     lr: float
     weight_decay: float
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    t0: int = 5
+    t_mult: int = 2
+    layer_decay: float | None = None
+    steps_per_epoch: int = NOMINAL_STEPS_PER_EPOCH
+    settings: dict = field(default_factory=dict)  # the resolved training settings, for --json
 
     def states(self, epoch: int) -> States:
         return self.strategy.states(epoch)
 
+    def spec(self) -> ScheduleSpec:
+        spe = self.steps_per_epoch
+        return ScheduleSpec(total_steps=spe * self.epochs, steps_per_epoch=spe,
+                            warmup_steps=int(self.warmup_epochs * spe), t0=self.t0, t_mult=self.t_mult)
+
+    def top_block_mult(self, group: str) -> float:
+        """Layer decay's multiplier of the group's last block (1 without layer decay)."""
+        if not self.layer_decay:
+            return 1.0
+        i = [g.name for g in self.groups].index(group)
+        return layer_decay_mults(self.groups, self.layer_decay)[i][-1]
+
+    def lr_at(self, group: str, epoch: int, step: int) -> float | None:
+        """The group's LR at ``step`` (in ``epoch``): :func:`~layerwise.optim.group_lr`, the
+        same function the optimizer uses; ``None`` while frozen."""
+        scale = lr_scale(self.scheduler, step, self.spec())
+        return group_lr(self.lr, self.states(epoch)[group], scale, self.top_block_mult(group))
+
+    def lrs_at(self, epoch: int, step: int) -> dict[str, float | None]:
+        return {g.name: self.lr_at(g.name, epoch, step) for g in self.groups}
+
+    def epoch_start_lrs(self, epoch: int) -> dict[str, float | None]:
+        return self.lrs_at(epoch, epoch * self.steps_per_epoch)
+
     def unfreeze_epoch(self, group: str) -> int | None:
         return next((e for e in range(self.epochs) if self.states(e)[group].trainable), None)
-
-    def group_lr(self, group: str, epoch: int) -> float:
-        return self.lr * self.states(epoch)[group].lr_mult
-
-    def group_wd(self, group: str, epoch: int) -> float:
-        wd = self.states(epoch)[group].weight_decay
-        return self.weight_decay if wd is None else wd
 
     def trainable_groups(self, epoch: int) -> list[str]:
         return [g.name for g in self.groups if self.states(epoch)[g.name].trainable]
@@ -46,24 +81,24 @@ class Plan:
         return sum(self.sizes[g] for g in self.trainable_groups(epoch))
 
     def to_dict(self) -> dict:
-        """The JSON contract of ``layerwise plan --json`` and ``plan.json``."""
+        """The JSON contract of ``layerwise plan --json`` and ``plan.json``: per group, the LR
+        and weight decay at the start of its first trainable epoch (``null``: never trains)."""
         groups = []
         for g in self.groups:
             first = self.unfreeze_epoch(g.name)
-            at = first if first is not None else 0
             groups.append({
                 "name": g.name,
                 "params": self.sizes[g.name],
                 "trainable_params": self.sizes[g.name] if self.states(0)[g.name].trainable else 0,
                 "unfreeze_epoch": first,
-                "lr": self.group_lr(g.name, at),
-                "weight_decay": self.group_wd(g.name, at),
+                "lr": None if first is None else self.epoch_start_lrs(first)[g.name],
+                "weight_decay": None if first is None else group_wd(self.weight_decay, self.states(first)[g.name]),
             })
         epochs = [{
             "epoch": e,
             "trainable_params": self.trainable_params(e),
             "trainable_groups": self.trainable_groups(e),
-            "lr": {g.name: self.group_lr(g.name, e) for g in self.groups},
+            "lr": self.epoch_start_lrs(e),
         } for e in range(self.epochs)]
         return {
             "model": self.model,
@@ -72,31 +107,59 @@ class Plan:
             "epochs": epochs,
             "total_params": sum(self.sizes.values()),
             "reason": self.strategy.reason,
+            "training": {**self.settings, "lr": self.lr, "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch},
         }
 
     def table(self) -> str:
-        """Human-readable plan: one row per group, then the unfreezing timeline."""
+        """Human-readable plan: one row per group, then the unfreezing timeline with each
+        epoch's starting LRs (``-``: frozen)."""
         d = self.to_dict()
         lines = [f"model {self.model} · strategy {self.strategy.name} · {self.epochs} epochs · base lr {self.lr:g}"]
         if self.strategy.reason:
             lines.append(f"reason: {self.strategy.reason}")
+        lines.append("training: " + " · ".join(f"{k} {v}" for k, v in _settings_line(self.settings).items()))
         lines.append(f"{'group':<12} {'params':>12} {'unfreeze':>9} {'lr':>10} {'wd':>8}")
         for g in d["groups"]:
             ue = "never" if g["unfreeze_epoch"] is None else str(g["unfreeze_epoch"])
-            lines.append(f"{g['name']:<12} {g['params']:>12,} {ue:>9} {g['lr']:>10.2e} {g['weight_decay']:>8.0e}")
+            lines.append(f"{g['name']:<12} {g['params']:>12,} {ue:>9} {_num(g['lr'], '.2e'):>10} "
+                         f"{_num(g['weight_decay'], '.0e'):>8}")
         lines.append(f"{'total':<12} {d['total_params']:>12,}")
         lines.append("")
-        lines.append(f"{'epoch':>5} {'trainable':>12} {'%':>6}  groups")
+        lines.append(f"{'epoch':>5} {'trainable':>12} {'%':>6} {'head lr':>10}  groups")
+        head = self.groups[-1].name
         for e in d["epochs"]:
             pct = 100 * e["trainable_params"] / max(1, d["total_params"])
-            lines.append(f"{e['epoch']:>5} {e['trainable_params']:>12,} {pct:>5.1f}%  {', '.join(e['trainable_groups'])}")
+            lines.append(f"{e['epoch']:>5} {e['trainable_params']:>12,} {pct:>5.1f}% {_num(e['lr'][head], '.2e'):>10}"
+                         f"  {', '.join(e['trainable_groups'])}")
         return "\n".join(lines)
 
 
-def make_plan(model_name: str, model: nn.Module, groups: Sequence[LayerGroup], strategy: Strategy, *,
-              epochs: int, lr: float, weight_decay: float) -> Plan:
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _settings_line(settings: dict) -> dict:
+    """The settings worth a glance, in the order a reader scans them."""
+    keys = ("optimizer", "scheduler", "label_smoothing", "head", "bn", "augment")
+    out = {k: settings[k] for k in keys if k in settings}
+    if settings.get("scheduler") == "cosine-restarts":
+        out["scheduler"] = f"cosine-restarts (t0 {settings['t0']}, t_mult {settings['t_mult']})"
+    return out
+
+
+def training_settings(cfg: RunConfig) -> dict:
+    """The resolved settings a strategy may imply, as ``plan --json`` shows them."""
+    keys = ("optimizer", "scheduler", "warmup_epochs", "t0", "t_mult", "label_smoothing", "head", "hidden", "bn",
+            "augment", "weight_decay", "layer_decay", "clip_grad", "ema", "mixup", "cutmix", "img_size")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def make_plan(model: nn.Module, groups: Sequence[LayerGroup], strategy: Strategy, cfg: RunConfig) -> Plan:
+    """The plan of ``strategy`` over ``groups`` with a resolved config's schedule and settings."""
     sizes = {g.name: g.numel(model) for g in groups}
-    return Plan(model_name, strategy, tuple(groups), sizes, epochs, lr, weight_decay)
+    return Plan(cfg.model, strategy, tuple(groups), sizes, cfg.epochs, cfg.lr, cfg.weight_decay,
+                scheduler=cfg.scheduler, warmup_epochs=cfg.warmup_epochs, t0=cfg.t0, t_mult=cfg.t_mult,
+                layer_decay=cfg.layer_decay, settings=training_settings(cfg))
 
 
 @dataclass
@@ -140,7 +203,9 @@ def setup(cfg: "RunConfig", num_classes: int, *, images_per_class: float | None 
         replace_head(loaded.model, num_classes, resolved.head, cfg.hidden)
         groups = layer_groups(loaded.model, cfg.groups)
     if resolved.img_size is None:
-        resolved.img_size = loaded.img_size
-    plan = make_plan(cfg.model, loaded.model, groups, strategy, epochs=cfg.epochs, lr=cfg.lr,
-                     weight_decay=resolved.weight_decay)
+        resolved = dataclasses.replace(resolved, img_size=loaded.img_size)
+    if resolved.lr == "auto":
+        raise LayerwiseError("--lr auto is chosen by the LR range test when fit starts; give a number to plan with "
+                             "(or run layerwise lr-find)")
+    plan = make_plan(loaded.model, groups, strategy, resolved)
     return Setup(loaded, groups, plan, resolved)

@@ -9,23 +9,20 @@ close to the pretraining domain; low skill means the body has to adapt.
 
 from __future__ import annotations
 
-import copy
+import functools
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from layerwise.augment import eval_transform
 from layerwise.cache import head_features
-from layerwise.data import collate_skipping
-from layerwise.hardware import to_device
+from layerwise.hardware import Amp, to_device
+from layerwise.loaders import ordered_loader
 from layerwise.progress import bar
-
-if TYPE_CHECKING:
-    from layerwise.engine import Trainer
+from layerwise.rng import get_rng, set_rng
 
 PROBE_MAX_IMAGES = 2000  # train and val images the probe sees at most: enough to rank, cheap on a CPU
 
@@ -66,40 +63,26 @@ def _capped(ds: Dataset, max_images: int, seed: int) -> Dataset:
     return Subset(ds, torch.randperm(len(ds), generator=g)[:max_images].tolist())
 
 
-def _loader(t: Trainer, ds: Dataset) -> DataLoader:
-    return DataLoader(ds, batch_size=t.cfg.batch_size, shuffle=False, num_workers=t.loaders.train.num_workers,
-                      collate_fn=collate_skipping)
+def probe_loaders(train: Dataset, val: Dataset, *, batch_size: int, workers: int, seed: int,
+                  max_images: int = PROBE_MAX_IMAGES) -> tuple[DataLoader, DataLoader]:
+    """Ordered loaders over at most ``max_images`` of each set (``train`` through the eval
+    transform, ``val`` whole, not a distributed shard)."""
+    return (ordered_loader(_capped(train, max_images, seed), batch_size, workers),
+            ordered_loader(_capped(val, max_images, seed), batch_size, workers))
 
 
-def _train_images(t: Trainer) -> Dataset:
-    """The training set through the eval transform, sharing any decoded cache."""
-    ds = copy.copy(t.loaders.train.dataset)
-    ds.transform = eval_transform(t.cfg.img_size, t.s.loaded.mean, t.s.loaded.std)
-    return ds
-
-
-def _val_images(t: Trainer) -> Dataset:
-    """Every validation image, also when distributed runs shard them: each rank must
-    reach the same verdict."""
-    ds = t.loaders.val.dataset
-    return ds.dataset if isinstance(ds, Subset) else ds
-
-
-def linear_probe(t: Trainer, *, max_images: int = PROBE_MAX_IMAGES) -> ProbeResult:
-    """Probe the trainer's pretrained model; its weights, head and RNG are left as they were."""
-    head = t.head_module()
-    if head is None:
-        raise ValueError("the linear probe needs a head group made of one module")
+def linear_probe(model: nn.Module, head: nn.Module, train: DataLoader, val: DataLoader, device: torch.device,
+                 amp: Amp, *, channels_last: bool = False, quiet: bool = True) -> ProbeResult:
+    """Fit the probe on ``head``'s inputs over ``train`` and score it on ``val``; the model's
+    weights, head and RNG are left as they were."""
     tic = time.perf_counter()
-    rng = torch.get_rng_state()
-    prep = lambda x: to_device(x, t.device, t.cfg.channels_last)  # noqa: E731
-    train, val = (_loader(t, _capped(ds, max_images, t.cfg.seed)) for ds in (_train_images(t), _val_images(t)))
-    show = not t.cfg.quiet
-    tx, ty = head_features(t.model, head, bar(train, "probe: train features", enabled=show, total=len(train),
-                                              unit="batch"), t.device, t.amp.autocast, prep)
-    vx, vy = head_features(t.model, head, bar(val, "probe: val features", enabled=show, total=len(val),
-                                              unit="batch"), t.device, t.amp.autocast, prep)
-    torch.set_rng_state(rng)
+    rng = get_rng()
+    prep = functools.partial(to_device, device=device, channels_last=channels_last)
+    tx, ty = head_features(model, head, bar(train, "probe: train features", enabled=not quiet, total=len(train),
+                                            unit="batch"), device, amp.autocast, prep)
+    vx, vy = head_features(model, head, bar(val, "probe: val features", enabled=not quiet, total=len(val),
+                                            unit="batch"), device, amp.autocast, prep)
+    set_rng(rng)
     acc = probe_accuracy(tx.flatten(1).numpy(), ty.numpy(), vx.flatten(1).numpy(), vy.numpy())
     chance = float(torch.bincount(vy).max() / len(vy))
     return ProbeResult(acc, chance, len(ty), time.perf_counter() - tic)

@@ -1,10 +1,13 @@
-"""Progress bars for long work (data checks, decoding, the probe, lr-find, epochs), on stderr.
+"""Console output: progress bars for long work (data checks, decoding, the probe, lr-find,
+epochs) on stderr, and the run's log lines on stdout.
 
-One function, so every bar looks alike and ``--quiet`` turns all of them off.
+One function each, so every bar looks alike, ``--quiet`` turns all bars off, and only rank 0
+of a distributed run speaks.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -19,3 +22,9 @@ def bar(items: Iterable[T], desc: str, *, enabled: bool = True, total: int | Non
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, total=total, unit=unit, leave=leave, dynamic_ncols=True)
+
+
+def say(msg: str) -> None:
+    """A run log line, from rank 0 only; ``--quiet`` drops the bars, not these."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, flush=True)

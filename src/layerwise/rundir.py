@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from layerwise.errors import LayerwiseError, MissingPathError, read_user_text
 
 if TYPE_CHECKING:
     from layerwise.config import RunConfig
+    from layerwise.models import LoadedModel
 
 CONFIG = "config.yaml"
 PLAN = "plan.json"
@@ -55,6 +57,17 @@ class RunLockedError(LayerwiseError):
 
 class RunFileError(LayerwiseError):
     """A run folder's JSON that is damaged, edited or crafted."""
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def model_info(loaded: LoadedModel, cfg: RunConfig, classes: list[str], val_images: int) -> dict[str, Any]:
+    """``model.json``: what ``evaluate``/``predict``/``export`` need to rebuild the trained model."""
+    return {"source": loaded.source, "arch": loaded.arch, "name": loaded.name, "head": cfg.head, "hidden": cfg.hidden,
+            "num_classes": len(classes), "classes": classes, "val_images": val_images, "mean": list(loaded.mean),
+            "std": list(loaded.std), "img_size": cfg.img_size}
 
 
 def holds_run(run: Path) -> bool:
@@ -190,6 +203,21 @@ def _is_int(v: object) -> bool:
 def _floats3(v: object) -> bool:
     return (isinstance(v, list) and len(v) == 3
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < 1e6 for x in v))
+
+
+@contextlib.contextmanager
+def explain_write_errors(run: Path) -> Iterator[None]:
+    """A failed write in the run folder (disk full, read-only) becomes a user error that says
+    what survived: the atomic writer has left the previous checkpoint in place."""
+    try:
+        yield
+    except OSError as e:
+        kept = ("The previous checkpoint is intact" if has_checkpoint(run)
+                else "No checkpoint was written yet, so the run will start over")
+        raise LayerwiseError(
+            f"could not write in {run}: {e.strerror or e}. {kept}; free some space (or make the folder writable), "
+            f"then continue with: layerwise fit --resume {run}"
+        ) from e
 
 
 def _lock(fd: int, run: Path) -> None:

@@ -1,0 +1,104 @@
+"""DataLoaders: the seeded training order, the validation set, and one ordered loader through
+the eval transform, shared by the probe, BatchNorm re-estimation and the feature cache."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from layerwise.augment import PRESETS, eval_transform
+from layerwise.cache import DecodedImages, DiskImages, default_cache_dir, fits_in_ram
+from layerwise.config import RunConfig
+from layerwise.data import ImageDataset, Splits, collate_skipping
+from layerwise.distributed import DistInfo, ShardedShuffle, eval_shard
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    generator: torch.Generator  # the epoch's sample order
+    worker_generator: torch.Generator  # the DataLoader workers' seeds
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+        self.worker_generator.manual_seed(seed + 1)
+
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A permutation from ``generator``: the cached-feature path draws the same order."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+
+def default_workers() -> int:
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def decoded_cache_mode(cfg: RunConfig, splits: Splits) -> str:
+    """ram, disk or off; auto keeps decoded images in RAM when they fit in a quarter of it."""
+    if cfg.cache != "auto":
+        return cfg.cache
+    return "ram" if fits_in_ram(len(splits.train) + len(splits.val), cfg.img_size) else "off"
+
+
+def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Sequence[float],
+                 info: DistInfo = DistInfo()) -> Loaders:
+    size = cfg.img_size  # resolved by setup(): never None here
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    train_tf, eval_tf = PRESETS[cfg.augment](size, mean, std), eval_transform(size, mean, std)
+    mode = decoded_cache_mode(cfg, splits)
+    train_ds: Dataset
+    val_ds: Dataset
+    if mode == "ram":
+        train_ds = DecodedImages(splits.train, size, train_tf, workers=workers, progress=not cfg.quiet)
+        val_ds = DecodedImages(splits.val, size, eval_tf, workers=workers, progress=not cfg.quiet)
+    elif mode == "disk":
+        where = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        train_ds = DiskImages(splits.train, size, train_tf, cache_dir=where, workers=workers, progress=not cfg.quiet)
+        val_ds = DiskImages(splits.val, size, eval_tf, cache_dir=where, workers=workers, progress=not cfg.quiet)
+    else:
+        train_ds, val_ds = ImageDataset(splits.train, train_tf), ImageDataset(splits.val, eval_tf)
+    g, gw = torch.Generator(), torch.Generator()
+    if info.enabled:
+        sampler: torch.utils.data.Sampler[int] = ShardedShuffle(len(train_ds), g, info, cfg.batch_size)
+        drop_last = True
+        val_ds = torch.utils.data.Subset(val_ds, eval_shard(len(val_ds), info))
+    else:
+        sampler, drop_last = EpochShuffle(len(train_ds), g), len(train_ds) > cfg.batch_size
+    train = DataLoader(train_ds, sampler=sampler, drop_last=drop_last, generator=gw, batch_size=cfg.batch_size,
+                       num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_skipping)
+    val = ordered_loader(val_ds, cfg.batch_size, workers)
+    return Loaders(train, val, g, gw)
+
+
+def ordered_loader(ds: Dataset, batch_size: int, workers: int) -> DataLoader:
+    """Every sample once, in order, skipping unreadable ones: for evaluation and features."""
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), collate_fn=collate_skipping)
+
+
+def with_eval_transform(ds: Dataset, img_size: int, mean: Sequence[float], std: Sequence[float]) -> Dataset:
+    """``ds`` through the deterministic eval transform, sharing any decoded-image cache."""
+    out = copy.copy(ds)
+    out.transform = eval_transform(img_size, mean, std)  # type: ignore[attr-defined]
+    return out
+
+
+def unsharded(ds: Dataset) -> Dataset:
+    """The whole dataset behind a distributed run's per-rank shard: every rank must probe
+    the same images to reach the same verdict."""
+    return ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds

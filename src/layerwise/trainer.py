@@ -1,0 +1,314 @@
+"""The training loop of one run: the plan applied each epoch, one training step, checkpoints.
+
+Each epoch reseeds every RNG from ``(seed, epoch)``, so resuming from ``last/`` replays
+exactly what an uninterrupted run would have done; a checkpoint taken inside an epoch also
+holds the position in it and the RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from layerwise import rundir
+from layerwise.augment import mix_batch
+from layerwise.cache import feature_batches, head_features
+from layerwise.checkpoint import load_state, read_jsonl, save_state, state_dict_cpu
+from layerwise.config import RunConfig, checkpoint_interval
+from layerwise.data import Splits
+from layerwise.distributed import DistInfo, all_sum
+from layerwise.errors import LayerwiseError
+from layerwise.freeze import set_trainable
+from layerwise.hardware import Amp, to_device
+from layerwise.loaders import Loaders, ordered_loader
+from layerwise.optim import ScheduleSpec, apply_states, lr_by_group, lr_scale, set_lr_scale
+from layerwise.plan import Setup
+from layerwise.progress import say
+from layerwise.rng import epoch_seed, get_rng, seed_everything, set_rng
+from layerwise.step import train_step
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop stops after the current step."""
+
+    def __init__(self, install: bool = True) -> None:
+        self.flag = False
+        self.install = install  # under torchrun the launcher owns the signals
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequested:
+        for sig in (signal.SIGINT, signal.SIGTERM) if self.install else ():
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.flag:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal; ``last/`` holds the last completed epoch."""
+
+
+# --nan skip stops after this many non-finite batches in a row: the weights are gone by then.
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+class NonFiniteError(LayerwiseError):
+    """The loss or the weights became NaN/inf; nothing non-finite was saved."""
+
+    def __init__(self, what: str, run: Path) -> None:
+        super().__init__(
+            f"{what}. Nothing non-finite was saved: last/ keeps the last good state. Lower the LR, clip gradients "
+            f"or train in fp32, then continue: layerwise fit --resume {run} --lr 1e-4 --clip-grad 1.0 "
+            "--precision fp32 (resume accepts --lr, --clip-grad, --precision and --nan)")
+
+
+def check_finite(model: nn.Module, step: int, run: Path) -> None:
+    """Never write NaN/inf weights: a checkpoint must always be worth resuming from."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NonFiniteError(f"the weights became non-finite by step {step}", run)
+
+
+@dataclass
+class Trainer:
+    """Everything one run holds while it trains."""
+
+    cfg: RunConfig
+    s: Setup
+    splits: Splits
+    run: Path
+    device: torch.device
+    amp: Amp
+    optimizer: torch.optim.Optimizer
+    loaders: Loaders
+    ema: torch.optim.swa_utils.AveragedModel | None
+    spec: ScheduleSpec
+    step: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    stale: int = 0
+    features: FeatureStore | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    dist: DistInfo = DistInfo()
+    net: nn.Module | None = None  # what runs the forward pass: the model, or its DDP wrapper
+    wrapped_for: tuple[str, ...] = ()
+    history: list[dict] = dataclasses.field(default_factory=list)  # metrics rows; the checkpoint holds them
+    skipped: list[dict] = dataclasses.field(default_factory=list)  # unreadable images, for skipped.json
+    nan_run: int = 0  # consecutive batches with a non-finite loss
+    saved_at: float = dataclasses.field(default_factory=time.perf_counter)
+    start_epoch: int = 0  # where this sitting starts (a resume: after the checkpoint's epoch)
+    progress: EpochProgress | None = None  # a checkpoint's position inside start_epoch
+
+    @property
+    def model(self) -> nn.Module:
+        return self.s.loaded.model
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def lr_scale(self) -> float:
+        return lr_scale(self.cfg.scheduler, self.step, self.spec)
+
+    def apply_plan(self, epoch: int) -> None:
+        states = self.s.plan.states(epoch)
+        set_trainable(self.model, self.s.groups, {n: st.trainable for n, st in states.items()}, bn=self.cfg.bn)
+        apply_states(self.optimizer, states, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.wrap(tuple(self.s.plan.trainable_groups(epoch)))
+
+    def wrap(self, trainable: tuple[str, ...]) -> None:
+        """DDP hooks only the parameters that require grad when it is built, so it is
+        rebuilt whenever the trainable set changes: newly unfrozen groups are then
+        all-reduced too (the bug of Lightning-AI/pytorch-lightning#20340)."""
+        if not self.dist.enabled:
+            self.net = self.model
+        elif self.net is None or trainable != self.wrapped_for:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            self.wrapped_for = trainable
+
+    def head_module(self) -> nn.Module | None:
+        """The module holding exactly the head group, if there is one."""
+        head = self.s.groups[-1]
+        return self.model.get_submodule(head.modules[0]) if len(head.modules) == 1 else None
+
+    def feature_cache_on(self, epoch: int) -> bool:
+        """Only the head trains, and the frozen rest gives the same output every time."""
+        cfg = self.cfg
+        if (cfg.feature_cache == "off" or cfg.bn == "train" or cfg.mixup or cfg.cutmix or self.dist.enabled
+                or self.head_module() is None):
+            return False
+        if self.s.plan.trainable_groups(epoch) != [self.s.groups[-1].name]:
+            return False
+        return cfg.augment == "none" or cfg.feature_cache_views > 0
+
+    def cached_features(self) -> FeatureStore:
+        if self.features is None:
+            rng = get_rng()  # building must not shift the training RNG (resume replays it)
+            self.features = FeatureStore.build(self)
+            set_rng(rng)
+        return self.features
+
+    def train_epoch(self, epoch: int, stop: StopRequested, batches: Iterator | None = None,
+                    progress: EpochProgress | None = None, forward: nn.Module | None = None) -> dict[str, float]:
+        """Train one epoch; ``progress`` resumes it after its first ``progress.batches``."""
+        self.model.train()
+        p = progress or EpochProgress(epoch, start_step=self.step)
+        done = p.batches
+        bar = batches if batches is not None else self.loaders.train
+        for i, (x, y) in enumerate(bar):
+            if i < done:  # replay the loader up to where the interrupted run stopped
+                if i == done - 1:
+                    set_rng(p.rng)
+                continue
+            self._step((x, y), p, forward or self.net or self.model)
+            p.batches = i + 1
+            if hasattr(bar, "set_postfix") and p.total:
+                bar.set_postfix(loss=f"{p.loss_sum / p.total:.4f}", acc=f"{p.correct / p.total:.3f}")
+            if stop.flag or self.checkpoint_due():  # between steps: a consistent state to resume from
+                p.rng = get_rng()
+                self.save_last(epoch - 1, p)
+                if stop.flag:
+                    raise Interrupted
+        if self.dist.is_main:
+            with open(self.run / rundir.STEPS, "a") as f:  # per epoch: no fsync on the hot path
+                f.writelines(json.dumps(r) + "\n" for r in p.rows)
+        total, correct, loss_sum = all_sum([p.total, p.correct, p.loss_sum], self.dist)
+        return {"train_loss": loss_sum / max(1, total), "train_acc": correct / max(1, total), "images": total}
+
+    def checkpoint_due(self) -> bool:
+        """``--checkpoint-every``: time since the last save, or steps done."""
+        seconds, steps = checkpoint_interval(self.cfg.checkpoint_every)
+        if steps:
+            return self.step % steps == 0
+        return seconds is not None and time.perf_counter() - self.saved_at >= seconds
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], p: EpochProgress, model: nn.Module) -> None:
+        cfg = self.cfg
+        set_lr_scale(self.optimizer, cfg.lr, self.lr_scale())
+        mix = (functools.partial(mix_batch, num_classes=len(self.splits.classes), mixup=cfg.mixup, cutmix=cfg.cutmix)
+               if cfg.mixup or cfg.cutmix else None)
+        r = train_step(model, batch, self.optimizer, self.amp, self.device, channels_last=cfg.channels_last,
+                       label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad, mix=mix)
+        if r is None:  # a batch whose images were all unreadable
+            return
+        if not r.finite:
+            self.nan_run += 1
+            if cfg.nan == "stop":
+                raise NonFiniteError(f"loss became {r.loss} at step {self.step} (epoch {p.epoch})", self.run)
+            if self.nan_run >= MAX_SKIPPED_IN_A_ROW:
+                raise NonFiniteError(f"{self.nan_run} batches in a row had a non-finite loss (--nan skip), the last "
+                                     f"at step {self.step} (epoch {p.epoch})", self.run)
+            say(f"warning: non-finite loss at step {self.step} (epoch {p.epoch}); batch skipped (--nan skip)")
+            self.step += 1
+            return
+        self.nan_run = 0
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        p.total += r.images
+        p.loss_sum += r.loss * r.images
+        p.correct += r.correct
+        p.rows.append({"step": self.step, "epoch": p.epoch, "loss": round(r.loss, 6),
+                       "lr": lr_by_group(self.optimizer)})
+        self.step += 1
+
+    def save_last(self, epoch: int, progress: EpochProgress | None = None) -> None:
+        """One atomic file, so model, optimizer and logged epochs can never disagree."""
+        check_finite(self.model, self.step, self.run)
+        state = {"epoch": epoch, "step": self.step, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                 "stale": self.stale, "metrics": self.history, "model": state_dict_cpu(self.model),
+                 "optimizer": self.optimizer.state_dict(),
+                 "progress": dataclasses.asdict(progress) if progress else None}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.amp.scaler is not None:
+            state["scaler"] = self.amp.scaler.state_dict()
+        if self.dist.is_main:
+            with rundir.explain_write_errors(self.run):
+                save_state(self.run / rundir.STATE, state)
+        self.saved_at = time.perf_counter()
+
+    def load_last(self) -> tuple[int, EpochProgress | None]:
+        """Restore ``last/``: the epoch to continue from, and its progress if it stopped mid-way."""
+        state = load_state(self.run / rundir.STATE)
+        self.model.load_state_dict(state["model"])
+        # Put the optimizer's groups into the resumed epoch's state before loading, so
+        # loaded LR/decay values and the model's requires_grad agree.
+        self.apply_plan(state["epoch"] + 1)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        if self.amp.scaler is not None and "scaler" in state:
+            self.amp.scaler.load_state_dict(state["scaler"])
+        self.step, self.best_acc, self.best_epoch, self.stale = (
+            state["step"], state["best_acc"], state["best_epoch"], state["stale"])
+        # Checkpoints before the log kept the rows in metrics.jsonl only.
+        self.history = state.get("metrics") or [r for r in read_jsonl(self.run / rundir.METRICS)
+                                                if r["epoch"] <= state["epoch"]]
+        progress = EpochProgress(**state["progress"]) if state.get("progress") else None
+        return state["epoch"] + 1, progress
+
+
+@dataclass
+class EpochProgress:
+    """Running sums of one epoch, saved when a run is interrupted mid-epoch."""
+
+    epoch: int
+    start_step: int = 0
+    batches: int = 0
+    total: int = 0
+    correct: int = 0
+    loss_sum: float = 0.0
+    rows: list = dataclasses.field(default_factory=list)
+    rng: dict | None = None
+
+
+@dataclass
+class FeatureStore:
+    """Head inputs from the frozen prefix: K training views and the validation set."""
+
+    train: list[torch.Tensor]
+    labels: torch.Tensor
+    val: torch.Tensor
+    val_labels: torch.Tensor
+
+    @staticmethod
+    def build(t: Trainer) -> FeatureStore:
+        cfg = t.cfg
+        views = 1 if cfg.augment == "none" else cfg.feature_cache_views
+        prep = functools.partial(to_device, device=t.device, channels_last=cfg.channels_last)
+        head = t.head_module()
+        ordered = ordered_loader(t.loaders.train.dataset, cfg.batch_size, t.loaders.train.num_workers)
+        train, labels = [], None
+        tic = time.perf_counter()
+        for k in range(views):
+            seed_everything(epoch_seed(cfg.seed, 10_000 + k))  # view k's augmentation, reproducibly
+            feats, labels = head_features(t.model, head, ordered, t.device, t.amp.autocast, prep)
+            train.append(feats)
+        val, val_labels = head_features(t.model, head, t.loaders.val, t.device, t.amp.autocast, prep)
+        say(f"feature cache: frozen prefix run once over {len(labels)} x {views} train + {len(val_labels)} "
+                  f"val images in {time.perf_counter() - tic:.1f}s; the head trains on cached features")
+        return FeatureStore(train, labels, val, val_labels)
+
+    def batches(self, epoch: int, t: Trainer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        feats = self.train[epoch % len(self.train)]
+        return feature_batches(feats, self.labels, t.cfg.batch_size, t.loaders.generator,
+                               drop_last=t.loaders.train.drop_last)
