@@ -13,7 +13,7 @@ def test_train_val_folders(tmp_path):
     root = make_image_folder(tmp_path, classes=3, per_class=4)
     s = load_splits(str(root))
     assert s.classes == ["class_0", "class_1", "class_2"]
-    assert len(s.train) == 12 and len(s.val) == 6 and s.test is None
+    assert len(s.train) == 12 and len(s.val) == 6
 
 
 def test_single_folder_is_split_stratified_and_seeded(tmp_path):

@@ -115,10 +115,20 @@ def test_recipe_run_uses_mlp_head_and_label_smoothing(data, tmp_path):
     assert (cfg["head"], cfg["scheduler"], cfg["label_smoothing"], cfg["t0"]) == ("mlp", "cosine-restarts", 0.1, 5)
 
 
-@pytest.mark.parametrize("extra", [["--precision", "bf16"], ["--ema", "0.9", "--mixup", "0.2", "--clip-grad", "1.0"]])
-def test_fit_options_run(data, tmp_path, extra):
-    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--out", str(tmp_path / "r"), *extra) == 0
-    assert read_jsonl(tmp_path / "r" / "metrics.jsonl")[0]["train_loss"] > 0
+def test_fit_in_bf16_records_and_runs_it(data, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--precision", "bf16", "--out", str(run)) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == "bf16"
+    assert "· cpu · bf16 ·" in capsys.readouterr().out  # the banner says what ran
+
+
+def test_fit_with_ema_keeps_the_averaged_weights_as_best(data, tmp_path):
+    run = tmp_path / "r"
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--ema", "0.9", "--mixup", "0.2",
+                "--clip-grad", "1.0", "--out", str(run)) == 0
+    best, raw = load_file(str(run / "best.safetensors")), last_weights(run)
+    assert best.keys() == raw.keys()
+    assert not torch.equal(best["classifier.weight"], raw["classifier.weight"])  # the EMA, not the raw weights
 
 
 def test_early_stopping(data, tmp_path):

@@ -9,6 +9,7 @@ from torch import nn
 
 from layerwise.augment import eval_transform
 from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError
+from layerwise.groups import layer_groups
 from layerwise.models import create_model, load_pretrained, resolve_name
 
 
@@ -36,13 +37,14 @@ def test_head_replaced_for_num_classes(name, head):
     with torch.inference_mode():
         out = loaded.model(torch.zeros(1, 3, 224, 224))
     assert out.shape == (1, 7)
-    new_head = loaded.model.get_submodule(loaded.head_path)
+    head_group = loaded.model.get_submodule(layer_groups(loaded.model)[-1].modules[0])
     if head == "mlp":
-        kinds = [type(m) for m in new_head]
-        assert kinds == [nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
-        assert (new_head[0].p, new_head[3].p, new_head[1].out_features) == (0.5, 0.3, 512)
+        mlp = next(m for m in head_group.modules() if isinstance(m, nn.Sequential) and len(m) == 5)
+        assert [type(m) for m in mlp] == [nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+        assert (mlp[0].p, mlp[3].p, mlp[1].out_features) == (0.5, 0.3, 512)
     else:
-        assert isinstance(new_head, nn.Linear)
+        linears = [m for m in head_group.modules() if isinstance(m, nn.Linear)]
+        assert linears[-1].out_features == 7  # the replaced classifier, a plain Linear
 
 
 def _imagenet_top1(model: nn.Module, mean, std, name: str) -> tuple[int, float]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -78,3 +79,65 @@ def test_user_errors_exit_2_with_message(capsys, args, msg):
     assert main(["plan", "--weights", "none", *args]) == 2
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
+
+
+def test_plan_json_shows_layer_decay(capsys):
+    plain = run_plan(capsys, "--model", "resnet18", "--strategy", "full")
+    decayed = run_plan(capsys, "--model", "resnet18", "--strategy", "full", "--layer-decay", "0.5")
+    lrs = {g["name"]: g["lr"] for g in decayed["groups"]}
+    assert {g["name"]: g["lr"] for g in plain["groups"]} == dict.fromkeys(lrs, 1e-3)
+    assert lrs["head"] == pytest.approx(1e-3) and lrs["layer4"] < 1e-3 and lrs["stem"] < lrs["layer1"] < lrs["layer4"]
+
+
+def test_plan_json_shows_the_recipe_restart_and_its_settings(capsys):
+    d = run_plan(capsys, "--model", "resnet50", "--strategy", "recipe", "--epochs", "12")
+    head = [e["lr"]["head"] for e in d["epochs"]]
+    assert head[0] == pytest.approx(1e-3) and head[4] < head[3] < head[0]  # cosine within the first period
+    assert head[5] == pytest.approx(1e-3)  # warm restart after t0 = 5 epochs
+    t = d["training"]
+    assert (t["optimizer"], t["scheduler"], t["t0"], t["t_mult"], t["label_smoothing"], t["head"]) == (
+        "adamw", "cosine-restarts", 5, 2, 0.1, "mlp")
+
+
+def test_frozen_groups_have_no_lr(capsys):
+    d = run_plan(capsys, "--model", "resnet18", "--strategy", "head")
+    assert [g["lr"] for g in d["groups"]][:-1] == [None] * 5 and d["groups"][-1]["lr"] == pytest.approx(1e-3)
+    assert d["epochs"][0]["lr"]["stem"] is None
+    assert main(["plan", "--model", "resnet18", "--weights", "none", "--strategy", "head"]) == 0
+    assert "     -        -" in capsys.readouterr().out  # the table's frozen rows
+
+
+@pytest.mark.parametrize("args", [
+    ["--strategy", "gradual", "--every", "1"],
+    ["--strategy", "discriminative", "--scheduler", "warmup-cosine", "--warmup-epochs", "1"],
+    ["--strategy", "recipe", "--t0", "1"],
+    ["--strategy", "full", "--layer-decay", "0.7", "--scheduler", "onecycle"],
+])
+def test_logged_lrs_are_the_plans_function(tmp_path, args):
+    """Every group's LR in steps.jsonl (what the optimizer used) and metrics.jsonl equals the
+    plan's lr_at at that step: one function, no drift."""
+    from conftest import make_image_folder
+    from layerwise.checkpoint import read_jsonl
+    from layerwise.config import from_mapping, load_yaml
+    from layerwise.engine import prepare
+
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=8)
+    run = tmp_path / "run"
+    assert main(["fit", str(data), "--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32",
+                 "--batch-size", "8", "--workers", "0", "--quiet", "--epochs", "3", "--augment", "none",
+                 "--out", str(run), *args]) == 0
+    steps = read_jsonl(run / "steps.jsonl")
+    per_epoch = sum(r["epoch"] == 0 for r in steps)
+    s, _ = prepare(from_mapping(load_yaml(run / "config.yaml")))
+    plan = dataclasses.replace(s.plan, steps_per_epoch=per_epoch)
+    assert plan.to_dict()["epochs"] == json.loads((run / "plan.json").read_text())["epochs"]
+    for r in steps:
+        want = plan.lrs_at(r["epoch"], r["step"])
+        assert r["lr"].keys() == want.keys()
+        for g, lr in r["lr"].items():
+            assert (lr is None) == (want[g] is None), (r, g)
+            if lr is not None:
+                assert lr == pytest.approx(want[g], rel=1e-9), (r, g)
+    for m in read_jsonl(run / "metrics.jsonl"):
+        assert m["lr"] == pytest.approx(plan.lrs_at(m["epoch"], m["epoch"] * per_epoch))
+    assert any(v is None for r in steps for v in r["lr"].values()) == ("gradual" in args or "recipe" in args)

@@ -36,12 +36,11 @@ DEFAULT_IMG_SIZE = 96  # the digits are 8x8; 96 px measured more accurate than 6
 
 @dataclass
 class Splits:
-    """Train/val(/test) items over one class list."""
+    """Train and val items over one class list (a test/ split is for ``evaluate``)."""
 
     train: list[Item]
     val: list[Item]
     classes: list[str]
-    test: list[Item] | None = None
     name: str = ""
     skipped: list[dict] = field(default_factory=list)  # unreadable files dropped by the data check
 
@@ -254,7 +253,8 @@ def digits() -> Splits:
 
 
 def load_splits(data: str | None, *, val_split: float = 0.2, seed: int = 0) -> Splits:
-    """Resolve DATA (see module docstring) into train/val(/test) items."""
+    """Resolve DATA (see module docstring) into train/val items; a test/ folder is checked
+    against train/'s classes now, so ``evaluate`` later finds it consistent."""
     if data is None:
         return digits()
     root = Path(data)
@@ -271,13 +271,12 @@ def load_splits(data: str | None, *, val_split: float = 0.2, seed: int = 0) -> S
     if (root / "train").is_dir():
         train, classes = scan_class_folders(root / "train")
         _check_classes(classes, str(root / "train"))
-        test = None
         if (root / "test").is_dir():
-            test = _matching(root / "test", classes)
+            _matching(root / "test", classes)
         if (root / "val").is_dir():
-            return Splits(train, _matching(root / "val", classes), classes, test, name=root.name)
+            return Splits(train, _matching(root / "val", classes), classes, name=root.name)
         train, val = stratified_split(train, val_split, seed, classes)
-        return Splits(train, val, classes, test, name=root.name)
+        return Splits(train, val, classes, name=root.name)
     items, classes = scan_class_folders(root)
     _check_classes(classes, data)
     train, val = stratified_split(items, val_split, seed, classes)

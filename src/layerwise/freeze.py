@@ -96,10 +96,6 @@ def freeze_all_but_head(model: nn.Module, groups: Sequence[LayerGroup], *, bn: s
     set_trainable(model, groups, [groups[-1].name], bn=bn)
 
 
-def unfreeze_all(model: nn.Module, groups: Sequence[LayerGroup]) -> None:
-    set_trainable(model, groups, group_names(groups))
-
-
 def trainable_summary(model: nn.Module, groups: Sequence[LayerGroup]) -> str:
     """Per-group and total trainable / total parameters, as the tutorial prints them."""
     rows = []

@@ -12,7 +12,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError, UnknownNameError
@@ -320,11 +319,3 @@ def grouping_source(model: nn.Module) -> str:
         return f"rule for torchvision {type(model).__name__}"
     return "fallback: top-level parameterised children"
 
-
-def param_owner(groups: Sequence[LayerGroup]) -> dict[str, str]:
-    """Parameter name -> group name."""
-    return {p: g.name for g in groups for p in g.params}
-
-
-def count(params: Sequence[torch.Tensor]) -> int:
-    return sum(p.numel() for p in params)

@@ -37,7 +37,6 @@ class LoadedModel:
     source: str  # "torchvision" | "timm"
     arch: str  # the architecture actually built
     weights: str
-    head_path: str
     num_classes: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -309,11 +308,11 @@ def create_model(
     is_file = _is_weights_file(weights)
     model, meta, source, built = load_pretrained(name, "file" if is_file else weights)
     if is_file:
-        path = _load_file_into(model, load_state_file(weights), num_classes, head, hidden)
+        _load_file_into(model, load_state_file(weights), num_classes, head, hidden)
     else:
-        path = replace_head(model, num_classes, head, hidden)
+        replace_head(model, num_classes, head, hidden)
     notes = [f"{name} built as timm {built} with mean=std=0.5 for the TF-origin Lite0 weights"] if built != name.rpartition("/")[2] else []
-    return LoadedModel(model, name, source, built, weights, path, num_classes, notes=notes, **meta)
+    return LoadedModel(model, name, source, built, weights, num_classes, notes=notes, **meta)
 
 
 KNOWN_MODELS = [
