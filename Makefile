@@ -28,6 +28,7 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy src/layerwise
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

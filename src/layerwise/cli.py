@@ -9,166 +9,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from layerwise.cli_args import (
+    S,
+    add_model_args,
+    add_strategy_args,
+    add_training_args,
+    budget,
+    csv_list,
+    int_in,
+)
 from layerwise.errors import LayerwiseError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from layerwise.config import RunConfig
-
-S = argparse.SUPPRESS
-
-
-def _kv_map(cast: Callable[[str], Any]) -> Callable[[str], dict]:
-    def parse(text: str) -> dict:
-        out = {}
-        for item in filter(None, text.split(",")):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise argparse.ArgumentTypeError(f"expected key=value pairs separated by commas, got {item!r}")
-            try:
-                out[key.strip()] = cast(value.strip())
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(f"bad value in {item!r}: {e}") from e
-        return out
-
-    return parse
-
-
-def _schedule(text: str) -> dict[int, str]:
-    """``0:fc,2:layer4`` -> {0: 'fc', 2: 'layer4'} (the tutorial's gradual schedule)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        epoch, sep, group = item.partition(":")
-        if not sep or not epoch.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"expected epoch:group pairs like 0:head,2:layer4, got {item!r}")
-        out[int(epoch)] = group.strip()
-    return out
-
-
-def _lr(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from e
-
-
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    """An argparse type for an integer flag that must lie in [lo, hi]."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from e
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {hi}, got {v}")
-        return v
-
-    return parse
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from layerwise.models import HEADS
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=S, help="torchvision or timm name; timm/NAME or torchvision/NAME forces one "
-                   "(default efficientnet_lite0, offline ImageNet weights)")
-    g.add_argument("--weights", default=S, help="default | none | torchvision weights name (IMAGENET1K_V2) | "
-                   "timm tag | path to .pth/.safetensors")
-    g.add_argument("--head", choices=HEADS, default=S, help="new classifier: linear, or the tutorial's dropout MLP")
-    g.add_argument("--hidden", type=int, default=S, help="MLP head width (512)")
-    g.add_argument("--groups", type=_kv_map(str), default=S, metavar="NAME=PATTERN,...",
-                   help="your own grouping: group name -> module path or regex, stem first")
-
-
-def _add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
-    from layerwise.strategies import STRATEGIES
-
-    g = p.add_argument_group("strategy")
-    if name:
-        g.add_argument("--strategy", choices=list(STRATEGIES), default=S, help="default auto")
-    g.add_argument("--epochs", type=int, default=S, help="default 4")
-    g.add_argument("--lr", type=_lr, default=S, help="base LR: the head's (default 1e-3); auto: LR range test")
-    g.add_argument("--from-group", dest="from_group", default=S, help="partial: first trainable group")
-    g.add_argument("--decay", type=float, default=S, help="discriminative: LR divisor per group (2.6)")
-    g.add_argument("--every", type=int, default=S, help="gradual: epochs between unfreezes")
-    g.add_argument("--schedule", type=_schedule, default=S, metavar="E:GROUP,...",
-                   help="gradual: the tutorial's {epoch: group} schedule, e.g. 0:head,2:layer4,4:layer3")
-    g.add_argument("--probe-epochs", dest="probe_epochs", type=int, default=S, help="lp-ft: head-only epochs")
-    g.add_argument("--ft-lr-mult", dest="ft_lr_mult", type=float, default=S, help="lp-ft: LR multiplier after the probe")
-    g.add_argument("--lr-map", dest="lr_map", type=_kv_map(float), default=S, metavar="GROUP=MULT,...",
-                   help="differential: LR multiplier per group (missing groups stay frozen)")
-    g.add_argument("--wd-map", dest="wd_map", type=_kv_map(float), default=S, metavar="GROUP=WD,...",
-                   help="weight decay per group, e.g. head=1e-2")
-    g.add_argument("--layer-decay", dest="layer_decay", type=float, default=S,
-                   help="timm-style layer-wise LR decay over blocks (e.g. 0.75)")
-    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 1e-4; norms/biases exempt")
-    g.add_argument("--bn", choices=["frozen", "adapt", "eval", "train"], default=S,
-                   help="BatchNorm statistics: frozen (frozen groups keep them; default, auto: eval), adapt "
-                   "(re-estimate on your data first), eval (every group keeps them), train (frozen groups update them)")
-    g.add_argument("--no-probe", dest="probe", action="store_false", default=S,
-                   help="auto: choose from the images per class alone, without the linear probe")
-    g.add_argument("--probe-skill", dest="probe_skill", type=float, default=S,
-                   help="auto: the linear probe's skill (0 = majority guess, 1 = perfect) if already known; "
-                   "skips the probe")
-
-
-def _add_training_args(p: argparse.ArgumentParser) -> None:
-    from layerwise.augment import PRESETS
-    from layerwise.config import DEVICES, PRECISIONS
-    from layerwise.optim import OPTIMIZERS, SCHEDULES
-    from layerwise.tta import VIEWS
-
-    g = p.add_argument_group("training")
-    g.add_argument("--out", default=S, help="run folder (default runs/<timestamp>)")
-    g.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="per process (default 64)")
-    g.add_argument("--img-size", dest="img_size", type=int, default=S, help="default: the model's pretrained size")
-    g.add_argument("--augment", choices=list(PRESETS), default=S, help="default light")
-    g.add_argument("--precision", choices=PRECISIONS, default=S, help="auto (default): bf16 where the CPU/GPU has fast bf16 units, else fp32")
-    g.add_argument("--device", default=S, help=f"{' | '.join(DEVICES)} | cuda:N (default auto)")
-    g.add_argument("--seed", type=int, default=S)
-    g.add_argument("--val-split", dest="val_split", type=float, default=S, help="when DATA has no val/ (0.2)")
-    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=S, help="default adamw")
-    g.add_argument("--scheduler", choices=list(SCHEDULES), default=S, help="default cosine (per step)")
-    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S)
-    g.add_argument("--t0", type=int, default=S, help="cosine-restarts: first period in epochs (5)")
-    g.add_argument("--t-mult", dest="t_mult", type=int, default=S, help="cosine-restarts: period growth (2)")
-    g.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=S)
-    g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S, help="max gradient norm")
-    g.add_argument("--ema", type=float, default=S, help="EMA decay of weights, e.g. 0.999 (off by default)")
-    g.add_argument("--mixup", type=float, default=S, help="MixUp alpha (0: off)")
-    g.add_argument("--cutmix", type=float, default=S, help="CutMix alpha (0: off)")
-    g.add_argument("--patience", type=int, default=S, help="early stopping: epochs without val-acc gain")
-    g.add_argument("--workers", type=int, default=S, help="DataLoader workers (default: cores - 1, at most 4)")
-    g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=S)
-    g.add_argument("--tta", type=_csv, default=S, help=f"views for the final evaluation: {', '.join(VIEWS)}")
-    g.add_argument("--check-data", dest="check_data", choices=["auto", "on", "off"], default=S,
-                   help="decode every image once before training and skip unreadable ones (auto: under 50k images)")
-    g.add_argument("--cache", choices=["auto", "ram", "disk", "off"], default=S,
-                   help="decode and resize every image once: into RAM (auto: when it fits in a quarter of it) or "
-                   "a memory-mapped file reused by later runs over the same files")
-    g.add_argument("--cache-dir", dest="cache_dir", default=S, help="where --cache disk keeps its files "
-                   "(default ~/.cache/layerwise)")
-    g.add_argument("--feature-cache", dest="feature_cache", choices=["auto", "off"], default=S,
-                   help="while only the head trains, run the frozen rest once and train on its output (auto)")
-    g.add_argument("--feature-cache-views", dest="feature_cache_views", type=int, default=S,
-                   help="with random augmentation: K augmented views cached per image (0: no cache)")
-    g.add_argument("--nan", choices=["stop", "skip"], default=S, help="on a non-finite loss: stop (default) or skip "
-                   "the batch (a run of skipped batches still stops)")
-    g.add_argument("--checkpoint-every", dest="checkpoint_every", default=S, metavar="TIME|STEPS",
-                   help="also checkpoint inside an epoch, so a kill loses at most this much: 30s, 10m, 1h, a "
-                   "number of steps, or off (default 10m)")
-    g.add_argument("--quiet", action="store_true", default=S, help="no progress bars (logs, CI)")
-
 
 def _config_from(args: argparse.Namespace, skip: Sequence[str] = ()) -> "RunConfig":
     from layerwise.config import RunConfig, from_mapping, load_yaml
@@ -297,14 +155,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budget(text: str) -> float:
-    kind, _, value = text.partition(":")
-    if kind != "time" or not value.replace(".", "", 1).isdigit():
-        raise argparse.ArgumentTypeError(f"expected time:SECONDS, e.g. time:600, got {text!r}")
-    return float(value)
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
     from layerwise.compare import compare
@@ -313,7 +165,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not cfg.out:
         raise LayerwiseError("compare needs --out CMP, the folder that holds one run per strategy")
     if args.budget:
-        cfg.time_budget = args.budget
+        cfg = dataclasses.replace(cfg, time_budget=args.budget)
     summary = compare(cfg, args.strategies, Path(cfg.out), repeats=args.repeats, overwrite=args.overwrite)
     rec = summary["recommendation"]
     for r in summary["strategies"]:
@@ -358,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pl = sub.add_parser("plan", help="print which groups train, when, at which LR and weight decay")
-    _add_model_args(pl)
-    _add_strategy_args(pl)
-    pl.add_argument("--num-classes", dest="num_classes", type=_int_in(1, MAX_CLASSES), default=10)
+    add_model_args(pl)
+    add_strategy_args(pl)
+    pl.add_argument("--num-classes", dest="num_classes", type=int_in(1, MAX_CLASSES), default=10)
     pl.add_argument("--images-per-class", dest="images_per_class", type=float, default=None,
                     help="dataset size, for --strategy auto")
     pl.add_argument("--config", default=None, help="YAML config; flags override it")
@@ -370,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     fi = sub.add_parser("fit", help="fine-tune on a folder of images (no DATA: the embedded digits demo)")
     fi.add_argument("data", nargs="?", default=S, help="folder with train/ and val/, folder of class folders, "
                     "or CSV of path,label")
-    _add_model_args(fi)
-    _add_strategy_args(fi)
-    _add_training_args(fi)
+    add_model_args(fi)
+    add_strategy_args(fi)
+    add_training_args(fi)
     fi.add_argument("--config", default=None, help="YAML config (e.g. a run's config.yaml); flags override it")
     fi.add_argument("--resume", default=None, metavar="RUN", help="continue RUN from its last checkpoint (may "
                     "change --epochs --lr --clip-grad --precision --nan --patience --checkpoint-every)")
@@ -388,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a run on DATA")
     ev.add_argument("run", help="run folder")
     ev.add_argument("data", help="folder of class folders (as is), dataset root (its test/, else val/), or CSV")
-    ev.add_argument("--tta", type=_csv, default=[], help=tta_help)
-    ev.add_argument("--batch-size", dest="batch_size", type=_int_in(1, MAX_BATCH_SIZE), default=64)
+    ev.add_argument("--tta", type=csv_list, default=[], help=tta_help)
+    ev.add_argument("--batch-size", dest="batch_size", type=int_in(1, MAX_BATCH_SIZE), default=64)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
@@ -397,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="top-k classes with probabilities for image files")
     pr.add_argument("run", help="run folder")
     pr.add_argument("images", nargs="+", help="image files")
-    pr.add_argument("--tta", type=_csv, default=[], help=tta_help)
-    pr.add_argument("--topk", type=_int_in(1, MAX_CLASSES), default=3, help="classes to list per image (3)")
+    pr.add_argument("--tta", type=csv_list, default=[], help=tta_help)
+    pr.add_argument("--topk", type=int_in(1, MAX_CLASSES), default=3, help="classes to list per image (3)")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
@@ -412,14 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     co = sub.add_parser("compare", help="run several strategies on the same data and budget; recommend one")
     co.add_argument("data", nargs="?", default=S, help="as for fit (no DATA: the embedded digits)")
-    co.add_argument("--strategies", type=_csv, default=list(DEFAULT_STRATEGIES),
+    co.add_argument("--strategies", type=csv_list, default=list(DEFAULT_STRATEGIES),
                     help=f"comma-separated, from: {', '.join(STRATEGIES)} (default {','.join(DEFAULT_STRATEGIES)})")
     co.add_argument("--repeats", type=int, default=1, help="seeds per strategy, for mean ± std")
-    co.add_argument("--budget", type=_budget, default=None, help="time:SECONDS per run instead of equal epochs "
+    co.add_argument("--budget", type=budget, default=None, help="time:SECONDS per run instead of equal epochs "
                     "(--epochs is then the maximum)")
-    _add_model_args(co)
-    _add_strategy_args(co, name=False)
-    _add_training_args(co)
+    add_model_args(co)
+    add_strategy_args(co, name=False)
+    add_training_args(co)
     co.add_argument("--config", default=None, help="YAML config; flags override it")
     co.add_argument("--overwrite", action="store_true", help="redo runs in --out that were made with other data or "
                     "settings (else refused)")
@@ -427,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lf = sub.add_parser("lr-find", help="LR range test with the strategy's per-group multipliers fixed")
     lf.add_argument("data", nargs="?", default=S, help="as for fit (no DATA: the embedded digits)")
-    _add_model_args(lf)
-    _add_strategy_args(lf)
-    _add_training_args(lf)
+    add_model_args(lf)
+    add_strategy_args(lf)
+    add_training_args(lf)
     lf.add_argument("--start", type=float, default=1e-7)
     lf.add_argument("--end", type=float, default=1.0)
     lf.add_argument("--steps", type=int, default=100)

@@ -117,7 +117,8 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 def check_images(items: Sequence[Item], *, progress: bool = False) -> tuple[list[Item], list[dict]]:
     """Decode every file once; returns the readable items and ``{path, reason}`` per skip."""
-    good, skipped = [], []
+    good: list[Item] = []
+    skipped: list[dict] = []
     for src, label in bar(items, "checking images", enabled=progress, unit="img"):
         if isinstance(src, np.ndarray):
             good.append((src, label))
@@ -192,7 +193,9 @@ def read_csv(path: Path) -> tuple[list[Item], list[str]]:
     rows = list(csv.reader(read_user_text(path, "CSV file").splitlines()))
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
         rows = rows[1:]
-    pairs, missing, blank = [], [], []
+    pairs: list[tuple[str, str]] = []
+    missing: list[str] = []
+    blank: list[int] = []
     for n, row in enumerate(rows, start=2):
         if not row or not any(c.strip() for c in row):
             continue

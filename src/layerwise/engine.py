@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -285,7 +286,7 @@ def _record_resume(t: Trainer, run: Path) -> None:
     t.cfg = dataclasses.replace(t.cfg, resumed=resumed)
 
 
-def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: object,
+def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: Any,
                    progress: EpochProgress | None = None) -> bool:
     """One epoch: plan, train, validate, log, checkpoint. Returns True to stop early."""
     cfg = t.cfg
@@ -365,9 +366,9 @@ def _banner(t: Trainer) -> str:
     return "\n".join(lines + [s.plan.table(), ""])
 
 
-def _tensorboard(run: Path) -> object:
+def _tensorboard(run: Path) -> Any:  # a SummaryWriter, or None without the optional tensorboard
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
+    except ImportError:
         return None
     return SummaryWriter(str(run / "tb"))

@@ -13,6 +13,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.utils.hooks import RemovableHandle
 
 from layerwise.groups import LayerGroup, find_group, group_names, under
 
@@ -24,7 +25,7 @@ from layerwise.groups import LayerGroup, find_group, group_names, under
 # train: frozen groups' statistics keep updating (fastai's train_bn).
 BN_MODES = ("frozen", "adapt", "eval", "train")
 # Hook handles per frozen norm module; weak so a dropped model frees its entries.
-_FROZEN_NORMS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_FROZEN_NORMS: "weakref.WeakKeyDictionary[nn.Module, RemovableHandle]" = weakref.WeakKeyDictionary()
 
 
 def _force_eval(module: nn.Module, _args: tuple) -> None:
@@ -33,7 +34,7 @@ def _force_eval(module: nn.Module, _args: tuple) -> None:
 
 def norm_modules(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
     """Normalisation layers with running statistics whose parameters lie in ``group``."""
-    out = []
+    out: list[nn.Module] = []
     params = set(group.params)
     for path, m in model.named_modules():
         if isinstance(m, _NormBase):

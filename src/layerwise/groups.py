@@ -257,14 +257,15 @@ def _blocks_for(model: nn.Module, paths: Sequence[str], names: Sequence[str]) ->
     return tuple(tuple(b) for b in [*blocks, rest] if b)
 
 
-def groups_from_spec(model: nn.Module, spec: Sequence[tuple[str, Sequence[str]]] | Mapping[str, object]) -> list[LayerGroup]:
+def groups_from_spec(model: nn.Module,
+                     spec: Sequence[tuple[str, Sequence[str]]] | Mapping[str, str | Sequence[str]]) -> list[LayerGroup]:
     """Build groups from ``[(name, [paths or regexes])]`` (or a name -> pattern(s) dict).
 
     A parameter goes to the first group with a matching entry; every parameter must
     match one group.
     """
-    items = list(spec.items()) if isinstance(spec, Mapping) else list(spec)
-    items = [(name, [pats] if isinstance(pats, str) else list(pats)) for name, pats in items]
+    pairs = list(spec.items()) if isinstance(spec, Mapping) else list(spec)
+    items = [(name, [pats] if isinstance(pats, str) else list(pats)) for name, pats in pairs]
     names = [n for n, _ in items]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from layerwise.checkpoint import atomic_write_bytes, atomic_write_text, read_jsonl  # noqa: E402
+from layerwise.evaluation import EvalResult  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: Path) -> str:
@@ -95,7 +96,7 @@ def plot_confusion(cm: list[list[int]], classes: Sequence[str], path: Path) -> s
     return save_figure(fig, path)
 
 
-def write_run_report(run: Path, classes: Sequence[str], best: object) -> Path:
+def write_run_report(run: Path, classes: Sequence[str], best: EvalResult) -> Path:
     """Write the PNGs and ``report.md`` of a finished run."""
     rows = read_jsonl(run / "metrics.jsonl")
     steps = read_jsonl(run / "steps.jsonl")

@@ -6,7 +6,7 @@ strategy works on group *names*, so it applies unchanged to any architecture.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -81,13 +81,13 @@ def tutorial_differential_mults(names: Sequence[str]) -> dict[str, float]:
     return out
 
 
-def _check_names(names: Sequence[str], given: object, what: str) -> None:
+def _check_names(names: Sequence[str], given: Iterable[str], what: str) -> None:
     for n in given:
         if n not in names:
             raise UnknownNameError(f"group in {what}", n, names)
 
 
-def _states(names: Sequence[str], trainable: object, mults: Mapping[str, float] | None = None) -> States:
+def _states(names: Sequence[str], trainable: Container[str], mults: Mapping[str, float] | None = None) -> States:
     return {n: GroupState(n in trainable, (mults or {}).get(n, 1.0)) for n in names}
 
 
