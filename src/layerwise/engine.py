@@ -238,7 +238,7 @@ def find_lr(cfg: RunConfig, out: Path, **kw: float) -> tuple[LRFind, dict[str, f
     t = build_trainer(cfg if cfg.lr != "auto" else dataclasses.replace(cfg, lr=1e-3), out)
     res = range_test(t, **kw)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "lr_find.json", res.to_dict())
+    write_json(out / rundir.LR_FIND_JSON, res.to_dict())
     plot_lr_find(res, out / rundir.LR_FIND_PNG)
     return res, {g: t.s.plan.states(0)[g].lr_mult for g in t.s.plan.states(0)}
 

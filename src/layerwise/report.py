@@ -13,6 +13,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from layerwise import rundir  # noqa: E402
 from layerwise.checkpoint import atomic_write_bytes, atomic_write_text, read_jsonl  # noqa: E402
 from layerwise.evaluation import EvalResult  # noqa: E402
 
@@ -98,13 +99,14 @@ def plot_confusion(cm: list[list[int]], classes: Sequence[str], path: Path) -> s
 
 def write_run_report(run: Path, classes: Sequence[str], best: EvalResult) -> Path:
     """Write the PNGs and ``report.md`` of a finished run."""
-    rows = read_jsonl(run / "metrics.jsonl")
-    steps = read_jsonl(run / "steps.jsonl")
-    plan = json.loads((run / "plan.json").read_text())
+    rows = read_jsonl(run / rundir.METRICS)
+    steps = read_jsonl(run / rundir.STEPS)
+    plan = json.loads((run / rundir.PLAN).read_text())
     cm = best.confusion(len(classes)).tolist()
     per_class = best.per_class_acc(len(classes))
-    pngs = [plot_curves(rows, run / "curves.png"), plot_lrs(steps, run / "lr.png"),
-            plot_trainable(plan, run / "trainable.png"), plot_confusion(cm, classes, run / "confusion.png")]
+    curves, lr, trainable, confusion = (run / name for name in rundir.PLOTS)
+    pngs = [plot_curves(rows, curves), plot_lrs(steps, lr), plot_trainable(plan, trainable),
+            plot_confusion(cm, classes, confusion)]
     best_row = max(rows, key=lambda r: r["val_acc"])
     lines = [
         f"# layerwise run: {plan['model']} · {plan['strategy']}",
@@ -123,7 +125,7 @@ def write_run_report(run: Path, classes: Sequence[str], best: EvalResult) -> Pat
               "## Confusion matrix and per-class accuracy", "", f"![confusion]({pngs[3]})", "",
               "| class | accuracy |", "|---|---:|"]
     lines += [f"| {c} | {a:.4f} |" for c, a in zip(classes, per_class)]
-    out = run / "report.md"
+    out = run / rundir.REPORT
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 

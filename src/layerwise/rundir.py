@@ -42,8 +42,10 @@ FINGERPRINT = "fingerprint.json"
 LOG = "train.log"  # compare --quiet: the run's own log
 LOCK = ".lock"
 # What a fit writes; --overwrite removes exactly these (and the plots), nothing of the user's.
+LR_FIND_JSON = "lr_find.json"  # layerwise lr-find
+PLOTS = ("curves.png", "lr.png", "trainable.png", "confusion.png")  # the report's, in its order
 RUN_FILES = (CONFIG, PLAN, MODEL, METRICS, STEPS, BEST, PROBE, SKIPPED, TTA, REPORT, LR_FIND_PNG, FINGERPRINT, LOG,
-             "curves.png", "lr.png", "trainable.png", "confusion.png")
+             *PLOTS)
 RUN_DIRS = ("last", "tb")
 
 
