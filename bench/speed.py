@@ -78,10 +78,11 @@ def fastai(args: argparse.Namespace, strategy: str) -> dict | None:
 
 
 def summarise(r: dict, target: float) -> dict:
-    rows = r["rows"]
-    later = [x["images_per_second"] for x in rows[1:]] or [rows[0]["images_per_second"]]
+    rows = r["rows"]  # auto's first row may be its probe (epoch -1): a result, but no training throughput
+    trained = [x for x in rows if x.get("images_per_second") is not None]
+    later = [x["images_per_second"] for x in trained[1:]] or [trained[0]["images_per_second"]]
     hit = next((x["elapsed_seconds"] for x in rows if x["val_acc"] >= target), None)
-    return {"ips1": rows[0]["images_per_second"], "ips2": sum(later) / len(later), "acc": rows[-1]["val_acc"],
+    return {"ips1": trained[0]["images_per_second"], "ips2": sum(later) / len(later), "acc": rows[-1]["val_acc"],
             "best": max(x["val_acc"] for x in rows), "tta": hit, "wall": r["wall"], "rss": r["rss"]}
 
 

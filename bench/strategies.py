@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def main() -> None:
             best = max(m, key=lambda r: r["val_acc"])
             rows.append({"strategy": plan["strategy"], "bn": bn, "best_val_acc": best["val_acc"],
                          "best_epoch": best["epoch"], "final_val_acc": m[-1]["val_acc"], "wall_s": wall,
-                         "train_img_s": sum(r["images_per_second"] for r in m) / len(m)})
+                         "train_img_s": statistics.fmean(r["images_per_second"] for r in m if r["epoch"] >= 0)})
     head = (f"cifar10-mini (1,000 train / 500 val), efficientnet_lite0 (offline ImageNet weights), "
             f"{args.img_size} px, {args.epochs} epochs, augment {args.augment}, {args.precision}, seed 0")
     lines = [head, "", "| strategy | --bn | best val acc (epoch) | final val acc | wall s | train img/s |",

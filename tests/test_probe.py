@@ -73,7 +73,9 @@ def test_fit_auto_probes_records_and_resumes_without_probing(data, tmp_path, cap
     assert plan["strategy"] == probe["strategy"] and plan["strategy"].startswith("auto:")
     assert cfg["probe_skill"] == probe["skill"] and cfg["bn"] == "eval"
     assert "linear probe" in capsys.readouterr().out
-    assert len(read_jsonl(run / "metrics.jsonl")) == 2
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [-1, 0, 1] and rows[0]["stage"] == "probe"
+    assert probe["c"] in (0.01, 0.1, 1.0, 10.0) and (run / "probe_head.safetensors").is_file()
 
     import layerwise.probe
 
@@ -84,6 +86,33 @@ def test_fit_auto_probes_records_and_resumes_without_probing(data, tmp_path, cap
     rerun = tmp_path / "rerun"
     assert main(["fit", "--config", str(run / "config.yaml"), "--out", str(rerun)]) == 0
     assert json.loads((rerun / "plan.json").read_text())["strategy"] == plan["strategy"]
+    # ... and starts from the same probe head: the same first row, bit for bit
+    assert read_jsonl(rerun / "metrics.jsonl")[0] | {"epoch_seconds": 0, "elapsed_seconds": 0} == \
+        rows[0] | {"epoch_seconds": 0, "elapsed_seconds": 0}
+
+
+def test_auto_is_never_worse_than_its_probe_and_the_probe_row_is_the_saved_model(data, tmp_path, monkeypatch):
+    from layerwise import trainer
+    from layerwise.inference import evaluate_run
+
+    run = tmp_path / "run"
+
+    def stop_at_once(self, epoch, stop, *a, **k):
+        raise trainer.Interrupted  # killed right after the probe: best.safetensors is the probe model
+
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", stop_at_once)
+    assert main(["fit", str(data), *TINY, "--epochs", "2", "--out", str(run)]) == 130
+    probe_row = read_jsonl(run / "metrics.jsonl")[0]
+    assert probe_row["epoch"] == -1
+    # the val split of a train/val folder is what evaluate scores too
+    assert evaluate_run(run, str(data))["accuracy"] == pytest.approx(probe_row["val_acc"])
+    monkeypatch.undo()
+    done = tmp_path / "done"
+    assert main(["fit", str(data), *TINY, "--epochs", "2", "--lr", "0.5", "--out", str(done)]) == 0  # a bad LR
+    rows = read_jsonl(done / "metrics.jsonl")
+    best = json.loads((done / "probe.json").read_text())
+    assert max(r["val_acc"] for r in rows) >= rows[0]["val_acc"] >= best["val_acc"] - 0.05
+    assert evaluate_run(done, str(data))["accuracy"] == pytest.approx(max(r["val_acc"] for r in rows))
 
 
 def test_no_probe_and_explicit_bn_are_respected(data, tmp_path):
@@ -101,3 +130,38 @@ def test_probe_shows_progress_unless_quiet(data, tmp_path, capsys):
     assert "probe: train features" in capsys.readouterr().err
     assert main([*args, "--quiet", "--out", str(tmp_path / "b")]) == 0
     assert "probe:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_folded_probe_equals_the_standardised_logistic_regression(classes):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from layerwise.probe import fit_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, [0.5, 2.0, 10.0, 0.1, 1.0], size=(200, 5))  # features on very different scales
+    y = rng.integers(0, classes, 200)
+    x[np.arange(200), y] += 2.0
+    head = fit_probe(x, y, classes)
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=head.c, max_iter=1000)).fit(x, y)
+    got, want = head.logits(x), ref.decision_function(x)
+    if classes == 2:
+        got = got[:, 1] - got[:, 0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert head.c in (0.01, 0.1, 1.0, 10.0)
+
+
+def test_probe_head_loads_into_a_linear_layer_and_reproduces_its_logits():
+    from layerwise.probe import fit_probe, load_probe_head
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(120, 8)), rng.integers(0, 3, 120)
+    head = fit_probe(x, y, 3)
+    layer = torch.nn.Linear(8, 3)
+    assert load_probe_head(layer, head)
+    with torch.no_grad():
+        out = layer(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(out, head.logits(x), atol=1e-4)
+    assert not load_probe_head(torch.nn.Sequential(torch.nn.Linear(8, 3)), head)  # an MLP head starts fresh

@@ -81,8 +81,9 @@ def run_row(run: Path) -> dict:
     """One run's summary, straight from its metrics.jsonl and plan.json."""
     rows = read_jsonl(run / rundir.METRICS)
     plan = json.loads((run / rundir.PLAN).read_text())
-    best = max(rows, key=lambda r: r["val_acc"])
-    last = rows[-1]
+    best = max(rows, key=lambda r: r["val_acc"])  # auto's probe row (epoch -1) counts: it may be the best
+    trained = [r for r in rows if r["epoch"] >= 0]
+    last = trained[-1]
     probe_file = run / rundir.PROBE
     probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
     return {
@@ -95,10 +96,10 @@ def run_row(run: Path) -> dict:
         # From the start of fit: data scan, model set-up and auto's probe count too.
         "wall_seconds": rows[-1]["elapsed_seconds"],
         "probe": probe,
-        "images_per_second": statistics.fmean(r["images_per_second"] for r in rows),
-        "trainable_params": [r["trainable_params"] for r in rows],
-        "val_acc": [r["val_acc"] for r in rows],
-        "elapsed": [r.get("elapsed_seconds", 0.0) for r in rows],
+        "images_per_second": statistics.fmean(r["images_per_second"] for r in trained),
+        "trainable_params": [r["trainable_params"] for r in trained],
+        "val_acc": [r["val_acc"] for r in trained],
+        "elapsed": [r.get("elapsed_seconds", 0.0) for r in trained],
     }
 
 

@@ -67,6 +67,7 @@ class RunConfig:
     bn: str | None = None  # None: frozen, or what the strategy implies (auto: eval)
     probe: bool = True  # auto: run the linear probe before training
     probe_skill: float | None = None  # auto: the probe's measured skill (set by the probe, or by you to skip it)
+    probe_head: str | None = None  # auto: the probe's fitted head (safetensors), the fine-tune's starting point
     # training (None: the strategy's or the library's default)
     head: str | None = None
     hidden: int = 512

@@ -30,7 +30,7 @@ from layerwise.loaders import make_loaders, ordered_loader, unsharded, with_eval
 from layerwise.lrfind import LRFind, lr_find, plot_lr_find
 from layerwise.optim import build_optimizer
 from layerwise.plan import Plan, Setup, resolve_strategy, setup
-from layerwise.probe import linear_probe, probe_loaders
+from layerwise.probe import linear_probe, load_probe_head, probe_loaders
 from layerwise.progress import bar, say
 from layerwise.rng import epoch_seed, seed_everything
 from layerwise.step import train_step
@@ -97,26 +97,29 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
                 rundir.refuse_existing(run)
             # Taken before set-up resolves defaults, so compare can predict it from its inputs.
             fingerprint = None if resume else rundir.run_fingerprint(cfg)
-            t = _start(cfg, run, info, resume=resume, overwrite=overwrite, fingerprint=fingerprint)
-            t.started = started  # elapsed_seconds counts data and model set-up too
+            t = _start(cfg, run, info, started, resume=resume, overwrite=overwrite, fingerprint=fingerprint)
             return _train(t, run, info)
     finally:
         shutdown(info)
 
 
-def _start(cfg: RunConfig, run: Path, info: DistInfo, *, resume: bool, overwrite: bool,
+def _start(cfg: RunConfig, run: Path, info: DistInfo, started: float, *, resume: bool, overwrite: bool,
            fingerprint: dict | None) -> Trainer:
     """Build, probe, find the LR, restore a checkpoint and write the run's header files."""
     auto_lr = cfg.lr == "auto"
     t = build_trainer(dataclasses.replace(cfg, lr=1e-3) if auto_lr else cfg, run, info)
+    t.started = started  # elapsed_seconds counts data and model set-up too
     if overwrite and info.is_main:  # only now: a config or data error must not cost the old run
         rundir.clear(run)
+    restored = resume and rundir.has_checkpoint(run)
     if _wants_probe(t):
         _probe_for_auto(t, run)
+    if t.cfg.probe_head and not restored:
+        _begin_at_probe(t)
     if auto_lr:
         _use_found_lr(t, run)
     t.start_epoch, t.progress = 0, None
-    if resume and rundir.has_checkpoint(run):
+    if restored:
         _check_resumable(run, t)
         t.start_epoch, t.progress = t.load_last()
         if t.history:  # elapsed_seconds keeps counting across sittings
@@ -208,18 +211,53 @@ def _probe_for_auto(t: Trainer, run: Path) -> None:
                                unsharded(t.loaders.val.dataset), batch_size=cfg.batch_size,
                                workers=t.loaders.train.num_workers, seed=cfg.seed)
     res = linear_probe(t.model, t.head_module(), train, val, t.device, t.amp, channels_last=cfg.channels_last,
-                       quiet=cfg.quiet)
+                       quiet=cfg.quiet, seed=cfg.seed)
     skill, = all_sum([res.skill if t.dist.is_main else 0.0], t.dist)  # rank 0's verdict for all
     t.cfg = dataclasses.replace(cfg, probe_skill=round(skill, 4))
+    if res.head is not None and load_probe_head(t.head_module(), res.head):
+        # The fine-tune starts from the probe (LP-FT as Kumar et al. define it); saved so a
+        # resume or a re-run from config.yaml starts from the same head without probing.
+        path = run / rundir.PROBE_HEAD
+        if t.dist.is_main:
+            save_weights(path, t.head_module())
+        t.cfg = dataclasses.replace(t.cfg, probe_head=str(path.resolve()))
     strategy = resolve_strategy(t.cfg, t.s.groups, images_per_class=t.splits.images_per_class,
                                 num_classes=len(t.splits.classes))
     t.s.plan = dataclasses.replace(t.s.plan, strategy=strategy)
     if t.dist.is_main:
         write_json(run / rundir.PROBE, {"val_acc": res.acc, "chance": res.chance, "skill": t.cfg.probe_skill,
                                         "train_images": res.train_images, "seconds": round(res.seconds, 2),
-                                        "strategy": strategy.name, "reason": strategy.reason})
+                                        "c": res.head.c if res.head else None, "strategy": strategy.name,
+                                        "reason": strategy.reason})
     say(f"auto: linear probe on frozen features: val acc {res.acc:.3f} (majority class {res.chance:.3f}), "
         f"skill {t.cfg.probe_skill:.2f}, {res.seconds:.1f}s -> {strategy.name}")
+
+
+def _begin_at_probe(t: Trainer) -> None:
+    """Load the probe's head and validate the model as the run's first metrics row (epoch
+    -1), so best.safetensors starts as the probe model and a fine-tune replaces it only by
+    beating it: auto is never worse than its own probe."""
+    tic = time.perf_counter()
+    if t.dist.enabled:
+        torch.distributed.barrier()  # rank 0 has written the head file
+    load_weights(Path(t.cfg.probe_head), t.head_module())
+    if t.ema is not None:  # the average starts from the probe model too
+        t.ema.module.load_state_dict(t.model.state_dict())
+    ev = gather_eval(evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=t.cfg.channels_last),
+                     t.dist)
+    head = t.s.groups[-1].name
+    t.history.append({
+        "epoch": -1, "stage": "probe", "train_loss": None, "train_acc": None, "val_loss": ev.loss,
+        "val_acc": ev.acc, "lr": {}, "trainable_params": t.s.plan.sizes[head], "trainable_groups": [head],
+        "epoch_seconds": time.perf_counter() - tic, "images_per_second": None,
+        "elapsed_seconds": time.perf_counter() - t.started,
+    })
+    t.best_acc, t.best_epoch = ev.acc, -1
+    if t.dist.is_main:
+        with rundir.explain_write_errors(t.run):
+            save_weights(t.run / rundir.BEST, t.eval_model())
+    say(f"probe head: val accuracy {ev.acc:.4f} with the probe as the classifier; best.safetensors starts here and "
+        "only a better fine-tuned epoch replaces it")
 
 
 def range_test(t: Trainer, **kw: float) -> LRFind:

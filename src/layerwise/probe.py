@@ -28,13 +28,27 @@ PROBE_MAX_IMAGES = 2000  # train and val images the probe sees at most: enough t
 
 
 @dataclass(frozen=True)
+class LinearHead:
+    """A linear classifier on the raw head input: ``logits = x @ weight.T + bias``."""
+
+    weight: np.ndarray  # (classes, features)
+    bias: np.ndarray  # (classes,)
+    c: float  # the inverse regularisation strength chosen on held-out training features
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.weight.T + self.bias
+
+
+@dataclass(frozen=True)
 class ProbeResult:
-    """Evidence for ``auto``: probe accuracy against the majority-class baseline."""
+    """Evidence for ``auto``: probe accuracy against the majority-class baseline, and the
+    probe itself, ready to become the model's head."""
 
     acc: float
     chance: float
     train_images: int
     seconds: float
+    head: LinearHead | None = None
 
     @property
     def skill(self) -> float:
@@ -42,17 +56,48 @@ class ProbeResult:
         return (self.acc - self.chance) / max(1e-9, 1.0 - self.chance)
 
 
-def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray) -> float:
-    """Validation accuracy of a logistic regression on standardised features."""
+PROBE_CS = (0.01, 0.1, 1.0, 10.0)  # logistic regression's C, chosen per dataset on held-out training features
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int, *, seed: int = 0, cs: tuple[float, ...] = PROBE_CS,
+              holdout: float = 0.2) -> LinearHead:
+    """Logistic regression on standardised features, its C chosen on a stratified held-out
+    part of the *training* features (validation stays untouched), refitted on all of them,
+    with the standardisation folded into the weights: ``W' = W / sigma``,
+    ``b' = b - W @ (mu / sigma)``."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
+    from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
-    if len(np.unique(train_y)) < 2:  # one class: nothing to separate
-        return float(np.mean(val_y == train_y[0]))
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
-    clf.fit(train_x, train_y)
-    return float(np.mean(clf.predict(val_x) == val_y))
+    counts = np.bincount(y, minlength=num_classes)
+    c = 1.0
+    if len(cs) > 1 and counts[counts > 0].min() >= 2 and len(y) * holdout >= (counts > 0).sum():
+        fit_x, held_x, fit_y, held_y = train_test_split(x, y, test_size=holdout, stratify=y, random_state=seed)
+        scaler = StandardScaler().fit(fit_x)
+        scores = [LogisticRegression(C=ci, max_iter=1000).fit(scaler.transform(fit_x), fit_y)
+                  .score(scaler.transform(held_x), held_y) for ci in cs]
+        c = cs[int(np.argmax(scores))]  # the first (strongest regularisation) among ties
+    scaler = StandardScaler().fit(x)
+    classes = np.unique(y)
+    w = np.zeros((num_classes, x.shape[1]))
+    b = np.full(num_classes, -1e4)  # a class with no training image is never predicted
+    if len(classes) < 2:  # one class: nothing to separate
+        b[classes[0]] = 0.0
+        return LinearHead(w, b, c)
+    clf = LogisticRegression(C=c, max_iter=1000).fit(scaler.transform(x), y)
+    coef, inter = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:  # binary: sklearn keeps one row, the logit of the second class
+        coef, inter = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, inter[0]])
+    sigma = scaler.scale_
+    w[classes] = coef / sigma
+    b[classes] = inter - (coef * (scaler.mean_ / sigma)).sum(1)
+    return LinearHead(w, b, c)
+
+
+def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray) -> float:
+    """Validation accuracy of :func:`fit_probe`'s classifier."""
+    head = fit_probe(train_x, train_y, int(max(train_y.max(), val_y.max())) + 1)
+    return float(np.mean(head.logits(val_x).argmax(1) == val_y))
 
 
 def _capped(ds: Dataset, max_images: int, seed: int) -> Dataset:
@@ -72,7 +117,7 @@ def probe_loaders(train: Dataset, val: Dataset, *, batch_size: int, workers: int
 
 
 def linear_probe(model: nn.Module, head: nn.Module, train: DataLoader, val: DataLoader, device: torch.device,
-                 amp: Amp, *, channels_last: bool = False, quiet: bool = True) -> ProbeResult:
+                 amp: Amp, *, channels_last: bool = False, quiet: bool = True, seed: int = 0) -> ProbeResult:
     """Fit the probe on ``head``'s inputs over ``train`` and score it on ``val``; the model's
     weights, head and RNG are left as they were."""
     tic = time.perf_counter()
@@ -83,6 +128,21 @@ def linear_probe(model: nn.Module, head: nn.Module, train: DataLoader, val: Data
     vx, vy = head_features(model, head, bar(val, "probe: val features", enabled=not quiet, total=len(val),
                                             unit="batch"), device, amp.autocast, prep)
     set_rng(rng)
-    acc = probe_accuracy(tx.flatten(1).numpy(), ty.numpy(), vx.flatten(1).numpy(), vy.numpy())
+    num_classes = int(max(ty.max(), vy.max())) + 1
+    if isinstance(head, nn.Linear):
+        num_classes = head.out_features
+    fitted = fit_probe(tx.flatten(1).double().numpy(), ty.numpy(), num_classes, seed=seed)
+    acc = float(np.mean(fitted.logits(vx.flatten(1).double().numpy()).argmax(1) == vy.numpy()))
     chance = float(torch.bincount(vy).max() / len(vy))
-    return ProbeResult(acc, chance, len(ty), time.perf_counter() - tic)
+    return ProbeResult(acc, chance, len(ty), time.perf_counter() - tic, fitted)
+
+
+def load_probe_head(head: nn.Module, probe: LinearHead) -> bool:
+    """Make ``head`` the probe, when it is a linear layer of the probe's shape (an MLP head
+    starts fresh). Returns whether it did."""
+    if not isinstance(head, nn.Linear) or tuple(head.weight.shape) != probe.weight.shape:
+        return False
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(probe.weight, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(probe.bias, dtype=head.bias.dtype))
+    return True

@@ -33,14 +33,16 @@ def save_figure(fig: plt.Figure, path: Path) -> str:
 
 
 def plot_curves(rows: Sequence[dict], path: Path) -> str:
+    """Loss and accuracy per epoch; auto's probe row (epoch -1) has validation values only."""
     epochs = [r["epoch"] for r in rows]
+    trained = [r for r in rows if r["train_loss"] is not None]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
+    a.plot([r["epoch"] for r in trained], [r["train_loss"] for r in trained], "o-", label="train")
     a.plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
     a.set(title="loss", xlabel="epoch")
     for ax in (a, b):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    b.plot(epochs, [r["train_acc"] for r in rows], "o-", label="train")
+    b.plot([r["epoch"] for r in trained], [r["train_acc"] for r in trained], "o-", label="train")
     b.plot(epochs, [r["val_acc"] for r in rows], "o-", label="val")
     b.set(title="accuracy", xlabel="epoch")
     for ax in (a, b):
@@ -117,9 +119,9 @@ def write_run_report(run: Path, classes: Sequence[str], best: EvalResult) -> Pat
         "| epoch | train loss | train acc | val loss | val acc | trainable params | s | img/s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_acc']:.4f} | {r['val_loss']:.4f} | "
-              f"{r['val_acc']:.4f} | {r['trainable_params']:,} | {r['epoch_seconds']:.1f} | "
-              f"{r['images_per_second']:.0f} |" for r in rows]
+    lines += [f"| {'probe' if r['epoch'] < 0 else r['epoch']} | {_cell(r['train_loss'], '.4f')} | "
+              f"{_cell(r['train_acc'], '.4f')} | {r['val_loss']:.4f} | {r['val_acc']:.4f} | {r['trainable_params']:,} | "
+              f"{r['epoch_seconds']:.1f} | {_cell(r['images_per_second'], '.0f')} |" for r in rows]
     lines += ["", "## Curves", "", f"![curves]({pngs[0]})", "", "## Learning rate per group", "",
               f"![lr]({pngs[1]})", "", "## Unfreezing timeline", "", f"![trainable]({pngs[2]})", "",
               "## Confusion matrix and per-class accuracy", "", f"![confusion]({pngs[3]})", "",
@@ -128,6 +130,10 @@ def write_run_report(run: Path, classes: Sequence[str], best: EvalResult) -> Pat
     out = run / rundir.REPORT
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
+
+
+def _cell(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def plot_compare(rows: Sequence[dict], out: Path) -> list[str]:

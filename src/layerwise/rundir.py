@@ -34,6 +34,7 @@ STEPS = "steps.jsonl"
 BEST = "best.safetensors"
 STATE = "last/state.pt"
 PROBE = "probe.json"
+PROBE_HEAD = "probe_head.safetensors"  # auto's fitted probe: the fine-tune's starting head
 SKIPPED = "skipped.json"
 TTA = "tta.json"
 REPORT = "report.md"
@@ -44,7 +45,7 @@ LOCK = ".lock"
 # What a fit writes; --overwrite removes exactly these (and the plots), nothing of the user's.
 LR_FIND_JSON = "lr_find.json"  # layerwise lr-find
 PLOTS = ("curves.png", "lr.png", "trainable.png", "confusion.png")  # the report's, in its order
-RUN_FILES = (CONFIG, PLAN, MODEL, METRICS, STEPS, BEST, PROBE, SKIPPED, TTA, REPORT, LR_FIND_PNG, FINGERPRINT, LOG,
+RUN_FILES = (CONFIG, PLAN, MODEL, METRICS, STEPS, BEST, PROBE, PROBE_HEAD, SKIPPED, TTA, REPORT, LR_FIND_PNG, FINGERPRINT, LOG,
              *PLOTS)
 RUN_DIRS = ("last", "tb")
 
@@ -117,7 +118,7 @@ def writer_lock(run: Path) -> Iterator[None]:
 
 # Settings that change where or how visibly a run executes, not what it computes.
 NOT_DEFINING = ("out", "quiet", "workers", "device", "cache", "cache_dir", "check_data", "checkpoint_every",
-                "resumed", "probe_skill")
+                "resumed", "probe_skill", "probe_head")
 
 
 def data_fingerprint(data: str | None) -> str:
