@@ -23,8 +23,8 @@ def test_unknown_key_suggests_the_right_one():
     # issue 13: each of these was accepted, then hung, crashed late or trained nonsense
     ({"t0": 0}, r"t0 must be in \[1,"),
     ({"t_mult": 0}, r"t_mult must be in \[1,"),
-    ({"warmup_epochs": 4}, "warmup_epochs must be shorter than the run"),
-    ({"probe_epochs": 4}, "probe_epochs must leave an epoch"),
+    ({"warmup_epochs": 4, "epochs": 4}, "warmup_epochs must be shorter than the run"),
+    ({"probe_epochs": 4, "epochs": 4}, "probe_epochs must leave an epoch"),
     ({"label_smoothing": 2.0}, r"label_smoothing must be in \[0, 1\)"),
     ({"ema": 2.0}, r"ema must be in \(0, 1\)"),
     ({"workers": -1}, r"workers must be in \[0, 256\]"),
@@ -38,7 +38,7 @@ def test_unknown_key_suggests_the_right_one():
     ({"every": 0}, "every must be >= 1"),
     ({"img_size": 100_000}, r"img_size must be in \[16, 2048\]"),
     ({"batch_size": 10**9}, "batch_size must be in"),
-    ({"schedule": {4: "head"}}, "schedule epochs must lie in the run"),
+    ({"schedule": {4: "head"}, "epochs": 4}, "schedule epochs must lie in the run"),
     ({"seed": -1}, "seed must be in"),
 ])
 def test_bad_values(values, err):

@@ -42,10 +42,15 @@ def _config_from(args: argparse.Namespace, skip: Sequence[str] = ()) -> "RunConf
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from layerwise.budget import resolve_budget
     from layerwise.plan import setup
 
     cfg = _config_from(args)
+    n_train = round(args.images_per_class * args.num_classes) if args.images_per_class else None
+    cfg, why = resolve_budget(cfg, n_train)
     s = setup(cfg, args.num_classes, images_per_class=args.images_per_class)
+    if why and not args.json:
+        print(why)
     print(json.dumps(s.plan.to_dict(), indent=2) if args.json else s.plan.table())
     return 0
 

@@ -213,10 +213,23 @@ tr.pick{{background:#e6f4ea;font-weight:600}}img{{max-width:100%}}figure{{margin
 """
 
 
+def equal_budget(base: RunConfig) -> RunConfig:
+    """One budget for every strategy: the one auto would choose for this data (an explicit
+    --epochs or --batch-size wins), so no strategy wins by training longer."""
+    from layerwise.budget import resolve_budget
+    from layerwise.data import load_splits
+
+    n_train = len(load_splits(base.data, val_split=base.val_split, seed=base.seed).train)
+    chosen, why = resolve_budget(dataclasses.replace(base, strategy="auto"), n_train)
+    if why:
+        print(f"compare: every strategy gets auto's {why}", flush=True)
+    return dataclasses.replace(base, epochs=chosen.epochs, batch_size=chosen.batch_size, patience=chosen.patience)
+
+
 def compare(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: int = 1,
             overwrite: bool = False) -> dict:
     """Run (or resume, or skip) every strategy, then write summary.json/.md and plots."""
-    runs = run_all(base, strategies, out, repeats=repeats, overwrite=overwrite)
+    runs = run_all(equal_budget(base), strategies, out, repeats=repeats, overwrite=overwrite)
     n_val = rundir.read_model_info(runs[0])["val_images"]
     rows = [run_row(r) for r in runs]  # each run's metrics read once, for table and plots
     summary = summarise(rows, strategies, n_val)

@@ -43,9 +43,9 @@ class RunConfig:
     model: str = "efficientnet_lite0"
     weights: str = "default"
     strategy: str = "auto"
-    epochs: int = 4
+    epochs: int | None = None  # None: 4, or for auto a budget from the data size (layerwise.budget)
     lr: float | str = 1e-3  # the head's LR; "auto": run the LR range test first
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 64, or for auto a batch that gives enough steps per epoch
     img_size: int | None = None  # None: the model's pretrained resolution
     augment: str | None = None  # None: light, or none for the embedded digits
     precision: str = "auto"  # bf16 where the device has fast bf16 (AMX/AVX512-BF16 CPUs, Ampere+ GPUs)
@@ -251,6 +251,8 @@ def checkpoint_interval(text: str) -> tuple[float | None, int | None]:
 
 def _validate_relations(cfg: RunConfig) -> None:
     """Knobs whose valid range depends on another knob."""
+    if cfg.epochs is None:  # checked again once the budget is chosen from the data
+        return
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
         raise LayerwiseError(f"warmup_epochs must be shorter than the run ({cfg.epochs} epochs), "
                              f"got {cfg.warmup_epochs!r}")
@@ -299,7 +301,7 @@ def validate(cfg: RunConfig) -> None:
         bad = {k: v for k, v in (mapping or {}).items() if not (math.isfinite(v) and v >= 0)}
         if bad:
             raise LayerwiseError(f"{what} values must each be {lo_ok}, got {bad}")
-    bad_epochs = [e for e in (cfg.schedule or {}) if e < 0 or e >= cfg.epochs]
+    bad_epochs = [e for e in (cfg.schedule or {}) if e < 0 or (cfg.epochs is not None and e >= cfg.epochs)]
     if bad_epochs:
         raise LayerwiseError(f"schedule epochs must lie in the run, 0..{cfg.epochs - 1}, got {bad_epochs}; "
                              "raise --epochs or move the unfreeze earlier")

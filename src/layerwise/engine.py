@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from layerwise import rundir
+from layerwise.budget import resolve_budget
 from layerwise.checkpoint import append_jsonl, atomic_write_text, load_weights, read_jsonl, save_weights, write_json
 from layerwise.config import CHECK_DATA_AUTO_LIMIT, RunConfig, from_mapping, load_yaml
 from layerwise.data import DEFAULT_IMG_SIZE, Splits, drop_unreadable, load_splits, write_skipped
@@ -53,8 +54,13 @@ def prepare(cfg: RunConfig) -> tuple[Setup, Splits]:
         say(f"warning: skipped {len(splits.skipped)} unreadable image(s); the run folder's {rundir.SKIPPED} lists them")
     if cfg.data is None:  # 8x8 digits: upscale a little, and never flip or crop them
         cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DEFAULT_IMG_SIZE, augment=cfg.augment or "none")
+    cfg, why = resolve_budget(cfg, len(splits.train))
+    if why:
+        say(why)
     seed_everything(cfg.seed)  # the new head's initial weights depend on it
-    return setup(cfg, len(splits.classes), images_per_class=splits.images_per_class), splits
+    s = setup(cfg, len(splits.classes), images_per_class=splits.images_per_class)
+    s.budget = why
+    return s, splits
 
 
 def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Trainer:
@@ -131,7 +137,7 @@ def _start(cfg: RunConfig, run: Path, info: DistInfo, started: float, *, resume:
     if info.is_main:
         _sync_logs(t)
         with rundir.explain_write_errors(run):
-            atomic_write_text(run / rundir.CONFIG, t.cfg.to_yaml())
+            atomic_write_text(run / rundir.CONFIG, (f"# {t.s.budget}\n" if t.s.budget else "") + t.cfg.to_yaml())
             write_json(run / rundir.PLAN, t.s.plan.to_dict())
             write_json(run / rundir.MODEL, rundir.model_info(t.s.loaded, t.cfg, t.splits.classes, len(t.splits.val)))
             write_skipped(run / rundir.SKIPPED, t.splits.skipped)

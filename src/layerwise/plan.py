@@ -170,6 +170,7 @@ class Setup:
     groups: list[LayerGroup]
     plan: Plan
     config: "RunConfig"
+    budget: str = ""  # why auto chose its epochs and batch size, when it did
 
 
 def resolve_strategy(cfg: "RunConfig", groups: Sequence[LayerGroup], *, images_per_class: float | None,

@@ -1,0 +1,63 @@
+"""The training budget: batch size and epochs, chosen from the number of training images when
+the user does not set them and the strategy is ``auto``.
+
+Epochs are the wrong unit for small data: 245 images at batch 64 are 3 optimizer steps per
+epoch. Like BiT's HyperRule (Kolesnikov et al., 2020), the rule fixes a minimum number of
+optimizer steps instead, and a batch small enough for several steps per epoch; early stopping
+on a validation plateau ends runs that have converged. The constants are a principle (enough
+steps to move a pretrained network, at most a few minutes on a laptop CPU at small sizes), not
+values fitted to a benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from layerwise.config import RunConfig
+
+DEFAULT_EPOCHS = 4  # every fixed strategy, when --epochs is not given
+DEFAULT_BATCH = 64
+MIN_STEPS = 120  # auto: optimizer steps at least, whatever the data size
+MIN_STEPS_PER_EPOCH = 16  # auto: the batch shrinks (to 8 at least) to keep this many steps per epoch
+MAX_EPOCHS = 30
+PLATEAU_PATIENCE = 2  # auto: epochs without a val-acc gain before stopping early
+
+
+def auto_batch(n_train: int) -> int:
+    """The largest power of two up to 64 (at least 8) that gives MIN_STEPS_PER_EPOCH steps."""
+    b = DEFAULT_BATCH
+    while b > 8 and n_train // b < MIN_STEPS_PER_EPOCH:
+        b //= 2
+    return b
+
+
+def auto_epochs(n_train: int, batch: int) -> int:
+    """Epochs for at least MIN_STEPS optimizer steps, between DEFAULT_EPOCHS and MAX_EPOCHS."""
+    steps_per_epoch = max(1, n_train // batch)
+    return min(MAX_EPOCHS, max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
+
+
+def resolve_budget(cfg: RunConfig, n_train: int | None) -> tuple[RunConfig, str]:
+    """``cfg`` with epochs and batch size set, and a sentence saying why. Explicit values are
+    kept; ``auto`` with a known dataset size gets the step-based budget and early stopping."""
+    from layerwise.config import validate
+
+    if cfg.strategy != "auto" or n_train is None:
+        out = dataclasses.replace(cfg, epochs=cfg.epochs or DEFAULT_EPOCHS, batch_size=cfg.batch_size or DEFAULT_BATCH)
+        validate(out)
+        return out, ""
+    batch = cfg.batch_size or auto_batch(n_train)
+    epochs = cfg.epochs or auto_epochs(n_train, batch)
+    patience = cfg.patience if cfg.patience is not None or cfg.epochs else PLATEAU_PATIENCE
+    out = dataclasses.replace(cfg, epochs=epochs, batch_size=batch, patience=patience)
+    validate(out)
+    steps = max(1, n_train // batch) * epochs
+    given = [f"--{k.replace('_', '-')} {v}" for k, v in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size)) if v]
+    why = (f"budget: {n_train} training images -> batch {batch}, {epochs} epochs = {steps} optimizer steps "
+           f"(auto aims at {MIN_STEPS} or more{'; ' + ', '.join(given) + ' as given' if given else ''})")
+    if patience and not cfg.patience:
+        why += f", stopping early after {patience} epochs without a val-accuracy gain"
+    return out, why

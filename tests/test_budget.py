@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from layerwise.budget import DEFAULT_BATCH, DEFAULT_EPOCHS, MAX_EPOCHS, MIN_STEPS, auto_batch, resolve_budget
+from layerwise.config import RunConfig
+from layerwise.errors import LayerwiseError
+
+
+@pytest.mark.parametrize("n,batch,epochs", [
+    (245, 8, 4),  # the reported case: 245 images were 3 steps per epoch at batch 64, 15 steps in all
+    (100, 8, 10),
+    (1000, 32, 4),
+    (5000, 64, 4),
+    (20, 8, MAX_EPOCHS),
+])
+def test_auto_budget_on_made_up_sizes(n, batch, epochs):
+    cfg, why = resolve_budget(RunConfig(strategy="auto"), n)
+    assert (cfg.batch_size, cfg.epochs) == (batch, epochs)
+    assert cfg.patience == 2 and f"{n} training images -> batch {batch}, {epochs} epochs" in why
+
+
+@given(st.integers(1, 10**6))
+def test_auto_budget_gives_enough_steps_or_the_epoch_cap(n):
+    cfg, _ = resolve_budget(RunConfig(strategy="auto"), n)
+    steps = max(1, n // cfg.batch_size) * cfg.epochs
+    assert 8 <= cfg.batch_size <= DEFAULT_BATCH and DEFAULT_EPOCHS <= cfg.epochs <= MAX_EPOCHS
+    assert steps >= MIN_STEPS or cfg.epochs == MAX_EPOCHS
+    assert cfg.batch_size == auto_batch(n)
+
+
+def test_explicit_flags_win():
+    cfg, why = resolve_budget(RunConfig(strategy="auto", epochs=3, batch_size=32), 245)
+    assert (cfg.epochs, cfg.batch_size, cfg.patience) == (3, 32, None)  # asked for 3 epochs: all of them run
+    assert "--epochs 3, --batch-size 32 as given" in why
+    cfg, _ = resolve_budget(RunConfig(strategy="auto", patience=5), 245)
+    assert cfg.patience == 5
+
+
+def test_fixed_strategies_keep_the_fixed_defaults():
+    cfg, why = resolve_budget(RunConfig(strategy="gradual"), 245)
+    assert (cfg.epochs, cfg.batch_size, cfg.patience, why) == (DEFAULT_EPOCHS, DEFAULT_BATCH, None, "")
+
+
+def test_relations_are_checked_once_the_budget_is_known():
+    with pytest.raises(LayerwiseError, match="warmup_epochs must be shorter than the run"):
+        resolve_budget(RunConfig(strategy="full", warmup_epochs=5), 1000)
+
+
+def test_fit_auto_records_the_budget(tmp_path, capsys):
+    from conftest import make_image_folder
+    from layerwise.cli import main
+
+    data = make_image_folder(tmp_path / "d", classes=3, per_class=12, size=16)
+    run = tmp_path / "run"
+    assert main(["fit", str(data), "--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32",
+                 "--workers", "0", "--quiet", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "budget: 36 training images -> batch 8, 30 epochs" in out
+    text = (run / "config.yaml").read_text()
+    assert text.startswith("# budget: 36 training images") and "batch_size: 8" in text and "patience: 2" in text
