@@ -14,7 +14,8 @@ from competitor import competitor_parser  # bench/ is on the path: these run as 
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastai.metrics import accuracy
-from fastai.vision.all import ImageDataLoaders, Resize, vision_learner
+from fastai.torch_core import set_seed
+from fastai.vision.all import ImageDataLoaders, Normalize, Resize, vision_learner
 
 from layerwise.models import lite0_state_dict  # only to load the same offline weights
 
@@ -46,8 +47,12 @@ def main() -> None:
     started = time.perf_counter()
     p = competitor_parser()
     args = p.parse_args()
+    set_seed(args.seed, reproducible=True)
+    # pretrained=False below (the weights are loaded by hand), so fastai would add no
+    # normalisation: give it the one these TF-origin weights expect, as layerwise does.
     dls = ImageDataLoaders.from_folder(args.data, train="train", valid="val", item_tfms=Resize(args.img_size),
-                                       bs=64, num_workers=1)
+                                       batch_tfms=Normalize.from_stats([0.5] * 3, [0.5] * 3), bs=args.batch_size,
+                                       num_workers=1)
     learn = vision_learner(dls, "tf_efficientnet_lite0", pretrained=False, metrics=accuracy, cbs=Report(started))
     body = learn.model[0].model
     full = timm.create_model("tf_efficientnet_lite0")

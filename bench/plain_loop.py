@@ -25,10 +25,8 @@ from layerwise.models import lite0_state_dict  # only to load the same offline w
 def main() -> None:
     started = time.perf_counter()
     p = competitor_parser()
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
     norm = transforms.Normalize([0.5] * 3, [0.5] * 3)

@@ -17,27 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from competitor import run_child  # bench/ is on the path: these run as scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
-
-
-def run_child(cmd: list[str]) -> tuple[str, float, float]:
-    """stdout, wall seconds and peak RSS (MB) of one competitor process."""
-    tic = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
-    return out, time.perf_counter() - tic, usage.ru_maxrss / 1024
 
 
 # The competitors have no 'auto': against layerwise's auto they run their full fine-tuning

@@ -1,0 +1,159 @@
+"""The transfer suite: does ``auto`` win on data it has never seen?
+
+Runs, on each dataset of ``../shared/data/suite/`` (six domains), cifar10-mini and the
+embedded digits: ``auto``, every fixed strategy (at its default ``--bn`` and at ``--bn eval``),
+the plain PyTorch loop and fastai ``fine_tune`` (when fastai is installed: ``pip install -e
+'.[bench]'``), all at one image size and with one budget per dataset (the one auto chooses
+from the data size; every tool gets the same epochs and batch size). Each run is its own
+process, so wall time includes start-up, data set-up and auto's probe.
+
+    .venv/bin/python bench/suite.py --quick               # one seed, 96 px, recommended --bn: < 1 h
+    .venv/bin/python bench/suite.py --seeds 0,1 --img-size 112   # the full suite, over several sittings
+
+Every finished run is recorded in bench/results/suite.json at once, so an interrupted suite
+resumes where it stopped. bench/results/suite.md is rewritten from all recorded runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from competitor import ROOT, run_child  # bench/ is on the path: these run as scripts
+
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results"
+FIXED = ("head", "lp-ft", "gradual", "discriminative", "full")
+# The --bn each strategy does best with (docs/strategies.md): eval wherever groups train late
+# or at a low LR on batch statistics, the default for the rest.
+RECOMMENDED_BN = {"lp-ft": "eval", "gradual": "eval", "discriminative": "eval"}
+
+
+def datasets() -> dict[str, Path]:
+    """name -> folder with train/ and val/; the digits are written out as PNGs once."""
+    out = {p.name: p for p in sorted((SHARED / "suite").iterdir()) if (p / "train").is_dir()}
+    if (SHARED / "cifar10-mini" / "train").is_dir():
+        out["cifar10-mini"] = SHARED / "cifar10-mini"
+    out["digits"] = export_digits(Path(tempfile.gettempdir()) / "layerwise-suite-digits")
+    return out
+
+
+def export_digits(root: Path) -> Path:
+    """The embedded digits as class folders, so the competitors can read them too."""
+    if (root / "val").is_dir():
+        return root
+    from PIL import Image
+
+    from layerwise.data import digits
+
+    s = digits()
+    for part, items in (("train", s.train), ("val", s.val)):
+        for i, (img, label) in enumerate(items):
+            d = root / part / s.classes[label]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def variants(quick: bool) -> list[str]:
+    have_fastai = True
+    try:
+        import fastai  # noqa: F401
+    except ImportError:
+        have_fastai = False
+    if quick:
+        fixed = [s + ("+bn-eval" if RECOMMENDED_BN.get(s) == "eval" else "") for s in FIXED]
+    else:
+        fixed = [v for s in FIXED for v in (s, f"{s}+bn-eval")]
+    return ["auto", *fixed, "plain", *(["fastai"] if have_fastai else [])]
+
+
+def budget(data: Path) -> tuple[int, int, int | None, str]:
+    """epochs, batch size, patience and the reason: auto's rule for this dataset's size."""
+    from layerwise.budget import resolve_budget
+    from layerwise.config import RunConfig
+    from layerwise.data import load_splits
+
+    cfg, why = resolve_budget(RunConfig(strategy="auto"), len(load_splits(str(data)).train))
+    return cfg.epochs, cfg.batch_size, cfg.patience, why
+
+
+def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: tuple) -> dict:
+    strategy, _, bn = variant.partition("+bn-")
+    epochs, batch, patience, _ = b
+    run = ROOT / "runs" / "suite" / name / f"{variant}-{img}px-seed{seed}"
+    cmd = [sys.executable, "-m", "layerwise", "fit", str(data), "--model", "efficientnet_lite0", "--strategy", strategy,
+           "--epochs", str(epochs), "--batch-size", str(batch), "--img-size", str(img), "--seed", str(seed),
+           "--workers", "1", "--quiet", "--out", str(run), "--overwrite"]
+    if bn:
+        cmd += ["--bn", bn]
+    if patience:
+        cmd += ["--patience", str(patience)]
+    _, wall, _ = run_child(cmd)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rec = {"curve": [[r["elapsed_seconds"], r["val_acc"]] for r in rows], "wall": wall}
+    probe = run / "probe.json"
+    if probe.is_file():
+        p = json.loads(probe.read_text())
+        rec |= {"probe_acc": next((r["val_acc"] for r in rows if r["epoch"] < 0), p["val_acc"]),
+                "chosen": p["strategy"], "skill": p["skill"], "c": p.get("c")}
+    return rec
+
+
+def run_competitor(script: str, data: Path, seed: int, img: int, b: tuple) -> dict:
+    epochs, batch, _, _ = b
+    out, wall, _ = run_child([sys.executable, f"bench/{script}", str(data), "--strategy", "full", "--epochs",
+                              str(epochs), "--img-size", str(img), "--batch-size", str(batch), "--seed", str(seed)])
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {"curve": [[r["elapsed_seconds"], r["val_acc"]] for r in rows], "wall": wall}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one seed, 96 px, each strategy at its recommended --bn")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--img-size", type=int, default=112)
+    p.add_argument("--datasets", default="", help="comma-separated subset (default: all)")
+    p.add_argument("--variants", default="", help="comma-separated subset (default: all of the mode)")
+    p.add_argument("--results", default=str(RESULTS / "suite.json"))
+    args = p.parse_args()
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    img = min(args.img_size, 96) if args.quick else args.img_size
+    results_path = Path(args.results)
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    chosen = [v for v in variants(args.quick) if not args.variants or v in args.variants.split(",")]
+    for name, data in datasets().items():
+        if args.datasets and name not in args.datasets.split(","):
+            continue
+        b = budget(data)
+        print(f"{name}: {b[3]}", flush=True)
+        for seed in seeds:
+            for v in chosen:
+                key = f"{name}|{v}|{img}|{seed}"
+                if key in results:
+                    continue
+                rec = (run_competitor("plain_loop.py" if v == "plain" else "fastai_loop.py", data, seed, img, b)
+                       if v in ("plain", "fastai") else run_layerwise(name, data, v, seed, img, b))
+                results[key] = rec | {"dataset": name, "variant": v, "img": img, "seed": seed, "epochs": b[0],
+                                      "batch": b[1], "best": max(a for _, a in rec["curve"])}
+                print(f"  {v:<22} seed {seed}: best {results[key]['best']:.3f}  {rec['wall']:.0f}s", flush=True)
+                tmp = results_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(results, indent=1))
+                tmp.replace(results_path)  # after every run: a kill loses at most the run in progress
+    (RESULTS / "suite.md").write_text(report(results, img))
+    print(f"wrote {RESULTS / 'suite.md'}")
+
+
+def report(results: dict, img: int) -> str:
+    """Per dataset: each variant's best val acc (mean ± std over seeds), wall time, time to
+    reach fastai's final accuracy; then mean rank and mean accuracy over the suite."""
+    from suite_stats import summary_tables
+
+    return summary_tables([r for r in results.values() if r["img"] == img], img)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Tables of the transfer suite, and the leave-one-dataset-out choice of auto's rule.
+
+Pure functions over the records bench/suite.py stores, so they are tested on made-up tables.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from collections.abc import Sequence
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def by_dataset(records: Sequence[dict]) -> dict[str, dict[str, list[dict]]]:
+    out: dict[str, dict[str, list[dict]]] = {}
+    for r in records:
+        out.setdefault(r["dataset"], {}).setdefault(r["variant"], []).append(r)
+    return out
+
+
+def ranks(scores: dict[str, float]) -> dict[str, float]:
+    """1 = best; tied scores share the mean of their places."""
+    order = sorted(scores, key=lambda k: -scores[k])
+    out: dict[str, float] = {}
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def time_to(curve: Sequence[Sequence[float]], target: float) -> float | None:
+    """Seconds until a run's val accuracy first reaches ``target`` (None: never)."""
+    return next((t for t, acc in curve if acc >= target), None)
+
+
+def _rule_score(rule: tuple[str, str, float], datasets: Sequence[str], acc: dict[str, dict[str, float]],
+                evidence: dict[str, float]) -> tuple[float, float]:
+    """Mean accuracy of a threshold rule over ``datasets``, then its margin to the nearest evidence."""
+    hi, lo, tau = rule
+    mean = statistics.fmean(acc[d][hi if evidence[d] >= tau else lo] for d in datasets)
+    return mean, min(abs(evidence[d] - tau) for d in datasets)
+
+
+def loo_threshold_rule(acc: dict[str, dict[str, float]], evidence: dict[str, float],
+                       strategies: Sequence[str]) -> list[dict]:
+    """Choose "evidence >= tau -> A, else B" by leaving each dataset out: fit (A, B, tau) on the
+    others (highest mean accuracy; ties: the larger margin to the nearest evidence value), then
+    apply it to the held-out dataset. Returns one row per dataset with the choice and its
+    distance from that dataset's best strategy."""
+    rows = []
+    for held in acc:
+        rest = [d for d in acc if d != held]
+        cuts = sorted({evidence[d] for d in rest})
+        taus = [-1.0] + [(a + b) / 2 for a, b in itertools.pairwise(cuts)] + [2.0]
+
+        rules = [(hi, lo, tau) for hi in strategies for lo in strategies for tau in taus]
+        best = max(rules, key=lambda rule, rest=rest: _rule_score(rule, rest, acc, evidence))
+        hi, lo, tau = best
+        pick = hi if evidence[held] >= tau else lo
+        top = max(strategies, key=lambda s: acc[held][s])
+        rows.append({"dataset": held, "evidence": evidence[held], "rule": f"skill >= {tau:.2f} -> {hi}, else {lo}",
+                     "choice": pick, "acc": acc[held][pick], "best": top, "best_acc": acc[held][top],
+                     "regret": acc[held][top] - acc[held][pick]})
+    return rows
+
+
+def summary_tables(records: Sequence[dict], img: int) -> str:
+    data = by_dataset(records)
+    lines = [f"# Transfer suite ({img} px)", "",
+             "Written by `bench/suite.py` from `bench/results/suite.json`. Best val accuracy is the mean ± std over "
+             "seeds; wall time is the whole process (start-up, data, probe); *to fastai* is the time until the "
+             "run first reaches fastai `fine_tune`'s final accuracy on that dataset.", ""]
+    means: dict[str, dict[str, float]] = {}
+    for name, by_var in sorted(data.items()):
+        fastai = by_var.get("fastai")
+        target = statistics.fmean(r["curve"][-1][1] for r in fastai) if fastai else None
+        r0 = next(iter(by_var.values()))[0]
+        lines += [f"## {name}", "", f"{r0['epochs']} epochs at batch {r0['batch']} for every tool."
+                  + (f" fastai's final accuracy: {target:.3f}." if target is not None else ""), "",
+                  "| variant | best val acc | wall s | to fastai |", "|---|---:|---:|---:|"]
+        means[name] = {}
+        for v, rs in sorted(by_var.items(), key=lambda kv: -statistics.fmean(r["best"] for r in kv[1])):
+            m, sd = _mean_std([r["best"] for r in rs])
+            means[name][v] = m
+            hits = [time_to(r["curve"], target) for r in rs] if target is not None else []
+            reach = (f"{statistics.fmean(hits):.0f}" if hits and None not in hits else "never") if hits else "-"
+            label = v if "chosen" not in rs[0] else (f"auto → {rs[0]['chosen'].removeprefix('auto:')} "
+                                                     f"(skill {rs[0]['skill']:.2f}, probe {rs[0]['probe_acc']:.3f})")
+            lines.append(f"| {label} | {m:.3f} ± {sd:.3f} | {statistics.fmean(r['wall'] for r in rs):.0f} | {reach} |")
+        lines.append("")
+    common = set.intersection(*(set(m) for m in means.values())) if means else set()
+    rank = {d: ranks({v: means[d][v] for v in common}) for d in means}
+    lines += ["## Over the suite", "", "| variant | mean rank | mean best val acc |", "|---|---:|---:|"]
+    for v in sorted(common, key=lambda v: statistics.fmean(rank[d][v] for d in means)):
+        lines.append(f"| {v} | {statistics.fmean(rank[d][v] for d in means):.2f} | "
+                     f"{statistics.fmean(means[d][v] for d in means):.3f} |")
+    return "\n".join(lines) + "\n"

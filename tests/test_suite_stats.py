@@ -1,0 +1,46 @@
+"""The transfer suite's tables and the leave-one-dataset-out rule choice (bench/suite_stats.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from suite_stats import loo_threshold_rule, ranks, summary_tables, time_to  # noqa: E402
+
+
+def test_ranks_share_ties():
+    assert ranks({"a": 0.9, "b": 0.8, "c": 0.8, "d": 0.1}) == {"a": 1, "b": 2.5, "c": 2.5, "d": 4}
+
+
+def test_time_to_target():
+    assert time_to([[10, 0.3], [20, 0.6], [30, 0.7]], 0.6) == 20 and time_to([[10, 0.3]], 0.9) is None
+
+
+def test_leave_one_out_picks_the_rule_from_the_other_datasets():
+    # Far-from-ImageNet data (low skill) wants 'full', near data (high skill) wants 'lp-ft'.
+    skill = {"a": 0.2, "b": 0.3, "c": 0.4, "d": 0.8, "e": 0.9, "f": 0.95}
+    acc = {d: {"full": 0.8 if s < 0.5 else 0.6, "lp-ft": 0.6 if s < 0.5 else 0.85} for d, s in skill.items()}
+    rows = loo_threshold_rule(acc, skill, ["full", "lp-ft"])
+    assert [r["choice"] for r in rows] == ["full", "full", "full", "lp-ft", "lp-ft", "lp-ft"]
+    assert all(r["regret"] == 0 for r in rows)
+    # The held-out dataset never sets its own threshold: with it alone on its side, it is misplaced.
+    acc["c"] = {"full": 0.5, "lp-ft": 0.9}  # c breaks the pattern; the others still say 'full' at 0.4
+    c = next(r for r in loo_threshold_rule(acc, skill, ["full", "lp-ft"]) if r["dataset"] == "c")
+    assert c["choice"] == "full" and c["regret"] == pytest.approx(0.4)
+
+
+def test_summary_table_ranks_and_time_to_fastai():
+    def rec(d, v, best, seed=0, **kw):
+        return {"dataset": d, "variant": v, "seed": seed, "img": 96, "epochs": 4, "batch": 32, "best": best,
+                "wall": 10.0, "curve": [[5.0, best - 0.1], [10.0, best]], **kw}
+
+    records = [rec("x", "auto", 0.9, chosen="auto:lp-ft", skill=0.8, probe_acc=0.85), rec("x", "fastai", 0.8),
+               rec("x", "head", 0.7), rec("y", "auto", 0.6, chosen="auto:full", skill=0.2, probe_acc=0.5),
+               rec("y", "fastai", 0.65), rec("y", "head", 0.5)]
+    text = summary_tables(records, 96)
+    assert "| auto → lp-ft (skill 0.80, probe 0.850) | 0.900 ± 0.000 | 10 | 5 |" in text
+    assert "| head | 0.700 ± 0.000 | 10 | never |" in text
+    assert "| auto | 1.50 | 0.750 |" in text and "| fastai | 1.50 | 0.725 |" in text
