@@ -76,6 +76,7 @@ def test_fit_auto_probes_records_and_resumes_without_probing(data, tmp_path, cap
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [-1, 0, 1] and rows[0]["stage"] == "probe"
     assert probe["c"] in (0.01, 0.1, 1.0, 10.0) and (run / "probe_head.safetensors").is_file()
+    assert 0 <= probe["knn_acc"] <= 1 and probe["hscore"] > 0  # more evidence from the same features
 
     import layerwise.probe
 
@@ -165,3 +166,15 @@ def test_probe_head_loads_into_a_linear_layer_and_reproduces_its_logits():
         out = layer(torch.as_tensor(x, dtype=torch.float32)).numpy()
     np.testing.assert_allclose(out, head.logits(x), atol=1e-4)
     assert not load_probe_head(torch.nn.Sequential(torch.nn.Linear(8, 3)), head)  # an MLP head starts fresh
+
+
+def test_h_score_and_knn_rank_separable_above_random_features():
+    from layerwise.probe import h_score, knn_accuracy
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 400)
+    noise = rng.normal(size=(400, 32))
+    signal = noise + 3 * np.eye(32)[y]  # the class shifts 1 of 32 features
+    assert h_score(signal, y) > h_score(noise, y) + 0.5
+    assert knn_accuracy(signal[:300], y[:300], signal[300:], y[300:]) > 0.8
+    assert knn_accuracy(noise[:300], y[:300], noise[300:], y[300:]) < 0.5

@@ -233,10 +233,12 @@ def _probe_for_auto(t: Trainer, run: Path) -> None:
     if t.dist.is_main:
         write_json(run / rundir.PROBE, {"val_acc": res.acc, "chance": res.chance, "skill": t.cfg.probe_skill,
                                         "train_images": res.train_images, "seconds": round(res.seconds, 2),
-                                        "c": res.head.c if res.head else None, "strategy": strategy.name,
+                                        "c": res.head.c if res.head else None, "knn_acc": res.knn_acc,
+                                        "hscore": res.hscore, "strategy": strategy.name,
                                         "reason": strategy.reason})
     say(f"auto: linear probe on frozen features: val acc {res.acc:.3f} (majority class {res.chance:.3f}), "
-        f"skill {t.cfg.probe_skill:.2f}, {res.seconds:.1f}s -> {strategy.name}")
+        f"skill {t.cfg.probe_skill:.2f}, {res.seconds:.1f}s -> {strategy.name}; also kNN {res.knn_acc:.3f}, "
+        f"H-score {res.hscore:.1f}")
 
 
 def _begin_at_probe(t: Trainer) -> None:

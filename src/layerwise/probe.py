@@ -49,6 +49,8 @@ class ProbeResult:
     train_images: int
     seconds: float
     head: LinearHead | None = None
+    knn_acc: float | None = None  # 10-nearest-neighbour val accuracy on standardised features
+    hscore: float | None = None  # H-score (Bao et al., 2019): class-separating variance of the features
 
     @property
     def skill(self) -> float:
@@ -132,9 +134,35 @@ def linear_probe(model: nn.Module, head: nn.Module, train: DataLoader, val: Data
     if isinstance(head, nn.Linear):
         num_classes = head.out_features
     fitted = fit_probe(tx.flatten(1).double().numpy(), ty.numpy(), num_classes, seed=seed)
-    acc = float(np.mean(fitted.logits(vx.flatten(1).double().numpy()).argmax(1) == vy.numpy()))
+    train_x, val_x = tx.flatten(1).double().numpy(), vx.flatten(1).double().numpy()
+    acc = float(np.mean(fitted.logits(val_x).argmax(1) == vy.numpy()))
     chance = float(torch.bincount(vy).max() / len(vy))
-    return ProbeResult(acc, chance, len(ty), time.perf_counter() - tic, fitted)
+    return ProbeResult(acc, chance, len(ty), time.perf_counter() - tic, fitted,
+                       knn_acc=knn_accuracy(train_x, ty.numpy(), val_x, vy.numpy()), hscore=h_score(train_x, ty.numpy()))
+
+
+def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, k: int = 10) -> float:
+    """Validation accuracy of k nearest neighbours (cosine, standardised features): evidence
+    that needs no fitting at all."""
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    knn = KNeighborsClassifier(n_neighbors=min(k, len(train_y)), metric="cosine")
+    knn.fit(scaler.transform(train_x), train_y)
+    return float(np.mean(knn.predict(scaler.transform(val_x)) == val_y))
+
+
+def h_score(x: np.ndarray, y: np.ndarray) -> float:
+    """H-score, ``tr(cov(f)^-1 cov(E[f|y]))`` (Bao et al., 2019), on standardised features:
+    how much of the features' variance separates the classes (higher: easier transfer)."""
+    f = (x - x.mean(0)) / (x.std(0) + 1e-8)
+    class_means = np.zeros_like(f)
+    for c in np.unique(y):
+        class_means[y == c] = f[y == c].mean(0)
+    cov_f = np.cov(f, rowvar=False) + 1e-3 * np.eye(f.shape[1])  # shrinkage: fewer images than features
+    cov_g = np.cov(class_means, rowvar=False)
+    return float(np.trace(np.linalg.solve(cov_f, cov_g)))
 
 
 def load_probe_head(head: nn.Module, probe: LinearHead) -> bool:
