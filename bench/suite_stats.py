@@ -102,4 +102,47 @@ def summary_tables(records: Sequence[dict], img: int) -> str:
     for v in sorted(common, key=lambda v: statistics.fmean(rank[d][v] for d in means)):
         lines.append(f"| {v} | {statistics.fmean(rank[d][v] for d in means):.2f} | "
                      f"{statistics.fmean(means[d][v] for d in means):.3f} |")
+    lines += auto_checks(means, data)
     return "\n".join(lines) + "\n"
+
+
+FIXED_EXCLUDED = ("auto", "plain", "fastai")
+
+
+def _fmt(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def auto_checks(means: dict[str, dict[str, float]], data: dict[str, dict[str, list[dict]]]) -> list[str]:
+    """auto against the best fixed strategy, fastai and its own probe, per dataset; then the
+    rule auto would use if chosen by leaving each dataset out."""
+    rows, evidence, fixed_acc = [], {}, {}
+    for d, m in sorted(means.items()):
+        if "auto" not in m:
+            continue
+        fixed = {v: a for v, a in m.items() if v not in FIXED_EXCLUDED}
+        best = max(fixed, key=fixed.get) if fixed else None
+        auto = data[d]["auto"][0]
+        evidence[d], fixed_acc[d] = auto.get("skill"), fixed
+        probe = statistics.fmean(r["probe_acc"] for r in data[d]["auto"] if "probe_acc" in r) \
+            if any("probe_acc" in r for r in data[d]["auto"]) else None
+        gap = m["auto"] - fixed[best] if best else None
+        rows.append(f"| {d} | {auto.get('chosen', 'auto')} | {m['auto']:.3f} | "
+                    f"{best or '-'} {_fmt(fixed.get(best), '.3f')} | {_fmt(gap, '+.3f')} | "
+                    f"{_fmt(m.get('fastai'), '.3f')} | {_fmt(probe, '.3f')} |")
+    if not rows:
+        return []
+    out = ["", "## auto against the best fixed strategy, fastai and its own probe", "",
+           "| dataset | auto chose | auto | best fixed | auto − best fixed | fastai | probe |",
+           "|---|---|---:|---:|---:|---:|---:|", *rows]
+    strategies = sorted(set.intersection(*(set(f) for f in fixed_acc.values())))
+    if len(fixed_acc) >= 3 and strategies and None not in evidence.values():
+        loo = loo_threshold_rule(fixed_acc, evidence, strategies)
+        out += ["", "### A threshold on the probe's skill, chosen leaving each dataset out", "",
+                "For each dataset, the rule `skill >= tau -> A, else B` that scores best on the *other* datasets, "
+                "applied to it:", "", "| dataset | skill | rule (from the others) | choice | best | regret |",
+                "|---|---:|---|---|---|---:|"]
+        out += [f"| {r['dataset']} | {r['evidence']:.2f} | {r['rule']} | {r['choice']} {r['acc']:.3f} | "
+                f"{r['best']} {r['best_acc']:.3f} | {r['regret']:.3f} |" for r in loo]
+        out.append(f"\nMean regret of the left-out choice: {statistics.fmean(r['regret'] for r in loo):.3f}.")
+    return out
