@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,25 @@ def test_h_score_and_knn_rank_separable_above_random_features():
     assert h_score(signal, y) > h_score(noise, y) + 0.5
     assert knn_accuracy(signal[:300], y[:300], signal[300:], y[300:]) > 0.8
     assert knn_accuracy(noise[:300], y[:300], noise[300:], y[300:]) < 0.5
+
+
+SUITE = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "shared" / "data" / "suite").glob("*")
+               if (p / "train").is_dir())
+
+
+@pytest.mark.skipif(not SUITE, reason="the shared transfer suite is absent")
+@pytest.mark.parametrize("name", SUITE)
+def test_auto_is_at_least_its_probe_on_every_suite_dataset(name, tmp_path):
+    """On each real domain (small and fast: 32 px, one epoch), auto's best val accuracy is at
+    least its probe model's, and the saved best weights score that accuracy."""
+    from layerwise.inference import evaluate_run
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "suite" / name
+    run = tmp_path / "run"
+    assert main(["fit", str(data), "--img-size", "32", "--epochs", "1", "--batch-size", "64", "--workers", "0",
+                 "--quiet", "--out", str(run)]) == 0
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert rows[0]["stage"] == "probe"
+    best = max(r["val_acc"] for r in rows)
+    assert best >= rows[0]["val_acc"]
+    assert evaluate_run(run, str(data))["accuracy"] == pytest.approx(best, abs=1e-6)
