@@ -7,7 +7,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -261,31 +261,25 @@ def _validate_relations(cfg: RunConfig) -> None:
                              f"got {cfg.probe_epochs!r}")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Reject values no run could use, naming the field and the valid range/choices."""
+def _choices() -> dict[str, tuple[str, Collection[str]]]:
+    """field -> (what it names, its registry); imported late, as the registries import this module."""
     from layerwise.augment import PRESETS
+    from layerwise.cache import CACHE_MODES
+    from layerwise.freeze import BN_MODES
     from layerwise.strategies import STRATEGIES
 
-    if cfg.strategy not in STRATEGIES:
-        raise UnknownNameError("strategy", cfg.strategy, STRATEGIES)
-    if cfg.augment is not None and cfg.augment not in PRESETS:
-        raise UnknownNameError("augmentation preset", cfg.augment, PRESETS)
-    if cfg.check_data not in CHECK_DATA:
-        raise UnknownNameError("check-data mode", cfg.check_data, CHECK_DATA)
-    from layerwise.cache import CACHE_MODES
+    return {"strategy": ("strategy", STRATEGIES), "augment": ("augmentation preset", PRESETS),
+            "check_data": ("check-data mode", CHECK_DATA), "cache": ("cache mode", CACHE_MODES),
+            "feature_cache": ("feature-cache mode", ("auto", "off")), "nan": ("NaN policy", NAN_POLICIES),
+            "bn": ("bn mode", BN_MODES), "precision": ("precision", PRECISIONS)}
 
-    if cfg.cache not in CACHE_MODES:
-        raise UnknownNameError("cache mode", cfg.cache, CACHE_MODES)
-    if cfg.feature_cache not in ("auto", "off"):
-        raise UnknownNameError("feature-cache mode", cfg.feature_cache, ("auto", "off"))
-    if cfg.nan not in NAN_POLICIES:
-        raise UnknownNameError("NaN policy", cfg.nan, NAN_POLICIES)
-    from layerwise.freeze import BN_MODES
 
-    if cfg.bn is not None and cfg.bn not in BN_MODES:
-        raise UnknownNameError("bn mode", cfg.bn, BN_MODES)
-    if cfg.precision not in PRECISIONS:
-        raise UnknownNameError("precision", cfg.precision, PRECISIONS)
+def validate(cfg: RunConfig) -> None:
+    """Reject values no run could use, naming the field and the valid range/choices."""
+    for name, (kind, choices) in _choices().items():
+        value = getattr(cfg, name)
+        if value is not None and value not in choices:
+            raise UnknownNameError(kind, value, choices)
     if cfg.device not in DEVICES and not str(cfg.device).startswith("cuda:"):
         raise UnknownNameError("device", cfg.device, DEVICES)
     if isinstance(cfg.lr, str) and cfg.lr != "auto":
