@@ -83,7 +83,7 @@ def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Tra
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     amp = Amp(cfg.precision, device, model)
     cfg = dataclasses.replace(cfg, precision=amp.precision)  # config.yaml records what ran
-    return Trainer(cfg, s, splits, run, device, amp, optimizer, loaders, ema, s.plan.spec(), dist=info)
+    return Trainer(cfg, s, splits, run, device, amp, optimizer, loaders, ema, dist=info)
 
 
 def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:

@@ -31,7 +31,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.freeze import set_trainable
 from layerwise.hardware import Amp, to_device
 from layerwise.loaders import Loaders, ordered_loader
-from layerwise.optim import ScheduleSpec, apply_states, lr_by_group, lr_scale, set_lr_scale
+from layerwise.optim import apply_states, lr_by_group, lr_scale, set_lr_scale
 from layerwise.plan import Setup
 from layerwise.progress import say
 from layerwise.rng import epoch_seed, get_rng, seed_everything, set_rng
@@ -99,7 +99,6 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     loaders: Loaders
     ema: torch.optim.swa_utils.AveragedModel | None
-    spec: ScheduleSpec
     step: int = 0
     best_acc: float = -1.0
     best_epoch: int = -1
@@ -110,7 +109,6 @@ class Trainer:
     net: nn.Module | None = None  # what runs the forward pass: the model, or its DDP wrapper
     wrapped_for: tuple[str, ...] = ()
     history: list[dict] = dataclasses.field(default_factory=list)  # metrics rows; the checkpoint holds them
-    skipped: list[dict] = dataclasses.field(default_factory=list)  # unreadable images, for skipped.json
     nan_run: int = 0  # consecutive batches with a non-finite loss
     saved_at: float = dataclasses.field(default_factory=time.perf_counter)
     start_epoch: int = 0  # where this sitting starts (a resume: after the checkpoint's epoch)
@@ -124,7 +122,9 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def lr_scale(self) -> float:
-        return lr_scale(self.cfg.scheduler, self.step, self.spec)
+        """The schedule's scale at this step: the plan's, so the LRs it shows are the ones used."""
+        plan = self.s.plan
+        return lr_scale(plan.scheduler, self.step, plan.spec())
 
     def apply_plan(self, epoch: int) -> None:
         states = self.s.plan.states(epoch)
