@@ -227,6 +227,8 @@ def _probe_for_auto(t: Trainer, run: Path) -> None:
         if t.dist.is_main:
             save_weights(path, t.head_module())
         t.cfg = dataclasses.replace(t.cfg, probe_head=str(path.resolve()))
+        if t.cfg.probe_epochs is None:  # the probe *is* LP-FT's linear-probing stage, fitted to convergence
+            t.cfg = dataclasses.replace(t.cfg, probe_epochs=0)
     strategy = resolve_strategy(t.cfg, t.s.groups, images_per_class=t.splits.images_per_class,
                                 num_classes=len(t.splits.classes))
     t.s.plan = dataclasses.replace(t.s.plan, strategy=strategy)

@@ -167,8 +167,8 @@ def lp_ft(names: Sequence[str], opts: StrategyOptions) -> Strategy:
     k = opts.probe_epochs if opts.probe_epochs is not None else max(1, opts.epochs // 4)
     probe = _states(names, {names[-1]})
     tune = _states(names, set(names), {n: opts.ft_lr_mult for n in names})
-    return Strategy("lp-ft", lambda epoch: probe if epoch < k else tune,
-                    f"linear probe for {k} epoch(s), then all groups at x{opts.ft_lr_mult}")
+    first = f"linear probe for {k} epoch(s)" if k else "the head starts as the fitted linear probe"
+    return Strategy("lp-ft", lambda epoch: probe if epoch < k else tune, f"{first}, then all groups at x{opts.ft_lr_mult}")
 
 
 RECIPE_SETTINGS = MappingProxyType({
