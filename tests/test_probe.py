@@ -78,8 +78,9 @@ def test_fit_auto_probes_records_and_resumes_without_probing(data, tmp_path, cap
     assert [r["epoch"] for r in rows] == [-1, 0, 1] and rows[0]["stage"] == "probe"
     assert probe["c"] in (0.01, 0.1, 1.0, 10.0) and (run / "probe_head.safetensors").is_file()
     assert 0 <= probe["knn_acc"] <= 1 and probe["hscore"] > 0  # more evidence from the same features
-    if plan["strategy"] == "auto:lp-ft":  # the probe is LP-FT's linear-probing stage: fine-tuning starts at once
-        assert cfg["probe_epochs"] == 0 and len(plan["epochs"][0]["trainable_groups"]) == len(plan["groups"])
+    assert plan["strategy"] == "auto:lp-ft"  # coloured squares: the features fit (skill 1.0)
+    # the probe is LP-FT's linear-probing stage: fine-tuning starts at once
+    assert cfg["probe_epochs"] == 0 and len(plan["epochs"][0]["trainable_groups"]) == len(plan["groups"])
 
     import layerwise.probe
 
