@@ -19,7 +19,8 @@ from layerwise.errors import LayerwiseError
 def test_auto_budget_on_made_up_sizes(n, batch, epochs):
     cfg, why = resolve_budget(RunConfig(strategy="auto"), n)
     assert (cfg.batch_size, cfg.epochs) == (batch, epochs)
-    assert cfg.patience == 2 and f"{n} training images -> batch {batch}, {epochs} epochs" in why
+    assert cfg.patience == max(2, -(-epochs // 2))  # half the run without a gain
+    assert f"{n} training images -> batch {batch}, {epochs} epochs" in why
 
 
 @given(st.integers(1, 10**6))
@@ -60,4 +61,4 @@ def test_fit_auto_records_the_budget(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "budget: 36 training images -> batch 8, 30 epochs" in out
     text = (run / "config.yaml").read_text()
-    assert text.startswith("# budget: 36 training images") and "batch_size: 8" in text and "patience: 2" in text
+    assert text.startswith("# budget: 36 training images") and "batch_size: 8" in text and "patience: 15" in text
