@@ -365,13 +365,11 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: Any,
     }
     improved = ev.acc > t.best_acc
     if improved:
-        t.best_acc, t.best_epoch, t.stale = ev.acc, epoch, 0
+        t.best_acc, t.best_epoch = ev.acc, epoch
         check_finite(t.eval_model(), t.step, t.run)
         if t.dist.is_main:
             with rundir.explain_write_errors(t.run):
                 save_weights(t.run / rundir.BEST, t.eval_model())
-    else:
-        t.stale += 1
     t.history.append(row)
     t.save_last(epoch)  # the checkpoint first: the log never names an epoch the checkpoint lacks
     if t.dist.is_main:
@@ -382,7 +380,15 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: Any,
             writer.add_scalar(k, row[k], epoch)
     say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {tr['train_loss']:.4f} acc {tr['train_acc']:.4f} · "
         f"val loss {ev.loss:.4f} acc {ev.acc:.4f} · {row['images_per_second']:.0f} img/s" + (" · best" if improved else ""))
-    return bool(cfg.patience) and t.stale >= cfg.patience
+    return bool(cfg.patience) and epochs_without_gain(t.history) >= cfg.patience
+
+
+def epochs_without_gain(history: list[dict]) -> int:
+    """Fine-tuned epochs since the best fine-tuned one. auto's probe row (epoch -1) is the floor
+    of best.safetensors, not a plateau of the fine-tune: one that has not overtaken the probe
+    yet may still be climbing (fashion-mnist: 0.812, 0.840 under a 0.844 probe, then 0.87)."""
+    accs = [r["val_acc"] for r in history if r["epoch"] >= 0]
+    return len(accs) - 1 - accs.index(max(accs)) if accs else 0
 
 
 def _final_eval(t: Trainer) -> EvalResult:

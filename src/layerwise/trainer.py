@@ -102,7 +102,6 @@ class Trainer:
     step: int = 0
     best_acc: float = -1.0
     best_epoch: int = -1
-    stale: int = 0
     features: FeatureStore | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter)
     dist: DistInfo = DistInfo()
@@ -234,7 +233,7 @@ class Trainer:
         """One atomic file, so model, optimizer and logged epochs can never disagree."""
         check_finite(self.model, self.step, self.run)
         state = {"epoch": epoch, "step": self.step, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
-                 "stale": self.stale, "metrics": self.history, "model": state_dict_cpu(self.model),
+                 "metrics": self.history, "model": state_dict_cpu(self.model),
                  "optimizer": self.optimizer.state_dict(),
                  "progress": dataclasses.asdict(progress) if progress else None}
         if self.ema is not None:
@@ -258,8 +257,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.amp.scaler is not None and "scaler" in state:
             self.amp.scaler.load_state_dict(state["scaler"])
-        self.step, self.best_acc, self.best_epoch, self.stale = (
-            state["step"], state["best_acc"], state["best_epoch"], state["stale"])
+        self.step, self.best_acc, self.best_epoch = state["step"], state["best_acc"], state["best_epoch"]
         # Checkpoints before the log kept the rows in metrics.jsonl only.
         self.history = state.get("metrics") or [r for r in read_jsonl(self.run / rundir.METRICS)
                                                 if r["epoch"] <= state["epoch"]]
