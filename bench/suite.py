@@ -99,7 +99,8 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
     if probe.is_file():
         p = json.loads(probe.read_text())
         rec |= {"probe_acc": next((r["val_acc"] for r in rows if r["epoch"] < 0), p["val_acc"]),
-                "chosen": p["strategy"], "skill": p["skill"], "c": p.get("c")}
+                "chosen": p["strategy"], "skill": p["skill"], "c": p.get("c"), "knn_acc": p.get("knn_acc"),
+                "hscore": p.get("hscore")}
     return rec
 
 

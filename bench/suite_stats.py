@@ -66,7 +66,7 @@ def loo_threshold_rule(acc: dict[str, dict[str, float]], evidence: dict[str, flo
         hi, lo, tau = best
         pick = hi if evidence[held] >= tau else lo
         top = max(strategies, key=lambda s: acc[held][s])
-        rows.append({"dataset": held, "evidence": evidence[held], "rule": f"skill >= {tau:.2f} -> {hi}, else {lo}",
+        rows.append({"dataset": held, "evidence": evidence[held], "rule": f"evidence >= {tau:.2f} -> {hi}, else {lo}",
                      "choice": pick, "acc": acc[held][pick], "best": top, "best_acc": acc[held][top],
                      "regret": acc[held][top] - acc[held][pick]})
     return rows
@@ -107,6 +107,7 @@ def summary_tables(records: Sequence[dict], img: int) -> str:
 
 
 FIXED_EXCLUDED = ("auto", "plain", "fastai")
+EVIDENCE = {"skill": "the probe's skill", "knn_acc": "10-NN accuracy", "hscore": "the H-score"}
 
 
 def _fmt(v: float | None, fmt: str) -> str:
@@ -116,14 +117,14 @@ def _fmt(v: float | None, fmt: str) -> str:
 def auto_checks(means: dict[str, dict[str, float]], data: dict[str, dict[str, list[dict]]]) -> list[str]:
     """auto against the best fixed strategy, fastai and its own probe, per dataset; then the
     rule auto would use if chosen by leaving each dataset out."""
-    rows, evidence, fixed_acc = [], {}, {}
+    rows, fixed_acc = [], {}
     for d, m in sorted(means.items()):
         if "auto" not in m:
             continue
         fixed = {v: a for v, a in m.items() if v not in FIXED_EXCLUDED}
         best = max(fixed, key=fixed.get) if fixed else None
         auto = data[d]["auto"][0]
-        evidence[d], fixed_acc[d] = auto.get("skill"), fixed
+        fixed_acc[d] = fixed
         probe = statistics.fmean(r["probe_acc"] for r in data[d]["auto"] if "probe_acc" in r) \
             if any("probe_acc" in r for r in data[d]["auto"]) else None
         gap = m["auto"] - fixed[best] if best else None
@@ -136,13 +137,17 @@ def auto_checks(means: dict[str, dict[str, float]], data: dict[str, dict[str, li
            "| dataset | auto chose | auto | best fixed | auto − best fixed | fastai | probe |",
            "|---|---|---:|---:|---:|---:|---:|", *rows]
     strategies = sorted(set.intersection(*(set(f) for f in fixed_acc.values())))
-    if len(fixed_acc) >= 3 and strategies and None not in evidence.values():
+    for key, label in EVIDENCE.items():
+        evidence = {d: data[d]["auto"][0].get(key) for d in fixed_acc}
+        if len(fixed_acc) < 3 or not strategies or None in evidence.values():
+            continue
         loo = loo_threshold_rule(fixed_acc, evidence, strategies)
-        out += ["", "### A threshold on the probe's skill, chosen leaving each dataset out", "",
-                "For each dataset, the rule `skill >= tau -> A, else B` that scores best on the *other* datasets, "
-                "applied to it:", "", "| dataset | skill | rule (from the others) | choice | best | regret |",
+        out += ["", f"### A threshold on {label}, chosen leaving each dataset out", "",
+                "For each dataset, the rule `evidence >= tau -> A, else B` that scores best on the *other* datasets, "
+                "applied to it:", "", "| dataset | evidence | rule (from the others) | choice | best | regret |",
                 "|---|---:|---|---|---|---:|"]
         out += [f"| {r['dataset']} | {r['evidence']:.2f} | {r['rule']} | {r['choice']} {r['acc']:.3f} | "
                 f"{r['best']} {r['best_acc']:.3f} | {r['regret']:.3f} |" for r in loo]
-        out.append(f"\nMean regret of the left-out choice: {statistics.fmean(r['regret'] for r in loo):.3f}.")
+        out.append(f"\nMean regret of the left-out choice ({label}): "
+                   f"{statistics.fmean(r['regret'] for r in loo):.3f}.")
     return out
