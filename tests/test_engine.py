@@ -531,3 +531,12 @@ def test_early_stopping_waits_for_the_fine_tune_not_the_probe():
     flat = [*climbing, {"epoch": 2, "val_acc": 0.83}, {"epoch": 3, "val_acc": 0.84}]
     assert epochs_without_gain(flat) == 2  # the tie at epoch 3 is no gain
     assert epochs_without_gain([probe]) == 0
+
+
+def test_batch_of_one_with_batch_statistics_is_a_clear_error(data, tmp_path, capsys):
+    """Found by the CLI fuzz test: BatchNorm cannot train on one value per channel."""
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--batch-size", "1",
+                "--out", str(tmp_path / "r")) == 2
+    assert "--batch-size 1 cannot train" in capsys.readouterr().err
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--batch-size", "1", "--bn", "eval",
+                "--out", str(tmp_path / "e")) == 0

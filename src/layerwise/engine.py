@@ -66,6 +66,10 @@ def prepare(cfg: RunConfig) -> tuple[Setup, Splits]:
 def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Trainer:
     s, splits = prepare(cfg)
     cfg = s.config
+    if cfg.batch_size == 1 and cfg.bn != "eval" and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in s.loaded.model.modules()):
+        raise LayerwiseError(f"--batch-size 1 cannot train {s.loaded.name}'s BatchNorm layers on batch statistics "
+                             "(one value per channel); use --batch-size 2 or more, or --bn eval")
     device = pick_device(cfg.device)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
