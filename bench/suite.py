@@ -100,7 +100,7 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
         p = json.loads(probe.read_text())
         rec |= {"probe_acc": next((r["val_acc"] for r in rows if r["epoch"] < 0), p["val_acc"]),
                 "chosen": p["strategy"], "skill": p["skill"], "c": p.get("c"), "knn_acc": p.get("knn_acc"),
-                "hscore": p.get("hscore")}
+                "hscore": p.get("hscore"), "bn_shift": p.get("bn_shift")}
     return rec
 
 

@@ -92,8 +92,7 @@ def summary_tables(records: Sequence[dict], img: int) -> str:
             means[name][v] = m
             hits = [time_to(r["curve"], target) for r in rs] if target is not None else []
             reach = (f"{statistics.fmean(hits):.0f}" if hits and None not in hits else "never") if hits else "-"
-            label = v if "chosen" not in rs[0] else (f"auto → {rs[0]['chosen'].removeprefix('auto:')} "
-                                                     f"(skill {rs[0]['skill']:.2f}, probe {rs[0]['probe_acc']:.3f})")
+            label = v if "chosen" not in rs[0] else _auto_label(rs[0])
             lines.append(f"| {label} | {m:.3f} ± {sd:.3f} | {statistics.fmean(r['wall'] for r in rs):.0f} | {reach} |")
         lines.append("")
     common = set.intersection(*(set(m) for m in means.values())) if means else set()
@@ -107,7 +106,13 @@ def summary_tables(records: Sequence[dict], img: int) -> str:
 
 
 FIXED_EXCLUDED = ("auto", "plain", "fastai")
-EVIDENCE = {"skill": "the probe's skill", "knn_acc": "10-NN accuracy", "hscore": "the H-score"}
+EVIDENCE = {"bn_shift": "the BatchNorm shift", "skill": "the probe's skill", "knn_acc": "10-NN accuracy",
+            "hscore": "the H-score"}
+
+
+def _auto_label(r: dict) -> str:
+    shift = f"shift {r['bn_shift']:.2f}, " if r.get("bn_shift") is not None else ""
+    return f"auto → {r['chosen'].removeprefix('auto:')} ({shift}skill {r['skill']:.2f}, probe {r['probe_acc']:.3f})"
 
 
 def _fmt(v: float | None, fmt: str) -> str:

@@ -78,6 +78,7 @@ def test_fit_auto_probes_records_and_resumes_without_probing(data, tmp_path, cap
     assert [r["epoch"] for r in rows] == [-1, 0, 1] and rows[0]["stage"] == "probe"
     assert probe["c"] in (0.01, 0.1, 1.0, 10.0) and (run / "probe_head.safetensors").is_file()
     assert 0 <= probe["knn_acc"] <= 1 and probe["hscore"] > 0  # more evidence from the same features
+    assert probe["bn_shift"] is None and cfg["bn_shift"] is None  # random init: no pretraining statistics
     assert plan["strategy"] == "auto:lp-ft"  # coloured squares: the features fit (skill 1.0)
     # the probe is LP-FT's linear-probing stage: fine-tuning starts at once
     assert cfg["probe_epochs"] == 0 and len(plan["epochs"][0]["trainable_groups"]) == len(plan["groups"])
@@ -127,6 +128,17 @@ def test_no_probe_and_explicit_bn_are_respected(data, tmp_path):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["bn"] == "frozen" and cfg["probe_skill"] is None
     assert json.loads((run / "plan.json").read_text())["strategy"] == "auto:gradual"
+
+
+@pytest.mark.parametrize("bn,expected", [(None, "frozen"), ("eval", "eval")])
+def test_auto_on_far_data_trains_everything_on_batch_statistics(data, tmp_path, bn, expected):
+    run = tmp_path / "run"
+    args = ["fit", str(data), *TINY, "--epochs", "1", "--probe-skill", "0.8", "--bn-shift", "0.5", "--out", str(run)]
+    assert main([*args, *(["--bn", bn] if bn else [])]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["strategy"] == "auto:full" and cfg["bn"] == expected and plan["training"]["bn"] == expected
+    assert cfg["bn_shift"] == 0.5 and not (run / "probe.json").exists()  # given: no probe
 
 
 def test_probe_shows_progress_unless_quiet(data, tmp_path, capsys):

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from layerwise.errors import LayerwiseError, UnknownNameError
 from layerwise.strategies import (
+    AUTO_FAR,
     RECIPE_SETTINGS,
     STRATEGIES,
     StrategyOptions,
@@ -133,12 +134,33 @@ def test_auto_uses_the_probe(n, skill, expected):
     assert s.name == f"auto:{expected}" and dict(s.overrides) == {"bn": "eval"}
 
 
-@given(st.one_of(st.none(), st.floats(0, 1e6)), st.one_of(st.none(), st.floats(-1, 1)))
-def test_auto_always_picks_one_of_its_four(n, skill):
-    choice, reason = auto_choice(n, 10, skill)
-    assert choice in {"head", "lp-ft", "gradual", "discriminative"} and reason
+@pytest.mark.parametrize("skill,shift,expected", [
+    (0.58, 0.36, "full"),  # traffic signs at 96 px: full 0.826, discriminative+bn-eval 0.728
+    (0.94, 0.44, "full"),  # the digits: a high skill, yet full 0.986 > lp-ft 0.967
+    (0.80, 0.44, "full"),  # blood cells: full 0.938 > discriminative+bn-eval 0.870
+    (0.65, 0.27, "discriminative"),  # CIFAR photos: discriminative+bn-eval 0.774 > full 0.672
+    (0.99, 0.23, "lp-ft"),  # natural objects
+    (0.90, None, "lp-ft"),  # no BatchNorm to compare with: the skill alone decides
+])
+def test_auto_trains_everything_on_batch_statistics_when_the_data_is_far(skill, shift, expected):
+    choice, reason = auto_choice(100, 10, skill, shift)
+    assert choice == expected and (shift is None or ("BatchNorm shift" in reason) == (expected == "full"))
+    s = make_strategy("auto", RESNET, StrategyOptions(images_per_class=100, num_classes=10, probe_skill=skill,
+                                                      bn_shift=shift))
+    # far: the default --bn (batch statistics wherever a group trains); near: the pretrained ones
+    assert dict(s.overrides) == ({} if expected == "full" else {"bn": "eval"})
+    if expected == "full":
+        assert all(g.trainable and g.lr_mult == 1 for g in s.states(0).values())
+
+
+@given(st.one_of(st.none(), st.floats(0, 1e6)), st.one_of(st.none(), st.floats(-1, 1)),
+       st.one_of(st.none(), st.floats(0, 1000)))
+def test_auto_always_picks_one_of_its_five(n, skill, shift):
+    choice, reason = auto_choice(n, 10, skill, shift)
+    assert choice in {"head", "lp-ft", "gradual", "discriminative", "full"} and reason
     if skill is not None:
         assert "probe" in reason
+    assert (choice == "full") == (skill is not None and shift is not None and shift >= AUTO_FAR)
 
 
 def test_unknown_strategy_lists_registry():

@@ -109,6 +109,9 @@ def add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
     g.add_argument("--probe-skill", dest="probe_skill", type=float, default=S,
                    help="auto: the linear probe's skill (0 = majority guess, 1 = perfect) if already known; "
                    "skips the probe")
+    g.add_argument("--bn-shift", dest="bn_shift", type=float, default=S,
+                   help="auto, with --probe-skill: the data's BatchNorm statistics shift if already known "
+                   "(probe.json's bn_shift; above 0.3 auto trains every group on batch statistics)")
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:

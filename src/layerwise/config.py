@@ -67,6 +67,7 @@ class RunConfig:
     bn: str | None = None  # None: frozen, or what the strategy implies (auto: eval)
     probe: bool = True  # auto: run the linear probe before training
     probe_skill: float | None = None  # auto: the probe's measured skill (set by the probe, or by you to skip it)
+    bn_shift: float | None = None  # auto: the data's BatchNorm statistics shift (shift.py), measured with the skill
     probe_head: str | None = None  # auto: the probe's fitted head (safetensors), the fine-tune's starting point
     # training (None: the strategy's or the library's default)
     head: str | None = None
@@ -212,6 +213,7 @@ RANGES: dict[str, Bound] = {
     "ft_lr_mult": Bound(0, 100, lo_open=True, note="the LR multiplier after the probe"),
     "layer_decay": Bound(0, 1, lo_open=True, note="timm uses 0.65-0.9"),
     "probe_skill": Bound(-1, 1),
+    "bn_shift": Bound(0, 1000, note="mean |batch mean - running mean| in running std units"),
     "hidden": Bound(1, 65_536, note="the MLP head's width"),
     "weight_decay": Bound(0, 10),
     "warmup_epochs": Bound(0),

@@ -30,7 +30,7 @@ from layerwise.hardware import Amp, pick_device, to_device
 from layerwise.loaders import make_loaders, ordered_loader, unsharded, with_eval_transform
 from layerwise.lrfind import LRFind, lr_find, plot_lr_find
 from layerwise.optim import build_optimizer
-from layerwise.plan import Plan, Setup, resolve_strategy, setup
+from layerwise.plan import Plan, Setup, resolve_strategy, setup, training_settings
 from layerwise.probe import linear_probe, load_probe_head, probe_loaders
 from layerwise.progress import bar, say
 from layerwise.rng import epoch_seed, seed_everything
@@ -123,7 +123,7 @@ def _start(cfg: RunConfig, run: Path, info: DistInfo, started: float, *, resume:
         rundir.clear(run)
     restored = resume and rundir.has_checkpoint(run)
     if _wants_probe(t):
-        _probe_for_auto(t, run)
+        _probe_for_auto(t, run, user_bn=cfg.bn)
     if t.cfg.probe_head and not restored:
         _begin_at_probe(t)
     if auto_lr:
@@ -213,17 +213,21 @@ def _wants_probe(t: Trainer) -> bool:
     return cfg.strategy == "auto" and cfg.probe and cfg.probe_skill is None and t.head_module() is not None
 
 
-def _probe_for_auto(t: Trainer, run: Path) -> None:
-    """Measure how well frozen features separate the classes and re-plan ``auto`` with it;
-    config.yaml records the skill, so a resume keeps the same choice without probing."""
+def _probe_for_auto(t: Trainer, run: Path, *, user_bn: str | None) -> None:
+    """Measure how well frozen features separate the classes, and how far the images sit
+    from the pretraining data, and re-plan ``auto`` with both (and the --bn its choice
+    implies, unless ``user_bn`` was given); config.yaml records the evidence, so a resume
+    keeps the same choice without probing."""
     cfg, loaded = t.cfg, t.s.loaded
     train, val = probe_loaders(with_eval_transform(t.loaders.train.dataset, cfg.img_size, loaded.mean, loaded.std),
                                unsharded(t.loaders.val.dataset), batch_size=cfg.batch_size,
                                workers=t.loaders.train.num_workers, seed=cfg.seed)
     res = linear_probe(t.model, t.head_module(), train, val, t.device, t.amp, channels_last=cfg.channels_last,
                        quiet=cfg.quiet, seed=cfg.seed)
-    skill, = all_sum([res.skill if t.dist.is_main else 0.0], t.dist)  # rank 0's verdict for all
-    t.cfg = dataclasses.replace(cfg, probe_skill=round(skill, 4))
+    # Rank 0's verdict for all; a model without BatchNorm has no shift (-1 on the wire).
+    skill, shift = all_sum([res.skill, -1.0 if res.bn_shift is None else res.bn_shift] if t.dist.is_main
+                           else [0.0, 0.0], t.dist)
+    t.cfg = dataclasses.replace(cfg, probe_skill=round(skill, 4), bn_shift=None if shift < 0 else round(shift, 4))
     if res.head is not None and load_probe_head(t.head_module(), res.head):
         # The fine-tune starts from the probe (LP-FT as Kumar et al. define it); saved so a
         # resume or a re-run from config.yaml starts from the same head without probing.
@@ -235,16 +239,20 @@ def _probe_for_auto(t: Trainer, run: Path) -> None:
             t.cfg = dataclasses.replace(t.cfg, probe_epochs=0)
     strategy = resolve_strategy(t.cfg, t.s.groups, images_per_class=t.splits.images_per_class,
                                 num_classes=len(t.splits.classes))
-    t.s.plan = dataclasses.replace(t.s.plan, strategy=strategy)
+    bn = dataclasses.replace(t.cfg, bn=user_bn).resolved(strategy.overrides).bn
+    t.cfg = dataclasses.replace(t.cfg, bn=bn)
+    t.s.plan = dataclasses.replace(t.s.plan, strategy=strategy, settings=training_settings(t.cfg))
     if t.dist.is_main:
         write_json(run / rundir.PROBE, {"val_acc": res.acc, "chance": res.chance, "skill": t.cfg.probe_skill,
                                         "train_images": res.train_images, "seconds": round(res.seconds, 2),
                                         "c": res.head.c if res.head else None, "knn_acc": res.knn_acc,
-                                        "hscore": res.hscore, "strategy": strategy.name,
+                                        "hscore": res.hscore, "bn_shift": t.cfg.bn_shift,
+                                        "strategy": strategy.name, "bn": bn,
                                         "reason": strategy.reason})
+    shift_text = "none (no BatchNorm)" if t.cfg.bn_shift is None else f"{t.cfg.bn_shift:.2f}"
     say(f"auto: linear probe on frozen features: val acc {res.acc:.3f} (majority class {res.chance:.3f}), "
-        f"skill {t.cfg.probe_skill:.2f}, {res.seconds:.1f}s -> {strategy.name}; also kNN {res.knn_acc:.3f}, "
-        f"H-score {res.hscore:.1f}")
+        f"skill {t.cfg.probe_skill:.2f}; BatchNorm shift {shift_text}; {res.seconds:.1f}s -> {strategy.name}, "
+        f"bn {bn}; also kNN {res.knn_acc:.3f}, H-score {res.hscore:.1f}")
 
 
 def _begin_at_probe(t: Trainer) -> None:

@@ -181,7 +181,7 @@ def resolve_strategy(cfg: "RunConfig", groups: Sequence[LayerGroup], *, images_p
     opts = StrategyOptions(
         epochs=cfg.epochs, from_group=cfg.from_group, lr_map=cfg.lr_map, decay=cfg.decay, every=cfg.every,
         schedule=cfg.schedule, probe_epochs=cfg.probe_epochs, ft_lr_mult=cfg.ft_lr_mult, wd_map=cfg.wd_map,
-        images_per_class=images_per_class, num_classes=num_classes, probe_skill=cfg.probe_skill,
+        images_per_class=images_per_class, num_classes=num_classes, probe_skill=cfg.probe_skill, bn_shift=cfg.bn_shift,
     )
     return make_strategy(cfg.strategy, [g.name for g in groups], opts)
 

@@ -23,6 +23,7 @@ from layerwise.hardware import Amp, to_device
 from layerwise.loaders import ordered_loader
 from layerwise.progress import bar
 from layerwise.rng import get_rng, set_rng
+from layerwise.shift import measure_bn_shift
 
 PROBE_MAX_IMAGES = 2000  # train and val images the probe sees at most: enough to rank, cheap on a CPU
 
@@ -51,6 +52,7 @@ class ProbeResult:
     head: LinearHead | None = None
     knn_acc: float | None = None  # 10-nearest-neighbour val accuracy on standardised features
     hscore: float | None = None  # H-score (Bao et al., 2019): class-separating variance of the features
+    bn_shift: float | None = None  # shift.py: the data's distance from the pretrained BatchNorm statistics
 
     @property
     def skill(self) -> float:
@@ -125,8 +127,9 @@ def linear_probe(model: nn.Module, head: nn.Module, train: DataLoader, val: Data
     tic = time.perf_counter()
     rng = get_rng()
     prep = functools.partial(to_device, device=device, channels_last=channels_last)
-    tx, ty = head_features(model, head, bar(train, "probe: train features", enabled=not quiet, total=len(train),
-                                            unit="batch"), device, amp.autocast, prep)
+    with measure_bn_shift(model) as shift:  # the same forward pass, read on the way
+        tx, ty = head_features(model, head, bar(train, "probe: train features", enabled=not quiet, total=len(train),
+                                                unit="batch"), device, amp.autocast, prep)
     vx, vy = head_features(model, head, bar(val, "probe: val features", enabled=not quiet, total=len(val),
                                             unit="batch"), device, amp.autocast, prep)
     set_rng(rng)
@@ -138,7 +141,8 @@ def linear_probe(model: nn.Module, head: nn.Module, train: DataLoader, val: Data
     acc = float(np.mean(fitted.logits(val_x).argmax(1) == vy.numpy()))
     chance = float(torch.bincount(vy).max() / len(vy))
     return ProbeResult(acc, chance, len(ty), time.perf_counter() - tic, fitted,
-                       knn_acc=knn_accuracy(train_x, ty.numpy(), val_x, vy.numpy()), hscore=h_score(train_x, ty.numpy()))
+                       knn_acc=knn_accuracy(train_x, ty.numpy(), val_x, vy.numpy()), hscore=h_score(train_x, ty.numpy()),
+                       bn_shift=shift.value())
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, k: int = 10) -> float:

@@ -118,7 +118,7 @@ def writer_lock(run: Path) -> Iterator[None]:
 
 # Settings that change where or how visibly a run executes, not what it computes.
 NOT_DEFINING = ("out", "quiet", "workers", "device", "cache", "cache_dir", "check_data", "checkpoint_every",
-                "resumed", "probe_skill", "probe_head")
+                "resumed", "probe_skill", "bn_shift", "probe_head")
 
 
 def data_fingerprint(data: str | None) -> str:

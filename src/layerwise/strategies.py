@@ -41,6 +41,7 @@ class StrategyOptions:
     images_per_class: float | None = None  # auto
     num_classes: int | None = None  # auto
     probe_skill: float | None = None  # auto: linear-probe skill, 0 = majority guess, 1 = perfect
+    bn_shift: float | None = None  # auto: the data's BatchNorm statistics shift (shift.py)
 
 
 @dataclass(frozen=True)
@@ -198,13 +199,21 @@ AUTO_CLOSE = 0.9  # probe skill at or above which the pretrained features alread
 # pretrained BatchNorm statistics: measured on cifar10-mini, --bn eval lifts lp-ft from 0.46
 # to 0.64 and discriminative from 0.44 to 0.68 (bench/results/strategies.md).
 AUTO_SETTINGS = MappingProxyType({"bn": "eval"})
+# BatchNorm shift (shift.py) at or above which the images are far from the pretraining data.
+# On the transfer suite (bench/results/suite.md) at 96 and 128 px, the four datasets where
+# full fine-tuning on batch statistics won or tied (traffic signs, blood cells, grayscale
+# clothing, digits) measured 0.31-0.44 and the four where the pretrained statistics won
+# (objects, flowers, textures, CIFAR photos) 0.17-0.28; each left-out dataset falls on its
+# side of a threshold fitted to the other seven.
+AUTO_FAR = 0.3
 
 
 def auto_choice(images_per_class: float | None, num_classes: int | None,
-                probe_skill: float | None = None) -> tuple[str, str]:
+                probe_skill: float | None = None, bn_shift: float | None = None) -> tuple[str, str]:
     """``(strategy, reason)`` from the data's size and, when measured, the linear probe's
-    skill: how well frozen pretrained features separate the classes (0 = majority guess,
-    1 = perfect). docs/strategies.md gives the measurements behind each threshold."""
+    skill (how well frozen pretrained features separate the classes: 0 = majority guess,
+    1 = perfect) and the BatchNorm shift (how far the images sit from the pretraining data).
+    docs/strategies.md gives the measurements behind each threshold."""
     k = f" ({num_classes} classes)" if num_classes else ""
     size = f"{images_per_class:.0f} images per class{k}" if images_per_class is not None else "dataset size unknown"
     few = images_per_class is not None and images_per_class <= AUTO_VERY_SMALL
@@ -221,6 +230,11 @@ def auto_choice(images_per_class: float | None, num_classes: int | None,
     # the digits (20, 144 per class), discriminative was the best or within 1.4 points of it
     # whenever the skill was below AUTO_CLOSE, and head-only trailed by 10+ points.
     probe = f"linear-probe skill {probe_skill:.2f}"
+    if bn_shift is not None and bn_shift >= AUTO_FAR:
+        # Far data: the stored statistics normalise it wrongly and the features must move;
+        # a skill as high as 0.94 (digits) still lost 1.7 points to full fine-tuning.
+        return "full", (f"{size}, {probe}, BatchNorm shift {bn_shift:.2f} >= {AUTO_FAR}: the images are far from "
+                        "the pretraining data -> every group trains at the full LR on batch statistics")
     if probe_skill >= AUTO_CLOSE:
         return "lp-ft", (f"{size}, {probe} >= {AUTO_CLOSE}: the frozen features already fit -> probe the head, "
                          "then fine-tune everything gently (lp-ft keeps the features)")
@@ -229,10 +243,12 @@ def auto_choice(images_per_class: float | None, num_classes: int | None,
 
 
 def auto(names: Sequence[str], opts: StrategyOptions) -> Strategy:
-    choice, reason = auto_choice(opts.images_per_class, opts.num_classes, opts.probe_skill)
+    choice, reason = auto_choice(opts.images_per_class, opts.num_classes, opts.probe_skill, opts.bn_shift)
     inner = STRATEGIES[choice](names, opts)
+    # Every group training at full LR from the start needs no stored statistics: it keeps the default.
+    overrides = inner.overrides if choice == "full" else AUTO_SETTINGS
     return replace(inner, name=f"auto:{choice}", reason=f"{reason}; {inner.reason}".rstrip("; "),
-                   overrides=AUTO_SETTINGS)
+                   overrides=overrides)
 
 
 STRATEGIES: dict[str, Callable[[Sequence[str], StrategyOptions], Strategy]] = {
