@@ -8,6 +8,7 @@ from the data size; every tool gets the same epochs and batch size). Each run is
 process, so wall time includes start-up, data set-up and auto's probe.
 
     .venv/bin/python bench/suite.py --quick               # one seed, 96 px, recommended --bn: < 1 h
+    .venv/bin/python bench/suite.py --quick --seeds 0,1   # a second seed of the same, resumed
     .venv/bin/python bench/suite.py --seeds 0,1 --img-size 112   # the full suite, over several sittings
 
 Every finished run is recorded in bench/results/suite.json at once, so an interrupted suite
@@ -114,14 +115,14 @@ def run_competitor(script: str, data: Path, seed: int, img: int, b: tuple) -> di
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one seed, 96 px, each strategy at its recommended --bn")
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--quick", action="store_true", help="one seed (unless --seeds), 96 px, each strategy at its recommended --bn")
+    p.add_argument("--seeds", default=None, help="comma-separated (default: 0 with --quick, else 0,1)")
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--datasets", default="", help="comma-separated subset (default: all)")
     p.add_argument("--variants", default="", help="comma-separated subset (default: all of the mode)")
     p.add_argument("--results", default=str(RESULTS / "suite.json"))
     args = p.parse_args()
-    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
     img = min(args.img_size, 96) if args.quick else args.img_size
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}

@@ -141,6 +141,22 @@ def test_auto_on_far_data_trains_everything_on_batch_statistics(data, tmp_path, 
     assert cfg["bn_shift"] == 0.5 and not (run / "probe.json").exists()  # given: no probe
 
 
+def test_auto_full_keeps_the_probe_row_but_trains_a_fresh_head(data, tmp_path, monkeypatch):
+    from layerwise.shift import BnShiftMeter
+
+    monkeypatch.setattr(BnShiftMeter, "value", lambda self: 0.5)  # random init has no statistics: pretend far data
+    auto, full = tmp_path / "auto", tmp_path / "full"
+    assert main(["fit", str(data), *TINY, "--epochs", "2", "--out", str(auto)]) == 0
+    assert main(["fit", str(data), *TINY, "--epochs", "2", "--strategy", "full", "--out", str(full)]) == 0
+    probe = json.loads((auto / "probe.json").read_text())
+    assert probe["strategy"] == "auto:full" and probe["bn_shift"] == 0.5 and probe["bn"] == "frozen"
+    rows, fixed = read_jsonl(auto / "metrics.jsonl"), read_jsonl(full / "metrics.jsonl")
+    assert rows[0]["stage"] == "probe" and rows[0]["val_acc"] == pytest.approx(probe["val_acc"])
+    # after the probe row, exactly the fixed strategy's run: same fresh head, same batches
+    timing = {"epoch_seconds": 0, "elapsed_seconds": 0, "images_per_second": 0}
+    assert [r | timing for r in rows[1:]] == [r | timing for r in fixed]
+
+
 def test_probe_shows_progress_unless_quiet(data, tmp_path, capsys):
     args = ["fit", str(data), *TINY[:-1], "--strategy", "auto", "--epochs", "1"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0

@@ -8,6 +8,7 @@ range test and the training step take explicit inputs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import time
@@ -228,12 +229,13 @@ def _probe_for_auto(t: Trainer, run: Path, *, user_bn: str | None) -> None:
     skill, shift = all_sum([res.skill, -1.0 if res.bn_shift is None else res.bn_shift] if t.dist.is_main
                            else [0.0, 0.0], t.dist)
     t.cfg = dataclasses.replace(cfg, probe_skill=round(skill, 4), bn_shift=None if shift < 0 else round(shift, 4))
-    if res.head is not None and load_probe_head(t.head_module(), res.head):
+    probe_head = copy.deepcopy(t.head_module())  # the model's own head stays fresh: _begin_at_probe loads it
+    if res.head is not None and load_probe_head(probe_head, res.head):
         # The fine-tune starts from the probe (LP-FT as Kumar et al. define it); saved so a
         # resume or a re-run from config.yaml starts from the same head without probing.
         path = run / rundir.PROBE_HEAD
         if t.dist.is_main:
-            save_weights(path, t.head_module())
+            save_weights(path, probe_head)
         t.cfg = dataclasses.replace(t.cfg, probe_head=str(path.resolve()))
         if t.cfg.probe_epochs is None:  # the probe *is* LP-FT's linear-probing stage, fitted to convergence
             t.cfg = dataclasses.replace(t.cfg, probe_epochs=0)
@@ -262,6 +264,7 @@ def _begin_at_probe(t: Trainer) -> None:
     tic = time.perf_counter()
     if t.dist.enabled:
         torch.distributed.barrier()  # rank 0 has written the head file
+    fresh = {k: v.clone() for k, v in t.head_module().state_dict().items()}
     load_weights(Path(t.cfg.probe_head), t.head_module())
     if t.ema is not None:  # the average starts from the probe model too
         t.ema.module.load_state_dict(t.model.state_dict())
@@ -280,6 +283,11 @@ def _begin_at_probe(t: Trainer) -> None:
             save_weights(t.run / rundir.BEST, t.eval_model())
     say(f"probe head: val accuracy {ev.acc:.4f} with the probe as the classifier; best.safetensors starts here and "
         "only a better fine-tuned epoch replaces it")
+    if not t.s.plan.strategy.trains_from_probe:
+        t.head_module().load_state_dict(fresh)
+        if t.ema is not None:
+            t.ema.module.load_state_dict(t.model.state_dict())
+        say("the fine-tune trains a fresh head: the probe's fits features that batch statistics are about to change")
 
 
 def range_test(t: Trainer, **kw: float) -> LRFind:
