@@ -149,6 +149,7 @@ def test_auto_trains_everything_on_batch_statistics_when_the_data_is_far(skill, 
                                                       bn_shift=shift))
     # far: the default --bn (batch statistics wherever a group trains); near: the pretrained ones
     assert dict(s.overrides) == ({} if expected == "full" else {"bn": "eval"})
+    assert s.trains_from_probe == (expected == "lp-ft")  # only lp-ft's gentle fine-tune starts from the probe
     if expected == "full":
         assert all(g.trainable and g.lr_mult == 1 for g in s.states(0).values())
 

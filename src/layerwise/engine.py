@@ -287,7 +287,7 @@ def _begin_at_probe(t: Trainer) -> None:
         t.head_module().load_state_dict(fresh)
         if t.ema is not None:
             t.ema.module.load_state_dict(t.model.state_dict())
-        say("the fine-tune trains a fresh head: the probe's fits features that batch statistics are about to change")
+        say("the fine-tune trains a fresh head at the full LR; the probe stays the row to beat")
 
 
 def range_test(t: Trainer, **kw: float) -> LRFind:
