@@ -20,6 +20,7 @@ import torch
 
 from layerwise import rundir
 from layerwise.budget import resolve_budget
+from layerwise.cache import default_cache_dir
 from layerwise.checkpoint import append_jsonl, atomic_write_text, load_weights, read_jsonl, save_weights, write_json
 from layerwise.config import CHECK_DATA_AUTO_LIMIT, RunConfig, from_mapping, load_yaml
 from layerwise.data import DEFAULT_IMG_SIZE, Splits, drop_unreadable, load_splits, write_skipped
@@ -27,13 +28,15 @@ from layerwise.distributed import DistInfo, all_sum, from_env, params_in_sync, s
 from layerwise.errors import LayerwiseError
 from layerwise.evaluation import EvalResult, evaluate, evaluate_features, gather_eval
 from layerwise.freeze import recalibrate_norms
-from layerwise.hardware import Amp, pick_device, to_device
+from layerwise.hardware import Amp, pick_device, resolve_precision, to_device
 from layerwise.loaders import make_loaders, ordered_loader, unsharded, with_eval_transform
 from layerwise.lrfind import LRFind, lr_find, plot_lr_find
+from layerwise.numerics import Numerics, candidates, choose
 from layerwise.optim import build_optimizer
 from layerwise.plan import Plan, Setup, resolve_strategy, setup, training_settings
 from layerwise.probe import linear_probe, load_probe_head, probe_loaders
 from layerwise.progress import bar, say
+from layerwise.resolution import describe as describe_sizes
 from layerwise.rng import epoch_seed, seed_everything
 from layerwise.step import train_step
 from layerwise.trainer import EpochProgress, Interrupted, StopRequested, Trainer, check_finite
@@ -75,6 +78,8 @@ def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Tra
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     model = s.loaded.model.to(device)
+    fast = _fastest_numerics(cfg, model, device, len(splits.classes), info)
+    cfg = dataclasses.replace(cfg, precision=fast.precision, channels_last=fast.channels_last)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, s.groups, s.plan.states(0), name=cfg.optimizer, lr=cfg.lr,
@@ -89,6 +94,21 @@ def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Tra
     amp = Amp(cfg.precision, device, model)
     cfg = dataclasses.replace(cfg, precision=amp.precision)  # config.yaml records what ran
     return Trainer(cfg, s, splits, run, device, amp, optimizer, loaders, ema, dist=info)
+
+
+def _fastest_numerics(cfg: RunConfig, model: torch.nn.Module, device: torch.device, num_classes: int,
+                      info: DistInfo) -> Numerics:
+    """Precision and memory format: as given, or the fastest of a short trial (cached)."""
+    options = candidates(cfg.precision, cfg.channels_last, device)
+    if info.enabled and len(options) > 1:  # ranks must agree: the fixed table rather than per-rank timings
+        options = [Numerics(resolve_precision(cfg.precision, device, model),
+                            True if cfg.channels_last is None else cfg.channels_last)]
+    choice, how = choose(model, options, device, model_name=cfg.model, img_size=cfg.train_size or cfg.img_size,
+                         batch=cfg.batch_size, num_classes=num_classes,
+                         cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir())
+    if len(options) > 1:
+        say(f"numerics: {choice.label}, the fastest of {len(options)} ({how})")
+    return choice
 
 
 def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -379,7 +399,7 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: Any,
                          t.dist)
     row = {
         "epoch": epoch, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"], "val_loss": ev.loss,
-        "val_acc": ev.acc, "lr": lr_start, "trainable_params": t.s.plan.trainable_params(epoch),
+        "val_acc": ev.acc, "lr": lr_start, "train_size": t.train_side, "trainable_params": t.s.plan.trainable_params(epoch),
         "trainable_groups": t.s.plan.trainable_groups(epoch), "epoch_seconds": time.perf_counter() - tic,
         "images_per_second": tr["images"] / max(train_s, 1e-9), "elapsed_seconds": time.perf_counter() - t.started,
     }
@@ -435,7 +455,7 @@ def _banner(t: Trainer) -> str:
     sp, s = t.splits, t.s
     lines = [f"data: {sp.name} · {len(sp.train)} train / {len(sp.val)} val images · {len(sp.classes)} classes",
              f"model: {s.loaded.name} ({s.loaded.source} {s.loaded.arch}) · weights {s.loaded.weights} · "
-             f"{t.cfg.img_size}px · {t.device} · {t.amp.precision} · bn {t.cfg.bn}"]
+             f"{describe_sizes(s.plan.train_sizes, t.cfg.img_size)} · {t.device} · {t.amp.precision} · bn {t.cfg.bn}"]
     lines += s.loaded.notes
     return "\n".join(lines + [s.plan.table(), ""])
 

@@ -30,7 +30,7 @@ from layerwise.distributed import DistInfo, all_sum
 from layerwise.errors import LayerwiseError
 from layerwise.freeze import set_trainable
 from layerwise.hardware import Amp, to_device
-from layerwise.loaders import Loaders, ordered_loader
+from layerwise.loaders import Loaders, ordered_loader, train_transform
 from layerwise.optim import apply_states, lr_by_group, lr_scale, set_lr_scale
 from layerwise.plan import Setup
 from layerwise.progress import say
@@ -112,6 +112,7 @@ class Trainer:
     saved_at: float = dataclasses.field(default_factory=time.perf_counter)
     start_epoch: int = 0  # where this sitting starts (a resume: after the checkpoint's epoch)
     progress: EpochProgress | None = None  # a checkpoint's position inside start_epoch
+    train_side: int | None = None  # the side the training transform crops to now
 
     @property
     def model(self) -> nn.Module:
@@ -130,6 +131,11 @@ class Trainer:
         set_trainable(self.model, self.s.groups, {n: st.trainable for n, st in states.items()}, bn=self.cfg.bn)
         apply_states(self.optimizer, states, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.wrap(tuple(self.s.plan.trainable_groups(epoch)))
+        side = self.s.plan.train_size(epoch)
+        if side is not None and side != self.train_side:  # progressive resizing: the same stored images, cropped smaller
+            loaded = self.s.loaded
+            self.loaders.train.dataset.transform = train_transform(self.cfg, side, loaded.mean, loaded.std)  # type: ignore[attr-defined]
+            self.train_side = side
 
     def wrap(self, trainable: tuple[str, ...]) -> None:
         """DDP hooks only the parameters that require grad when it is built, so it is
@@ -156,6 +162,8 @@ class Trainer:
                 or self.head_module() is None):
             return False
         if self.s.plan.trainable_groups(epoch) != [self.s.groups[-1].name]:
+            return False
+        if len(set(self.s.plan.train_sizes)) > 1:  # features computed at one side would be stale at the next
             return False
         return cfg.augment == "none" or cfg.feature_cache_views > 0
 
