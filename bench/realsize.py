@@ -5,7 +5,8 @@ Every tool gets the same model (offline EfficientNet-Lite0), weights, image size
 batch size and seed, each in its own process. Reported per dataset: best and final val
 accuracy, wall time (set-up included), seconds until the run first reaches fastai's best
 accuracy, and training images per second over the whole run. ``auto+progressive`` is auto
-with progressive resizing (half the side first, 224 px at the end). The machine's 1-minute
+with progressive resizing (half the side first, 224 px at the end); ``auto+fixres`` trains at
+160 px and evaluates at 224 px (FixRes). The machine's 1-minute
 load average is recorded before and after each run: on a shared machine, read the ratios,
 which come from runs made minutes apart, with it.
 
@@ -30,7 +31,8 @@ from suite_stats import time_to
 
 SUITE = ROOT.parent / "shared" / "data" / "suite"
 RESULTS = ROOT / "bench" / "results"
-VARIANTS = ("auto", "auto+progressive", "plain", "fastai")
+VARIANTS = ("auto", "auto+progressive", "auto+fixres", "plain", "fastai")
+FIXRES = 5 / 7  # auto+fixres trains at this fraction of the side (160 px for 224) and evaluates at the full side
 
 
 def run_variant(variant: str, data: Path, args: argparse.Namespace, seed: int) -> dict:
@@ -43,7 +45,8 @@ def run_variant(variant: str, data: Path, args: argparse.Namespace, seed: int) -
         rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     else:
         run = ROOT / "runs" / "realsize" / data.name / f"{variant}-seed{seed}"
-        extra = ["--progressive"] if variant.endswith("+progressive") else []
+        extra = {"auto+progressive": ["--progressive"],
+                 "auto+fixres": ["--train-size", str(int(args.img_size * FIXRES) // 16 * 16)]}.get(variant, [])
         _, wall, _ = run_child([sys.executable, "-m", "layerwise", "fit", str(data), "--model", "efficientnet_lite0",
                                 "--strategy", "auto", *common, *extra, "--workers", "1", "--quiet", "--out", str(run),
                                 "--overwrite"])
@@ -61,7 +64,8 @@ def report(results: dict, img: int) -> str:
              "size for every tool; wall time includes start-up and data set-up; *to fastai best* is the time until "
              "the run first reaches fastai `fine_tune`'s best val accuracy (mean over seeds; layerwise's probe row "
              "counts: best.safetensors holds that model from then on); img/s is training images per second over the "
-             "whole run; load is the 1-minute load average before → after.", ""]
+             "whole run; load is the 1-minute load average before → after. `auto+progressive` ramps the training side "
+             "from half to full; `auto+fixres` trains at 5/7 of the side and evaluates at the full side.", ""]
     by_data: dict[str, dict[str, list[dict]]] = {}
     for r in results.values():
         if r["img"] == img:

@@ -384,16 +384,19 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: Any,
     first = progress.start_step if progress else t.step
     lr_start = t.s.plan.lrs_at(epoch, first)
     tic = time.perf_counter()
-    if t.feature_cache_on(epoch):
-        store = t.cached_features()  # built in the first such epoch, and counted in its time
-        batches = _progress(store.batches(epoch, t), epoch, cfg.epochs, cfg.quiet, len(t.loaders.train))
-        tr = t.train_epoch(epoch, stop, batches, progress, forward=t.head_module())
+    cut = t.cut(epoch)
+    if cut is not None:
+        store = t.store_for(cut)  # built in the first epoch of this cut, and counted in its time
+        batches = _progress(store.batches(epoch, cfg.batch_size, t.loaders.generator, t.loaders.train.drop_last),
+                            epoch, cfg.epochs, cfg.quiet, len(t.loaders.train))
+        tr = t.train_epoch(epoch, stop, batches, progress, forward=cut.suffix)
     else:
-        t.features = None  # the trainable set moved past the head: cached features are stale
+        t.features = None  # the trainable set reaches the cut: cached inputs are stale
         tr = t.train_epoch(epoch, stop, _progress(t.loaders.train, epoch, cfg.epochs, cfg.quiet), progress)
     train_s = time.perf_counter() - tic
-    if t.features is not None and t.ema is None:
-        ev = evaluate_features(t.head_module(), t.features.val, t.features.val_labels, t.amp, t.device)
+    if cut is not None and t.features is not None and t.ema is None:
+        ev = evaluate_features(cut.suffix, t.features.val, t.features.val_labels, t.amp, t.device,
+                               batch_size=1024 if cut.key == "head" else cfg.batch_size)
     else:
         ev = gather_eval(evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=cfg.channels_last),
                          t.dist)
