@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from layerwise.cache import default_cache_dir
 from layerwise.checkpoint import atomic_write_text
-from layerwise.hardware import Amp, cpu_has_fast_bf16
+from layerwise.hardware import Amp, cpu_has_fast_bf16, resolve_precision
+from layerwise.progress import say
 
 TRIAL_STEPS = 2  # timed steps per candidate, after one warm-up step
 TRIAL_BATCH = 16  # images per trial step (the run's batch when smaller)
@@ -152,3 +154,18 @@ def _remember(path: Path, key: str, choice: Numerics, seconds: Mapping[Numerics,
         atomic_write_text(path, json.dumps(data, indent=1))
     except OSError:
         pass
+
+
+def fastest_numerics(precision: str, channels_last: bool | None, model: nn.Module, device: torch.device, *,
+                     model_name: str, img_size: int, batch: int, num_classes: int, cache_dir: Path | None,
+                     distributed: bool) -> Numerics:
+    """Precision and memory format: as given, or the fastest of a short trial (cached), printed."""
+    options = candidates(precision, channels_last, device)
+    if distributed and len(options) > 1:  # ranks must agree: the fixed table rather than per-rank timings
+        options = [Numerics(resolve_precision(precision, device, model),
+                            True if channels_last is None else channels_last)]
+    choice, how = choose(model, options, device, model_name=model_name, img_size=img_size, batch=batch,
+                         num_classes=num_classes, cache_dir=cache_dir or default_cache_dir())
+    if len(options) > 1:
+        say(f"numerics: {choice.label}, the fastest of {len(options)} ({how})")
+    return choice
