@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from PIL import Image
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any accidental hub call fails fast
+# The numerics trial and the disk cache write under the cache folder: keep tests out of ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="layerwise-tests-")
 
 from hypothesis import settings  # noqa: E402
 

@@ -62,3 +62,14 @@ def test_fit_auto_records_the_budget(tmp_path, capsys):
     assert "budget: 36 training images -> batch 8, 30 epochs" in out
     text = (run / "config.yaml").read_text()
     assert text.startswith("# budget: 36 training images") and "batch_size: 8" in text and "patience: 15" in text
+
+
+def test_early_stopping_waits_for_the_fine_tune_not_the_probe():
+    from layerwise.budget import epochs_without_gain
+
+    probe = {"epoch": -1, "val_acc": 0.844}
+    climbing = [probe, {"epoch": 0, "val_acc": 0.812}, {"epoch": 1, "val_acc": 0.840}]
+    assert epochs_without_gain(climbing) == 0  # still rising, though below the probe
+    flat = [*climbing, {"epoch": 2, "val_acc": 0.83}, {"epoch": 3, "val_acc": 0.84}]
+    assert epochs_without_gain(flat) == 2  # the tie at epoch 3 is no gain
+    assert epochs_without_gain([probe]) == 0

@@ -522,17 +522,6 @@ def test_sigkill_at_random_moments_then_resume_ends_with_the_same_weights(bigger
     assert "mid-epoch" in kinds, kinds  # the periodic checkpoints were really exercised
 
 
-def test_early_stopping_waits_for_the_fine_tune_not_the_probe():
-    from layerwise.engine import epochs_without_gain
-
-    probe = {"epoch": -1, "val_acc": 0.844}
-    climbing = [probe, {"epoch": 0, "val_acc": 0.812}, {"epoch": 1, "val_acc": 0.840}]
-    assert epochs_without_gain(climbing) == 0  # still rising, though below the probe
-    flat = [*climbing, {"epoch": 2, "val_acc": 0.83}, {"epoch": 3, "val_acc": 0.84}]
-    assert epochs_without_gain(flat) == 2  # the tie at epoch 3 is no gain
-    assert epochs_without_gain([probe]) == 0
-
-
 def test_batch_of_one_with_batch_statistics_is_a_clear_error(data, tmp_path, capsys):
     """Found by the CLI fuzz test: BatchNorm cannot train on one value per channel."""
     assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--batch-size", "1",

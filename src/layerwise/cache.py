@@ -139,23 +139,35 @@ class DiskImages(Dataset):
 
 
 class _Captured(Exception):
-    """Raised by the hook to stop the forward pass once the head's input is known."""
+    """Raised by the hook to stop the forward pass once the captured tensor is known."""
 
 
-@torch.inference_mode()
 def head_features(model: nn.Module, head: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                   autocast: Callable, prepare: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's input for every sample of ``loader``, with the rest of the model in eval
     mode and without autograd; the head itself is never run."""
+    return captured(model, head, loader, device, autocast, prepare, output=False)
+
+
+@torch.inference_mode()
+def captured(model: nn.Module, module: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device, autocast: Callable, prepare: Callable[[torch.Tensor], torch.Tensor], *,
+             output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``module``'s input (or ``output``) for every sample of ``loader``, with the model in
+    eval mode and without autograd; the forward pass stops there."""
     grabbed: list[torch.Tensor] = []
 
-    def grab(_m: nn.Module, args: tuple) -> None:
+    def grab_input(_m: nn.Module, args: tuple) -> None:
         grabbed.append(args[0].float().cpu())
+        raise _Captured
+
+    def grab_output(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        grabbed.append(out.float().cpu().contiguous())
         raise _Captured
 
     was_training = model.training
     model.eval()
-    handle = head.register_forward_pre_hook(grab)
+    handle = module.register_forward_hook(grab_output) if output else module.register_forward_pre_hook(grab_input)
     labels = []
     try:
         for x, y in loader:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from layerwise.cli_args import (
     S,
     add_model_args,
+    add_size_args,
     add_strategy_args,
     add_training_args,
     budget,
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print which groups train, when, at which LR and weight decay")
     add_model_args(pl)
     add_strategy_args(pl)
+    add_size_args(pl)
     pl.add_argument("--num-classes", dest="num_classes", type=int_in(1, MAX_CLASSES), default=10)
     pl.add_argument("--images-per-class", dest="images_per_class", type=float, default=None,
                     help="dataset size, for --strategy auto")

@@ -114,16 +114,30 @@ def add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
                    "(probe.json's bn_shift; above 0.3 auto trains every group on batch statistics)")
 
 
+def add_size_args(p: argparse.ArgumentParser) -> None:
+    """Image sides: evaluation, training, and progressive resizing (plan shows them too)."""
+    g = p.add_argument_group("image size")
+    g.add_argument("--img-size", dest="img_size", type=int, default=S,
+                   help="the side images are evaluated at (default: the model's pretrained size)")
+    g.add_argument("--train-size", dest="train_size", type=int, default=S,
+                   help="the side training crops end at (default: --img-size); lower trains faster and, with "
+                   "random-resized crops, often tests better at --img-size (FixRes)")
+    g.add_argument("--progressive", action="store_true", default=S,
+                   help="progressive resizing: early epochs train at lower sides, ramping up to --train-size")
+    g.add_argument("--progressive-from", dest="progressive_from", type=int, default=S,
+                   help="the first epoch's side with --progressive (default: half the final one)")
+
+
 def add_training_args(p: argparse.ArgumentParser) -> None:
     from layerwise.augment import PRESETS
     from layerwise.config import DEVICES, PRECISIONS
     from layerwise.optim import OPTIMIZERS, SCHEDULES
     from layerwise.tta import VIEWS
 
+    add_size_args(p)
     g = p.add_argument_group("training")
     g.add_argument("--out", default=S, help="run folder (default runs/<timestamp>)")
     g.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="per process (default 64)")
-    g.add_argument("--img-size", dest="img_size", type=int, default=S, help="default: the model's pretrained size")
     g.add_argument("--augment", choices=list(PRESETS), default=S, help="default light")
     g.add_argument("--precision", choices=PRECISIONS, default=S, help="auto (default): bf16 where the CPU/GPU has fast bf16 units, else fp32")
     g.add_argument("--device", default=S, help=f"{' | '.join(DEVICES)} | cuda:N (default auto)")
@@ -141,6 +155,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cutmix", type=float, default=S, help="CutMix alpha (0: off)")
     g.add_argument("--patience", type=int, default=S, help="early stopping: epochs without val-acc gain")
     g.add_argument("--workers", type=int, default=S, help="DataLoader workers (default: cores - 1, at most 4)")
+    g.add_argument("--channels-last", dest="channels_last", action="store_true", default=S,
+                   help="NHWC memory format (default: measured against NCHW when --precision is auto)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=S)
     g.add_argument("--tta", type=csv_list, default=S, help=f"views for the final evaluation: {', '.join(VIEWS)}")
     g.add_argument("--check-data", dest="check_data", choices=["auto", "on", "off"], default=S,

@@ -47,6 +47,9 @@ class RunConfig:
     lr: float | str = 1e-3  # the head's LR; "auto": run the LR range test first
     batch_size: int | None = None  # None: 64, or for auto a batch that gives enough steps per epoch
     img_size: int | None = None  # None: the model's pretrained resolution
+    train_size: int | None = None  # the side training crops end at (None: img_size); lower: train low, test high
+    progressive: bool = False  # early epochs train at lower sides, ramping up to train_size (resolution.py)
+    progressive_from: int | None = None  # the first epoch's side (None: half of train_size)
     augment: str | None = None  # None: light, or none for the embedded digits
     precision: str = "auto"  # bf16 where the device has fast bf16 (AMX/AVX512-BF16 CPUs, Ampere+ GPUs)
     device: str = "auto"
@@ -87,7 +90,7 @@ class RunConfig:
     patience: int | None = None
     time_budget: float | None = None  # seconds: stop after the epoch that spends it (compare --budget)
     workers: int | None = None
-    channels_last: bool = True
+    channels_last: bool | None = None  # None: measured with the precision (numerics.py), or on when it is given
     tta: list[str] = field(default_factory=list)
     check_data: str = "auto"
     cache: str = "auto"  # decoded-image cache: auto (RAM when it fits), ram, disk, off
@@ -205,6 +208,8 @@ RANGES: dict[str, Bound] = {
     "batch_size": Bound(1, MAX_BATCH_SIZE),
     "lr": Bound(0, lo_open=True, note="or 'auto'"),
     "img_size": Bound(16, MAX_IMG_SIZE, note="pixels"),
+    "train_size": Bound(16, MAX_IMG_SIZE, note="pixels"),
+    "progressive_from": Bound(16, MAX_IMG_SIZE, note="pixels"),
     "seed": Bound(0, 2**63, hi_open=True),
     "val_split": Bound(0, 1, lo_open=True, hi_open=True),
     "decay": Bound(1, 1000, note="the head gets the base LR, each earlier group decay times less"),
@@ -253,6 +258,10 @@ def checkpoint_interval(text: str) -> tuple[float | None, int | None]:
 
 def _validate_relations(cfg: RunConfig) -> None:
     """Knobs whose valid range depends on another knob."""
+    final = cfg.train_size or cfg.img_size
+    if cfg.progressive_from is not None and final is not None and cfg.progressive_from > final:
+        raise LayerwiseError(f"progressive_from must be at most the final training side ({final} px), "
+                             f"got {cfg.progressive_from!r}")
     if cfg.epochs is None:  # checked again once the budget is chosen from the data
         return
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:

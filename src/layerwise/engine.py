@@ -8,7 +8,6 @@ range test and the training step take explicit inputs.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import time
@@ -19,21 +18,23 @@ from typing import Any
 import torch
 
 from layerwise import rundir
-from layerwise.budget import resolve_budget
+from layerwise.autostart import begin_at_probe, probe_for_auto, wants_probe
+from layerwise.budget import epochs_without_gain, resolve_budget
 from layerwise.checkpoint import append_jsonl, atomic_write_text, load_weights, read_jsonl, save_weights, write_json
 from layerwise.config import CHECK_DATA_AUTO_LIMIT, RunConfig, from_mapping, load_yaml
 from layerwise.data import DEFAULT_IMG_SIZE, Splits, drop_unreadable, load_splits, write_skipped
-from layerwise.distributed import DistInfo, all_sum, from_env, params_in_sync, shutdown
+from layerwise.distributed import DistInfo, from_env, params_in_sync, shutdown
 from layerwise.errors import LayerwiseError
 from layerwise.evaluation import EvalResult, evaluate, evaluate_features, gather_eval
 from layerwise.freeze import recalibrate_norms
 from layerwise.hardware import Amp, pick_device, to_device
-from layerwise.loaders import make_loaders, ordered_loader, unsharded, with_eval_transform
+from layerwise.loaders import make_loaders, ordered_loader, with_eval_transform
 from layerwise.lrfind import LRFind, lr_find, plot_lr_find
+from layerwise.numerics import fastest_numerics
 from layerwise.optim import build_optimizer
-from layerwise.plan import Plan, Setup, resolve_strategy, setup, training_settings
-from layerwise.probe import linear_probe, load_probe_head, probe_loaders
+from layerwise.plan import Plan, Setup, setup
 from layerwise.progress import bar, say
+from layerwise.resolution import describe as describe_sizes
 from layerwise.rng import epoch_seed, seed_everything
 from layerwise.step import train_step
 from layerwise.trainer import EpochProgress, Interrupted, StopRequested, Trainer, check_finite
@@ -75,6 +76,11 @@ def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Tra
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     model = s.loaded.model.to(device)
+    fast = fastest_numerics(cfg.precision, cfg.channels_last, model, device, model_name=cfg.model,
+                            img_size=cfg.train_size or cfg.img_size, batch=cfg.batch_size,
+                            num_classes=len(splits.classes), cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+                            distributed=info.enabled)
+    cfg = dataclasses.replace(cfg, precision=fast.precision, channels_last=fast.channels_last)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, s.groups, s.plan.states(0), name=cfg.optimizer, lr=cfg.lr,
@@ -123,10 +129,10 @@ def _start(cfg: RunConfig, run: Path, info: DistInfo, started: float, *, resume:
     if overwrite and info.is_main:  # only now: a config or data error must not cost the old run
         rundir.clear(run)
     restored = resume and rundir.has_checkpoint(run)
-    if _wants_probe(t):
-        _probe_for_auto(t, run, user_bn=cfg.bn)
+    if wants_probe(t):
+        probe_for_auto(t, run, user_bn=cfg.bn)
     if t.cfg.probe_head and not restored:
-        _begin_at_probe(t)
+        begin_at_probe(t)
     if auto_lr:
         _use_found_lr(t, run)
     t.start_epoch, t.progress = 0, None
@@ -208,88 +214,6 @@ def _has_slow_groups(plan: Plan) -> bool:
     return late or any(st.trainable and st.lr_mult < 0.5 for s in states for st in s.values())
 
 
-def _wants_probe(t: Trainer) -> bool:
-    """``auto``, with the probe on and its skill not known yet (a resume knows it)."""
-    cfg = t.cfg
-    return cfg.strategy == "auto" and cfg.probe and cfg.probe_skill is None and t.head_module() is not None
-
-
-def _probe_for_auto(t: Trainer, run: Path, *, user_bn: str | None) -> None:
-    """Measure how well frozen features separate the classes, and how far the images sit
-    from the pretraining data, and re-plan ``auto`` with both (and the --bn its choice
-    implies, unless ``user_bn`` was given); config.yaml records the evidence, so a resume
-    keeps the same choice without probing."""
-    cfg, loaded = t.cfg, t.s.loaded
-    train, val = probe_loaders(with_eval_transform(t.loaders.train.dataset, cfg.img_size, loaded.mean, loaded.std),
-                               unsharded(t.loaders.val.dataset), batch_size=cfg.batch_size,
-                               workers=t.loaders.train.num_workers, seed=cfg.seed)
-    res = linear_probe(t.model, t.head_module(), train, val, t.device, t.amp, channels_last=cfg.channels_last,
-                       quiet=cfg.quiet, seed=cfg.seed)
-    # Rank 0's verdict for all; a model without BatchNorm has no shift (-1 on the wire).
-    skill, shift = all_sum([res.skill, -1.0 if res.bn_shift is None else res.bn_shift] if t.dist.is_main
-                           else [0.0, 0.0], t.dist)
-    t.cfg = dataclasses.replace(cfg, probe_skill=round(skill, 4), bn_shift=None if shift < 0 else round(shift, 4))
-    probe_head = copy.deepcopy(t.head_module())  # the model's own head stays fresh: _begin_at_probe loads it
-    if res.head is not None and load_probe_head(probe_head, res.head):
-        # The fine-tune starts from the probe (LP-FT as Kumar et al. define it); saved so a
-        # resume or a re-run from config.yaml starts from the same head without probing.
-        path = run / rundir.PROBE_HEAD
-        if t.dist.is_main:
-            save_weights(path, probe_head)
-        t.cfg = dataclasses.replace(t.cfg, probe_head=str(path.resolve()))
-        if t.cfg.probe_epochs is None:  # the probe *is* LP-FT's linear-probing stage, fitted to convergence
-            t.cfg = dataclasses.replace(t.cfg, probe_epochs=0)
-    strategy = resolve_strategy(t.cfg, t.s.groups, images_per_class=t.splits.images_per_class,
-                                num_classes=len(t.splits.classes))
-    bn = dataclasses.replace(t.cfg, bn=user_bn).resolved(strategy.overrides).bn
-    t.cfg = dataclasses.replace(t.cfg, bn=bn)
-    t.s.plan = dataclasses.replace(t.s.plan, strategy=strategy, settings=training_settings(t.cfg))
-    if t.dist.is_main:
-        write_json(run / rundir.PROBE, {"val_acc": res.acc, "chance": res.chance, "skill": t.cfg.probe_skill,
-                                        "train_images": res.train_images, "seconds": round(res.seconds, 2),
-                                        "c": res.head.c if res.head else None, "knn_acc": res.knn_acc,
-                                        "hscore": res.hscore, "bn_shift": t.cfg.bn_shift,
-                                        "strategy": strategy.name, "bn": bn,
-                                        "reason": strategy.reason})
-    shift_text = "none (no BatchNorm)" if t.cfg.bn_shift is None else f"{t.cfg.bn_shift:.2f}"
-    say(f"auto: linear probe on frozen features: val acc {res.acc:.3f} (majority class {res.chance:.3f}), "
-        f"skill {t.cfg.probe_skill:.2f}; BatchNorm shift {shift_text}; {res.seconds:.1f}s -> {strategy.name}, "
-        f"bn {bn}; also kNN {res.knn_acc:.3f}, H-score {res.hscore:.1f}")
-
-
-def _begin_at_probe(t: Trainer) -> None:
-    """Load the probe's head and validate the model as the run's first metrics row (epoch
-    -1), so best.safetensors starts as the probe model and a fine-tune replaces it only by
-    beating it: auto is never worse than its own probe."""
-    tic = time.perf_counter()
-    if t.dist.enabled:
-        torch.distributed.barrier()  # rank 0 has written the head file
-    fresh = {k: v.clone() for k, v in t.head_module().state_dict().items()}
-    load_weights(Path(t.cfg.probe_head), t.head_module())
-    if t.ema is not None:  # the average starts from the probe model too
-        t.ema.module.load_state_dict(t.model.state_dict())
-    ev = gather_eval(evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=t.cfg.channels_last),
-                     t.dist)
-    head = t.s.groups[-1].name
-    t.history.append({
-        "epoch": -1, "stage": "probe", "train_loss": None, "train_acc": None, "val_loss": ev.loss,
-        "val_acc": ev.acc, "lr": {}, "trainable_params": t.s.plan.sizes[head], "trainable_groups": [head],
-        "epoch_seconds": time.perf_counter() - tic, "images_per_second": None,
-        "elapsed_seconds": time.perf_counter() - t.started,
-    })
-    t.best_acc, t.best_epoch = ev.acc, -1
-    if t.dist.is_main:
-        with rundir.explain_write_errors(t.run):
-            save_weights(t.run / rundir.BEST, t.eval_model())
-    say(f"probe head: val accuracy {ev.acc:.4f} with the probe as the classifier; best.safetensors starts here and "
-        "only a better fine-tuned epoch replaces it")
-    if not t.s.plan.strategy.trains_from_probe:
-        t.head_module().load_state_dict(fresh)
-        if t.ema is not None:
-            t.ema.module.load_state_dict(t.model.state_dict())
-        say("the fine-tune trains a fresh head at the full LR; the probe stays the row to beat")
-
-
 def range_test(t: Trainer, **kw: float) -> LRFind:
     """The LR range test in the run's epoch-0 plan, through the run's own training step."""
     t.apply_plan(0)
@@ -364,22 +288,25 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: Any,
     first = progress.start_step if progress else t.step
     lr_start = t.s.plan.lrs_at(epoch, first)
     tic = time.perf_counter()
-    if t.feature_cache_on(epoch):
-        store = t.cached_features()  # built in the first such epoch, and counted in its time
-        batches = _progress(store.batches(epoch, t), epoch, cfg.epochs, cfg.quiet, len(t.loaders.train))
-        tr = t.train_epoch(epoch, stop, batches, progress, forward=t.head_module())
+    cut = t.cut(epoch)
+    if cut is not None:
+        store = t.store_for(cut)  # built in the first epoch of this cut, and counted in its time
+        batches = _progress(store.batches(epoch, cfg.batch_size, t.loaders.generator, t.loaders.train.drop_last),
+                            epoch, cfg.epochs, cfg.quiet, len(t.loaders.train))
+        tr = t.train_epoch(epoch, stop, batches, progress, forward=cut.suffix)
     else:
-        t.features = None  # the trainable set moved past the head: cached features are stale
+        t.features = None  # the trainable set reaches the cut: cached inputs are stale
         tr = t.train_epoch(epoch, stop, _progress(t.loaders.train, epoch, cfg.epochs, cfg.quiet), progress)
     train_s = time.perf_counter() - tic
-    if t.features is not None and t.ema is None:
-        ev = evaluate_features(t.head_module(), t.features.val, t.features.val_labels, t.amp, t.device)
+    if cut is not None and t.features is not None and t.ema is None:
+        ev = evaluate_features(cut.suffix, t.features.val, t.features.val_labels, t.amp, t.device,
+                               batch_size=1024 if cut.key == "head" else cfg.batch_size)
     else:
         ev = gather_eval(evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=cfg.channels_last),
                          t.dist)
     row = {
         "epoch": epoch, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"], "val_loss": ev.loss,
-        "val_acc": ev.acc, "lr": lr_start, "trainable_params": t.s.plan.trainable_params(epoch),
+        "val_acc": ev.acc, "lr": lr_start, "train_size": t.train_side, "trainable_params": t.s.plan.trainable_params(epoch),
         "trainable_groups": t.s.plan.trainable_groups(epoch), "epoch_seconds": time.perf_counter() - tic,
         "images_per_second": tr["images"] / max(train_s, 1e-9), "elapsed_seconds": time.perf_counter() - t.started,
     }
@@ -401,14 +328,6 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: Any,
     say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {tr['train_loss']:.4f} acc {tr['train_acc']:.4f} · "
         f"val loss {ev.loss:.4f} acc {ev.acc:.4f} · {row['images_per_second']:.0f} img/s" + (" · best" if improved else ""))
     return bool(cfg.patience) and epochs_without_gain(t.history) >= cfg.patience
-
-
-def epochs_without_gain(history: list[dict]) -> int:
-    """Fine-tuned epochs since the best fine-tuned one. auto's probe row (epoch -1) is the floor
-    of best.safetensors, not a plateau of the fine-tune: one that has not overtaken the probe
-    yet may still be climbing (fashion-mnist: 0.812, 0.840 under a 0.844 probe, then 0.87)."""
-    accs = [r["val_acc"] for r in history if r["epoch"] >= 0]
-    return len(accs) - 1 - accs.index(max(accs)) if accs else 0
 
 
 def _final_eval(t: Trainer) -> EvalResult:
@@ -435,7 +354,7 @@ def _banner(t: Trainer) -> str:
     sp, s = t.splits, t.s
     lines = [f"data: {sp.name} · {len(sp.train)} train / {len(sp.val)} val images · {len(sp.classes)} classes",
              f"model: {s.loaded.name} ({s.loaded.source} {s.loaded.arch}) · weights {s.loaded.weights} · "
-             f"{t.cfg.img_size}px · {t.device} · {t.amp.precision} · bn {t.cfg.bn}"]
+             f"{describe_sizes(s.plan.train_sizes, t.cfg.img_size)} · {t.device} · {t.amp.precision} · bn {t.cfg.bn}"]
     lines += s.loaded.notes
     return "\n".join(lines + [s.plan.table(), ""])
 

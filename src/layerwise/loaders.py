@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -52,23 +53,32 @@ def decoded_cache_mode(cfg: RunConfig, splits: Splits) -> str:
     """ram, disk or off; auto keeps decoded images in RAM when they fit in a quarter of it."""
     if cfg.cache != "auto":
         return cfg.cache
-    return "ram" if fits_in_ram(len(splits.train) + len(splits.val), cfg.img_size) else "off"
+    return "ram" if fits_in_ram(len(splits.train) + len(splits.val), stored_side_for(cfg)) else "off"
+
+
+def stored_side_for(cfg: RunConfig) -> int:
+    """The side training images are stored at: the largest any epoch trains or evaluates at."""
+    size = cast(int, cfg.img_size)  # resolved by setup()
+    return max(size, cfg.train_size or size)
 
 
 def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Sequence[float],
                  info: DistInfo = DistInfo()) -> Loaders:
-    size = cfg.img_size  # resolved by setup(): never None here
+    size = cast(int, cfg.img_size)  # resolved by setup(): never None here
+    # Training images are stored once for the largest side any epoch trains at; a progressive
+    # run's smaller crops are resized down from them (Trainer.apply_plan swaps the transform).
+    stored = stored_side_for(cfg)
     workers = default_workers() if cfg.workers is None else cfg.workers
-    train_tf, eval_tf = PRESETS[cfg.augment](size, mean, std), eval_transform(size, mean, std)
+    train_tf, eval_tf = train_transform(cfg, cfg.train_size or size, mean, std), eval_transform(size, mean, std)
     mode = decoded_cache_mode(cfg, splits)
     train_ds: Dataset
     val_ds: Dataset
     if mode == "ram":
-        train_ds = DecodedImages(splits.train, size, train_tf, workers=workers, progress=not cfg.quiet)
+        train_ds = DecodedImages(splits.train, stored, train_tf, workers=workers, progress=not cfg.quiet)
         val_ds = DecodedImages(splits.val, size, eval_tf, workers=workers, progress=not cfg.quiet)
     elif mode == "disk":
         where = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        train_ds = DiskImages(splits.train, size, train_tf, cache_dir=where, workers=workers, progress=not cfg.quiet)
+        train_ds = DiskImages(splits.train, stored, train_tf, cache_dir=where, workers=workers, progress=not cfg.quiet)
         val_ds = DiskImages(splits.val, size, eval_tf, cache_dir=where, workers=workers, progress=not cfg.quiet)
     else:
         train_ds, val_ds = ImageDataset(splits.train, train_tf), ImageDataset(splits.val, eval_tf)
@@ -83,6 +93,11 @@ def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Seq
                        num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_skipping)
     val = ordered_loader(val_ds, cfg.batch_size, workers)
     return Loaders(train, val, g, gw)
+
+
+def train_transform(cfg: RunConfig, side: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """The augmentation preset at ``side``: what a training epoch at that side reads through."""
+    return PRESETS[cfg.augment](side, mean, std)
 
 
 def ordered_loader(ds: Dataset, batch_size: int, workers: int) -> DataLoader:

@@ -43,6 +43,7 @@ class Plan:
     layer_decay: float | None = None
     steps_per_epoch: int = NOMINAL_STEPS_PER_EPOCH
     settings: dict = field(default_factory=dict)  # the resolved training settings, for --json
+    train_sizes: tuple[int, ...] = ()  # per epoch, the side training crops are resized to (resolution.py)
 
     def states(self, epoch: int) -> States:
         return self.strategy.states(epoch)
@@ -80,6 +81,10 @@ class Plan:
     def trainable_params(self, epoch: int) -> int:
         return sum(self.sizes[g] for g in self.trainable_groups(epoch))
 
+    def train_size(self, epoch: int) -> int | None:
+        """The epoch's training side (the last one past the plan, as a longer resume trains)."""
+        return self.train_sizes[min(epoch, len(self.train_sizes) - 1)] if self.train_sizes else None
+
     def to_dict(self) -> dict:
         """The JSON contract of ``layerwise plan --json`` and ``plan.json``: per group, the LR
         and weight decay at the start of its first trainable epoch (``null``: never trains)."""
@@ -99,6 +104,7 @@ class Plan:
             "trainable_params": self.trainable_params(e),
             "trainable_groups": self.trainable_groups(e),
             "lr": self.epoch_start_lrs(e),
+            "train_size": self.train_size(e),
         } for e in range(self.epochs)]
         return {
             "model": self.model,
@@ -125,12 +131,12 @@ class Plan:
                          f"{_num(g['weight_decay'], '.0e'):>8}")
         lines.append(f"{'total':<12} {d['total_params']:>12,}")
         lines.append("")
-        lines.append(f"{'epoch':>5} {'trainable':>12} {'%':>6} {'head lr':>10}  groups")
+        lines.append(f"{'epoch':>5} {'trainable':>12} {'%':>6} {'head lr':>10} {'px':>5}  groups")
         head = self.groups[-1].name
         for e in d["epochs"]:
             pct = 100 * e["trainable_params"] / max(1, d["total_params"])
             lines.append(f"{e['epoch']:>5} {e['trainable_params']:>12,} {pct:>5.1f}% {_num(e['lr'][head], '.2e'):>10}"
-                         f"  {', '.join(e['trainable_groups'])}")
+                         f" {_num(e['train_size'], 'd'):>5}  {', '.join(e['trainable_groups'])}")
         return "\n".join(lines)
 
 
@@ -150,16 +156,21 @@ def _settings_line(settings: dict) -> dict:
 def training_settings(cfg: RunConfig) -> dict:
     """The resolved settings a strategy may imply, as ``plan --json`` shows them."""
     keys = ("optimizer", "scheduler", "warmup_epochs", "t0", "t_mult", "label_smoothing", "head", "hidden", "bn",
-            "augment", "weight_decay", "layer_decay", "clip_grad", "ema", "mixup", "cutmix", "img_size")
+            "augment", "weight_decay", "layer_decay", "clip_grad", "ema", "mixup", "cutmix", "img_size", "train_size",
+            "progressive")
     return {k: getattr(cfg, k) for k in keys}
 
 
 def make_plan(model: nn.Module, groups: Sequence[LayerGroup], strategy: Strategy, cfg: RunConfig) -> Plan:
     """The plan of ``strategy`` over ``groups`` with a resolved config's schedule and settings."""
+    from layerwise.resolution import train_sizes
+
     sizes = {g.name: g.numel(model) for g in groups}
+    per_epoch = train_sizes(cfg.epochs, cfg.train_size or cfg.img_size, progressive=cfg.progressive,
+                            start=cfg.progressive_from) if cfg.img_size else ()
     return Plan(cfg.model, strategy, tuple(groups), sizes, cfg.epochs, cfg.lr, cfg.weight_decay,
                 scheduler=cfg.scheduler, warmup_epochs=cfg.warmup_epochs, t0=cfg.t0, t_mult=cfg.t_mult,
-                layer_decay=cfg.layer_decay, settings=training_settings(cfg))
+                layer_decay=cfg.layer_decay, settings=training_settings(cfg), train_sizes=per_epoch)
 
 
 @dataclass

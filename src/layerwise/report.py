@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from layerwise import rundir  # noqa: E402
 from layerwise.checkpoint import atomic_write_bytes, atomic_write_text, read_jsonl  # noqa: E402
 from layerwise.evaluation import EvalResult  # noqa: E402
+from layerwise.resolution import describe as describe_sizes  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: Path) -> str:
@@ -110,18 +111,23 @@ def write_run_report(run: Path, classes: Sequence[str], best: EvalResult) -> Pat
     pngs = [plot_curves(rows, curves), plot_lrs(steps, lr), plot_trainable(plan, trainable),
             plot_confusion(cm, classes, confusion)]
     best_row = max(rows, key=lambda r: r["val_acc"])
+    sizes = describe_sizes(tuple(e["train_size"] for e in plan["epochs"] if e.get("train_size")),
+                           plan["training"]["img_size"])
     lines = [
         f"# layerwise run: {plan['model']} · {plan['strategy']}",
         "",
         f"Best val accuracy **{best_row['val_acc']:.4f}** at epoch {best_row['epoch']} "
         f"(final {rows[-1]['val_acc']:.4f}). {plan['reason']}".rstrip(),
         "",
-        "| epoch | train loss | train acc | val loss | val acc | trainable params | s | img/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"Images: {sizes}.",
+        "",
+        "| epoch | train px | train loss | train acc | val loss | val acc | trainable params | s | img/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {'probe' if r['epoch'] < 0 else r['epoch']} | {_cell(r['train_loss'], '.4f')} | "
-              f"{_cell(r['train_acc'], '.4f')} | {r['val_loss']:.4f} | {r['val_acc']:.4f} | {r['trainable_params']:,} | "
-              f"{r['epoch_seconds']:.1f} | {_cell(r['images_per_second'], '.0f')} |" for r in rows]
+    lines += [f"| {'probe' if r['epoch'] < 0 else r['epoch']} | {_cell(r.get('train_size'), 'd')} | "
+              f"{_cell(r['train_loss'], '.4f')} | {_cell(r['train_acc'], '.4f')} | {r['val_loss']:.4f} | "
+              f"{r['val_acc']:.4f} | {r['trainable_params']:,} | {r['epoch_seconds']:.1f} | "
+              f"{_cell(r['images_per_second'], '.0f')} |" for r in rows]
     lines += ["", "## Curves", "", f"![curves]({pngs[0]})", "", "## Learning rate per group", "",
               f"![lr]({pngs[1]})", "", "## Unfreezing timeline", "", f"![trainable]({pngs[2]})", "",
               "## Confusion matrix and per-class accuracy", "", f"![confusion]({pngs[3]})", "",

@@ -22,19 +22,20 @@ from torch import nn
 
 from layerwise import rundir
 from layerwise.augment import mix_batch
-from layerwise.cache import feature_batches, head_features
 from layerwise.checkpoint import load_state, read_jsonl, save_state, state_dict_cpu
 from layerwise.config import RunConfig, checkpoint_interval
 from layerwise.data import Splits
 from layerwise.distributed import DistInfo, all_sum
 from layerwise.errors import LayerwiseError
+from layerwise.features import Cut, FeatureStore, cache_allowed, head_cut, prefix_cut
 from layerwise.freeze import set_trainable
 from layerwise.hardware import Amp, to_device
-from layerwise.loaders import Loaders, ordered_loader
+from layerwise.loaders import Loaders, ordered_loader, train_transform
 from layerwise.optim import apply_states, lr_by_group, lr_scale, set_lr_scale
 from layerwise.plan import Setup
+from layerwise.prefix import PrefixReplay
 from layerwise.progress import say
-from layerwise.rng import epoch_seed, get_rng, seed_everything, set_rng
+from layerwise.rng import get_rng, set_rng
 from layerwise.step import train_step
 
 
@@ -103,6 +104,7 @@ class Trainer:
     best_acc: float = -1.0
     best_epoch: int = -1
     features: FeatureStore | None = None
+    replays: dict[int, PrefixReplay | None] = dataclasses.field(default_factory=dict)  # first trainable group -> cut
     started: float = dataclasses.field(default_factory=time.perf_counter)
     dist: DistInfo = DistInfo()
     net: nn.Module | None = None  # what runs the forward pass: the model, or its DDP wrapper
@@ -112,6 +114,7 @@ class Trainer:
     saved_at: float = dataclasses.field(default_factory=time.perf_counter)
     start_epoch: int = 0  # where this sitting starts (a resume: after the checkpoint's epoch)
     progress: EpochProgress | None = None  # a checkpoint's position inside start_epoch
+    train_side: int | None = None  # the side the training transform crops to now
 
     @property
     def model(self) -> nn.Module:
@@ -130,6 +133,11 @@ class Trainer:
         set_trainable(self.model, self.s.groups, {n: st.trainable for n, st in states.items()}, bn=self.cfg.bn)
         apply_states(self.optimizer, states, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.wrap(tuple(self.s.plan.trainable_groups(epoch)))
+        side = self.s.plan.train_size(epoch)
+        if side is not None and side != self.train_side:  # progressive resizing: the same stored images, cropped smaller
+            loaded = self.s.loaded
+            self.loaders.train.dataset.transform = train_transform(self.cfg, side, loaded.mean, loaded.std)  # type: ignore[attr-defined]
+            self.train_side = side
 
     def wrap(self, trainable: tuple[str, ...]) -> None:
         """DDP hooks only the parameters that require grad when it is built, so it is
@@ -149,20 +157,35 @@ class Trainer:
         head = self.s.groups[-1]
         return self.model.get_submodule(head.modules[0]) if len(head.modules) == 1 else None
 
-    def feature_cache_on(self, epoch: int) -> bool:
-        """Only the head trains, and the frozen rest gives the same output every time."""
-        cfg = self.cfg
-        if (cfg.feature_cache == "off" or cfg.bn == "train" or cfg.mixup or cfg.cutmix or self.dist.enabled
-                or self.head_module() is None):
-            return False
-        if self.s.plan.trainable_groups(epoch) != [self.s.groups[-1].name]:
-            return False
-        return cfg.augment == "none" or cfg.feature_cache_views > 0
+    def cut(self, epoch: int) -> Cut | None:
+        """Where this epoch's model is cut for cached inputs, if anywhere (features.py)."""
+        if not cache_allowed(self.cfg, self.s.plan, self.dist.enabled):
+            return None
+        rng = get_rng()  # deciding must not shift the training RNG (resume replays it)
+        try:
+            return head_cut(self.model, self.head_module(), self.s.plan, epoch) or prefix_cut(
+                self.model, self.s.groups, self.s.plan, epoch, self._sample, self.replays,
+                images=len(self.loaders.train.dataset),  # type: ignore[arg-type]
+                views=self.views())
+        finally:
+            set_rng(rng)
 
-    def cached_features(self) -> FeatureStore:
-        if self.features is None:
-            rng = get_rng()  # building must not shift the training RNG (resume replays it)
-            self.features = FeatureStore.build(self)
+    def views(self) -> int:
+        """Training views a feature cache holds: one without augmentation, else the precomputed K."""
+        return 1 if self.cfg.augment == "none" else self.cfg.feature_cache_views
+
+    def _sample(self) -> torch.Tensor:
+        """A few training images, to check a prefix replay against the real forward pass."""
+        x, _ = next(iter(ordered_loader(self.loaders.train.dataset, min(8, self.cfg.batch_size or 8), 0)))
+        return to_device(x, self.device, self.cfg.channels_last)
+
+    def store_for(self, cut: Cut) -> FeatureStore:
+        """The cut's cached inputs, built the first epoch it is used (a new cut rebuilds them)."""
+        if self.features is None or self.features.key != cut.key:
+            rng = get_rng()
+            self.features = FeatureStore.build(cut, self.model, self.loaders.train.dataset, self.loaders.val,
+                                               views=self.views(), cfg=self.cfg, workers=self.loaders.train.num_workers,
+                                               device=self.device, amp=self.amp)
             set_rng(rng)
         return self.features
 
@@ -277,36 +300,3 @@ class EpochProgress:
     loss_sum: float = 0.0
     rows: list = dataclasses.field(default_factory=list)
     rng: dict | None = None
-
-
-@dataclass
-class FeatureStore:
-    """Head inputs from the frozen prefix: K training views and the validation set."""
-
-    train: list[torch.Tensor]
-    labels: torch.Tensor
-    val: torch.Tensor
-    val_labels: torch.Tensor
-
-    @staticmethod
-    def build(t: Trainer) -> FeatureStore:
-        cfg = t.cfg
-        views = 1 if cfg.augment == "none" else cfg.feature_cache_views
-        prep = functools.partial(to_device, device=t.device, channels_last=cfg.channels_last)
-        head = t.head_module()
-        ordered = ordered_loader(t.loaders.train.dataset, cfg.batch_size, t.loaders.train.num_workers)
-        train, labels = [], None
-        tic = time.perf_counter()
-        for k in range(views):
-            seed_everything(epoch_seed(cfg.seed, 10_000 + k))  # view k's augmentation, reproducibly
-            feats, labels = head_features(t.model, head, ordered, t.device, t.amp.autocast, prep)
-            train.append(feats)
-        val, val_labels = head_features(t.model, head, t.loaders.val, t.device, t.amp.autocast, prep)
-        say(f"feature cache: frozen prefix run once over {len(labels)} x {views} train + {len(val_labels)} "
-                  f"val images in {time.perf_counter() - tic:.1f}s; the head trains on cached features")
-        return FeatureStore(train, labels, val, val_labels)
-
-    def batches(self, epoch: int, t: Trainer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        feats = self.train[epoch % len(self.train)]
-        return feature_batches(feats, self.labels, t.cfg.batch_size, t.loaders.generator,
-                               drop_last=t.loaders.train.drop_last)

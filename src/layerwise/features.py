@@ -1,0 +1,129 @@
+"""Cached inputs of the trainable part of the model: the frozen part runs once, not every epoch.
+
+Two cuts: while only the head trains, the head's inputs; while the first groups are frozen
+and later ones train (gradual unfreezing, partial), the frozen prefix's outputs, replayed into
+the rest of the model (prefix.py). Either is exact only when the frozen part's output depends
+on the image alone: deterministic inputs (``--augment none``) or K precomputed augmented views,
+frozen BatchNorm statistics, no MixUp/CutMix, one process.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from layerwise.cache import RAM_BUDGET, captured, feature_batches, total_ram
+from layerwise.config import RunConfig
+from layerwise.groups import LayerGroup
+from layerwise.hardware import Amp, to_device
+from layerwise.loaders import ordered_loader
+from layerwise.plan import Plan
+from layerwise.prefix import PrefixReplay, boundary_outputs, plan_replay
+from layerwise.progress import say
+from layerwise.rng import epoch_seed, seed_everything
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where the model is cut: ``suffix`` trains on the cached input (``output=False``) or
+    output (``output=True``) of ``module``."""
+
+    key: str  # "head", or "prefix:<first trainable group>"
+    suffix: nn.Module
+    module: nn.Module
+    output: bool
+
+
+def cache_allowed(cfg: RunConfig, plan: Plan, distributed: bool) -> bool:
+    """The frozen part gives the same output for an image every time it sees it."""
+    if cfg.feature_cache == "off" or cfg.bn == "train" or cfg.mixup or cfg.cutmix or distributed:
+        return False
+    if len(set(plan.train_sizes)) > 1:  # features computed at one side would be stale at the next
+        return False
+    return cfg.augment == "none" or cfg.feature_cache_views > 0
+
+
+def first_trainable(plan: Plan, epoch: int) -> int | None:
+    """The index of the first group that trains, when every group after it trains too."""
+    states = [plan.states(epoch)[g.name].trainable for g in plan.groups]
+    if True not in states:
+        return None
+    k = states.index(True)
+    return k if all(states[k:]) else None
+
+
+def head_cut(model: nn.Module, head: nn.Module | None, plan: Plan, epoch: int) -> Cut | None:
+    if head is None or first_trainable(plan, epoch) != len(plan.groups) - 1:
+        return None
+    return Cut("head", head, head, output=False)
+
+
+def prefix_cut(model: nn.Module, groups: Sequence[LayerGroup], plan: Plan, epoch: int, sample: Callable[[], torch.Tensor],
+               known: dict[int, PrefixReplay | None], *, images: int, views: int) -> Cut | None:
+    """A frozen prefix that stays frozen for this epoch and the next (building the cache costs
+    about one epoch of the prefix's forward passes, so a cut that lasts one epoch saves nothing)."""
+    k = first_trainable(plan, epoch)
+    if k is None or k == 0 or k == len(groups) - 1:
+        return None
+    if epoch + 1 >= plan.epochs or first_trainable(plan, epoch + 1) != k:
+        if f"prefix:{k}" not in known:
+            return None
+    if k not in known:
+        x = sample()
+        known[k] = plan_replay(model, groups, k, x)
+        if known[k] is None:
+            say(f"feature cache: {groups[k - 1].name}'s output cannot be replayed into this model's forward pass "
+                "(checked on one batch); every epoch runs the frozen groups")
+        elif not fits(boundary_outputs(model, known[k].boundary, x), images, views):
+            say(f"feature cache: {groups[k - 1].name}'s outputs for {images} images x {views} view(s) would not fit "
+                "in a quarter of the RAM; every epoch runs the frozen groups")
+            known[k] = None
+    replay = known[k]
+    if replay is None:
+        return None
+    return Cut(f"prefix:{k}", replay, model.get_submodule(replay.boundary), output=True)
+
+
+@dataclass
+class FeatureStore:
+    """A cut's cached inputs: K training views and the validation set."""
+
+    key: str
+    train: list[torch.Tensor]
+    labels: torch.Tensor
+    val: torch.Tensor
+    val_labels: torch.Tensor
+
+    @staticmethod
+    def build(cut: Cut, model: nn.Module, train: Dataset, val: DataLoader, *, views: int, cfg: RunConfig,
+              workers: int, device: torch.device, amp: Amp) -> FeatureStore:
+        prep = functools.partial(to_device, device=device, channels_last=cfg.channels_last)
+        ordered = ordered_loader(train, cfg.batch_size, workers)
+        feats, labels = [], None
+        tic = time.perf_counter()
+        for k in range(views):
+            seed_everything(epoch_seed(cfg.seed, 10_000 + k))  # view k's augmentation, reproducibly
+            f, labels = captured(model, cut.module, ordered, device, amp.autocast, prep, output=cut.output)
+            feats.append(f)
+        val_feats, val_labels = captured(model, cut.module, val, device, amp.autocast, prep, output=cut.output)
+        what = "the head" if cut.key == "head" else "the groups after the frozen prefix"
+        say(f"feature cache: frozen part run once over {len(labels)} x {views} train + {len(val_labels)} val images "
+            f"in {time.perf_counter() - tic:.1f}s; {what} train on cached inputs")
+        return FeatureStore(cut.key, feats, labels, val_feats, val_labels)
+
+    def batches(self, epoch: int, batch_size: int, generator: torch.Generator,
+                drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return feature_batches(self.train[epoch % len(self.train)], self.labels, batch_size, generator,
+                               drop_last=drop_last)
+
+
+def fits(sample_out: torch.Tensor, images: int, views: int) -> bool:
+    """Would ``views`` train copies plus the validation set of these activations fit in the RAM budget?"""
+    per_image = sample_out[0].numel() * 4
+    return per_image * images * (views + 1) < RAM_BUDGET * total_ram()
