@@ -35,7 +35,7 @@ def _same(a, b):
 def test_feature_cache_equals_recomputing(data, tmp_path, capsys, head):
     args = ["--strategy", "head", "--augment", "none", "--epochs", "3", "--head", head]
     cached = _metrics(data, tmp_path / "c", *args)
-    assert "feature cache: frozen prefix run once" in capsys.readouterr().out
+    assert "feature cache: frozen part run once" in capsys.readouterr().out
     plain = _metrics(data, tmp_path / "p", *args, "--feature-cache", "off")
     _same(cached, plain)
 
@@ -44,7 +44,7 @@ def test_feature_cache_dropped_when_the_boundary_moves(data, tmp_path, capsys):
     args = ["--strategy", "lp-ft", "--probe-epochs", "2", "--augment", "none", "--epochs", "4"]
     cached = _metrics(data, tmp_path / "c", *args)
     out = capsys.readouterr().out
-    assert out.count("feature cache: frozen prefix run once") == 1
+    assert out.count("feature cache: frozen part run once") == 1
     plain = _metrics(data, tmp_path / "p", *args, "--feature-cache", "off")
     _same(cached, plain)
     assert cached[2]["trainable_params"] > cached[1]["trainable_params"]
@@ -54,7 +54,7 @@ def test_feature_cache_views_with_random_augmentation(data, tmp_path, capsys):
     rows = _metrics(data, tmp_path / "v", "--strategy", "head", "--augment", "light", "--epochs", "2",
                     "--feature-cache-views", "2")
     out = capsys.readouterr().out
-    assert "x 2 train" in out and out.count("feature cache: frozen prefix run once") == 1
+    assert "x 2 train" in out and out.count("feature cache: frozen part run once") == 1
     assert len(rows) == 2 and rows[0]["train_loss"] != rows[1]["train_loss"]  # epoch 1 trains on the other view
     _metrics(data, tmp_path / "n", "--strategy", "head", "--augment", "light", "--epochs", "1")
     assert "feature cache" not in capsys.readouterr().out  # random augmentation, no views: the body runs
