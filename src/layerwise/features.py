@@ -58,7 +58,8 @@ def first_trainable(plan: Plan, epoch: int) -> int | None:
     return k if all(states[k:]) else None
 
 
-def head_cut(model: nn.Module, head: nn.Module | None, plan: Plan, epoch: int) -> Cut | None:
+def head_cut(head: nn.Module | None, plan: Plan, epoch: int) -> Cut | None:
+    """Only the head trains (and it is one module): cache its inputs."""
     if head is None or first_trainable(plan, epoch) != len(plan.groups) - 1:
         return None
     return Cut("head", head, head, output=False)

@@ -163,7 +163,7 @@ class Trainer:
             return None
         rng = get_rng()  # deciding must not shift the training RNG (resume replays it)
         try:
-            return head_cut(self.model, self.head_module(), self.s.plan, epoch) or prefix_cut(
+            return head_cut(self.head_module(), self.s.plan, epoch) or prefix_cut(
                 self.model, self.s.groups, self.s.plan, epoch, self._sample, self.replays,
                 images=len(self.loaders.train.dataset),  # type: ignore[arg-type]
                 views=self.views())
