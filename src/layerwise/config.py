@@ -111,6 +111,10 @@ class RunConfig:
                 setattr(out, k, overrides.get(k, default))
         return out
 
+    def final_train_size(self) -> int | None:
+        """The side training crops end at: ``train_size``, else ``img_size``."""
+        return self.train_size or self.img_size
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
@@ -258,7 +262,7 @@ def checkpoint_interval(text: str) -> tuple[float | None, int | None]:
 
 def _validate_relations(cfg: RunConfig) -> None:
     """Knobs whose valid range depends on another knob."""
-    final = cfg.train_size or cfg.img_size
+    final = cfg.final_train_size()
     if cfg.progressive_from is not None and final is not None and cfg.progressive_from > final:
         raise LayerwiseError(f"progressive_from must be at most the final training side ({final} px), "
                              f"got {cfg.progressive_from!r}")

@@ -77,7 +77,7 @@ def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Tra
         device = torch.device("cuda", info.local_rank)
     model = s.loaded.model.to(device)
     fast = fastest_numerics(cfg.precision, cfg.channels_last, model, device, model_name=cfg.model,
-                            img_size=cfg.train_size or cfg.img_size, batch=cfg.batch_size,
+                            img_size=cfg.final_train_size(), batch=cfg.batch_size,
                             num_classes=len(splits.classes), cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
                             distributed=info.enabled)
     cfg = dataclasses.replace(cfg, precision=fast.precision, channels_last=fast.channels_last)

@@ -58,8 +58,7 @@ def decoded_cache_mode(cfg: RunConfig, splits: Splits) -> str:
 
 def stored_side_for(cfg: RunConfig) -> int:
     """The side training images are stored at: the largest any epoch trains or evaluates at."""
-    size = cast(int, cfg.img_size)  # resolved by setup()
-    return max(size, cfg.train_size or size)
+    return max(cast(int, cfg.img_size), cast(int, cfg.final_train_size()))  # resolved by setup()
 
 
 def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Sequence[float],
@@ -69,7 +68,7 @@ def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Seq
     # run's smaller crops are resized down from them (Trainer.apply_plan swaps the transform).
     stored = stored_side_for(cfg)
     workers = default_workers() if cfg.workers is None else cfg.workers
-    train_tf, eval_tf = train_transform(cfg, cfg.train_size or size, mean, std), eval_transform(size, mean, std)
+    train_tf, eval_tf = train_transform(cfg, cast(int, cfg.final_train_size()), mean, std), eval_transform(size, mean, std)
     mode = decoded_cache_mode(cfg, splits)
     train_ds: Dataset
     val_ds: Dataset

@@ -166,7 +166,7 @@ def make_plan(model: nn.Module, groups: Sequence[LayerGroup], strategy: Strategy
     from layerwise.resolution import train_sizes
 
     sizes = {g.name: g.numel(model) for g in groups}
-    per_epoch = train_sizes(cfg.epochs, cfg.train_size or cfg.img_size, progressive=cfg.progressive,
+    per_epoch = train_sizes(cfg.epochs, cfg.final_train_size(), progressive=cfg.progressive,
                             start=cfg.progressive_from) if cfg.img_size else ()
     return Plan(cfg.model, strategy, tuple(groups), sizes, cfg.epochs, cfg.lr, cfg.weight_decay,
                 scheduler=cfg.scheduler, warmup_epochs=cfg.warmup_epochs, t0=cfg.t0, t_mult=cfg.t_mult,

@@ -12,11 +12,13 @@ every call, so checkpoints and evaluation always see the real model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from layerwise.cache import captured
 from layerwise.groups import LayerGroup
 
 MATCH_TOLERANCE = 1e-4  # largest |logit difference| between the replayed and the real forward pass
@@ -87,26 +89,13 @@ class PrefixReplay(nn.Module):
                 setattr(owner, name, module)
 
 
-@torch.no_grad()
 def boundary_outputs(model: nn.Module, boundary: str, x: torch.Tensor) -> torch.Tensor:
-    """The boundary module's output for ``x`` (the rest of the forward pass is skipped)."""
-    grabbed: list[torch.Tensor] = []
-
-    class _Stop(Exception):
-        pass
-
-    def grab(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-        grabbed.append(out)
-        raise _Stop
-
-    handle = model.get_submodule(boundary).register_forward_hook(grab)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return grabbed[0]
+    """The boundary module's output for ``x``, as the feature store keeps it (float32), on
+    ``x``'s device; the rest of the forward pass is skipped."""
+    labels = torch.zeros(len(x), dtype=torch.long)  # captured() pairs every batch with labels
+    acts, _ = captured(model, model.get_submodule(boundary), [(x, labels)], x.device, contextlib.nullcontext,
+                       lambda t: t, output=True)
+    return acts.to(x.device).clone()  # a normal tensor: captured() runs in inference mode
 
 
 def plan_replay(model: nn.Module, groups: Sequence[LayerGroup], first_trainable: int,
