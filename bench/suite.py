@@ -68,7 +68,9 @@ def variants(quick: bool) -> list[str]:
     if quick:
         fixed = [s + ("+bn-eval" if RECOMMENDED_BN.get(s) == "eval" else "") for s in FIXED]
     else:
-        fixed = [v for s in FIXED for v in (s, f"{s}+bn-eval")]
+        # head's only trainable group is the linear layer, which has no BatchNorm: its --bn eval
+        # run would repeat its default run exactly, so it is not run twice.
+        fixed = [v for s in FIXED for v in (s, f"{s}+bn-eval") if v != "head+bn-eval"]
     return ["auto", *fixed, "plain", *(["fastai"] if have_fastai else [])]
 
 
