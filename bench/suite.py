@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from competitor import ROOT, run_child  # bench/ is on the path: these run as scripts
 
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "bench" / "results"
+# While this file exists the suite starts no new run: other work on the machine (a test run)
+# would slow the run in progress and distort its wall time against the competitors'.
+PAUSE = RESULTS / "suite.pause"
 FIXED = ("head", "lp-ft", "gradual", "discriminative", "full")
 # The --bn each strategy does best with (docs/strategies.md): eval wherever groups train late
 # or at a low LR on batch statistics, the default for the rest.
@@ -139,16 +144,26 @@ def main() -> None:
                 key = f"{name}|{v}|{img}|{seed}"
                 if key in results:
                     continue
+                wait_while_paused()
+                before = os.getloadavg()[0]
                 rec = (run_competitor("plain_loop.py" if v == "plain" else "fastai_loop.py", data, seed, img, b)
                        if v in ("plain", "fastai") else run_layerwise(name, data, v, seed, img, b))
                 results[key] = rec | {"dataset": name, "variant": v, "img": img, "seed": seed, "epochs": b[0],
-                                      "batch": b[1], "best": max(a for _, a in rec["curve"])}
+                                      "batch": b[1], "best": max(a for _, a in rec["curve"]),
+                                      "load": [before, os.getloadavg()[0]]}
                 print(f"  {v:<22} seed {seed}: best {results[key]['best']:.3f}  {rec['wall']:.0f}s", flush=True)
                 tmp = results_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(results, indent=1))
                 tmp.replace(results_path)  # after every run: a kill loses at most the run in progress
     (RESULTS / "suite.md").write_text(report(results, img))
     print(f"wrote {RESULTS / 'suite.md'}")
+
+
+def wait_while_paused() -> None:
+    if PAUSE.exists():
+        print(f"  paused: remove {PAUSE} to go on", flush=True)
+    while PAUSE.exists():
+        time.sleep(5)
 
 
 def report(results: dict, img: int) -> str:
