@@ -79,6 +79,10 @@ def test_fit_auto_probes_records_and_resumes_without_probing(data, tmp_path, cap
     assert probe["c"] in (0.01, 0.1, 1.0, 10.0) and (run / "probe_head.safetensors").is_file()
     assert 0 <= probe["knn_acc"] <= 1 and probe["hscore"] > 0  # more evidence from the same features
     assert probe["bn_shift"] is None and cfg["bn_shift"] is None  # random init: no pretraining statistics
+    # the earlier depth: the output of every group before the body's last one
+    groups = [g["name"] for g in plan["groups"]]
+    assert probe["earlier"]["group"] == groups[-3] and 0 <= probe["earlier"]["val_acc"] <= 1
+    assert probe["earlier"]["skill"] == pytest.approx((probe["earlier"]["val_acc"] - probe["chance"]) / (1 - probe["chance"]))
     assert plan["strategy"] == "auto:lp-ft"  # coloured squares: the features fit (skill 1.0)
     # the probe is LP-FT's linear-probing stage: fine-tuning starts at once
     assert cfg["probe_epochs"] == 0 and len(plan["epochs"][0]["trainable_groups"]) == len(plan["groups"])
@@ -150,6 +154,7 @@ def test_auto_full_keeps_the_probe_row_but_trains_a_fresh_head(data, tmp_path, m
     assert main(["fit", str(data), *TINY, "--epochs", "2", "--strategy", "full", "--out", str(full)]) == 0
     probe = json.loads((auto / "probe.json").read_text())
     assert probe["strategy"] == "auto:full" and probe["bn_shift"] == 0.5 and probe["bn"] == "frozen"
+    assert yaml.safe_load((auto / "config.yaml").read_text())["probe_epochs"] is None  # lp-ft's setting only
     rows, fixed = read_jsonl(auto / "metrics.jsonl"), read_jsonl(full / "metrics.jsonl")
     assert rows[0]["stage"] == "probe" and rows[0]["val_acc"] == pytest.approx(probe["val_acc"])
     # after the probe row, exactly the fixed strategy's run: same fresh head, same batches
@@ -232,3 +237,48 @@ def test_auto_is_at_least_its_probe_on_every_suite_dataset(name, tmp_path):
     best = max(r["val_acc"] for r in rows)
     assert best >= rows[0]["val_acc"]
     assert evaluate_run(run, str(data))["accuracy"] == pytest.approx(best, abs=1e-6)
+
+
+def test_pooled_outputs_average_positions_and_leave_no_hook():
+    from layerwise.probe import pooled_outputs
+
+    conv = torch.nn.Conv2d(3, 5, 1)
+    x = torch.randn(4, 3, 6, 6)
+    with pooled_outputs(conv) as got:
+        conv(x)
+        conv(x[:2])
+    assert [g.shape for g in got] == [(4, 5), (2, 5)]
+    assert torch.allclose(got[0], conv(x).mean((2, 3)), atol=1e-6)
+    assert not conv._forward_hooks
+    with pooled_outputs(None) as none:
+        conv(x)
+    assert none == []
+
+
+def test_the_earlier_probe_sees_features_that_separate_what_the_last_cannot(data):
+    """A body whose last stage throws the colour away: the earlier depth still separates
+    the classes, the last does not, and the probe reports both."""
+    class Forgetful(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.early = torch.nn.Conv2d(3, 3, 1)
+            self.late = torch.nn.Conv2d(3, 4, 1)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.early(x)
+            return self.fc((self.late(h) * 0).mean((2, 3)))
+
+    from layerwise.augment import eval_transform
+    from layerwise.data import ImageDataset, load_splits
+    from layerwise.hardware import Amp
+    from layerwise.loaders import ordered_loader
+    from layerwise.probe import linear_probe
+
+    model = Forgetful()
+    splits = load_splits(str(data))
+    tf = eval_transform(16, (0.5,) * 3, (0.25,) * 3)
+    train, val = (ordered_loader(ImageDataset(items, tf), 16, 0) for items in (splits.train, splits.val))
+    res = linear_probe(model, model.fc, train, val, torch.device("cpu"), Amp("fp32", torch.device("cpu")),
+                       earlier=model.early)
+    assert res.earlier_skill is not None and res.earlier_skill > 0.8 > 0.2 > res.skill

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -149,20 +151,48 @@ def head_features(model: nn.Module, head: nn.Module, loader: Iterable[tuple[torc
     return captured(model, head, loader, device, autocast, prepare, output=False)
 
 
+def spill_tensor(shape: Sequence[int], folder: Path) -> torch.Tensor:
+    """A float32 tensor in a memory-mapped file of ``folder``, for activations larger than the
+    RAM budget. The file is unlinked at once: the mapping keeps it alive, and its disk space
+    comes back when the tensor is freed, even if the process is killed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix="activations-", suffix=".f32")
+    os.close(fd)
+    try:
+        flat = torch.from_file(name, shared=True, size=math.prod(shape), dtype=torch.float32)
+    finally:
+        os.unlink(name)
+    return flat.view(*shape)
+
+
 @torch.inference_mode()
 def captured(model: nn.Module, module: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device, autocast: Callable, prepare: Callable[[torch.Tensor], torch.Tensor], *,
-             output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             output: bool, into: Callable[[Sequence[int]], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``module``'s input (or ``output``) for every sample of ``loader``, with the model in
-    eval mode and without autograd; the forward pass stops there."""
+    eval mode and without autograd; the forward pass stops there. ``into(per_sample_shape)``,
+    if given, allocates the store the rows are written to (a memory map); else they are
+    concatenated in RAM."""
     grabbed: list[torch.Tensor] = []
+    store: list[torch.Tensor] = []  # into's tensor, once the first batch gives the shape
+    rows = 0
+
+    def keep(t: torch.Tensor) -> None:
+        nonlocal rows
+        if into is None:
+            grabbed.append(t.float().cpu().contiguous())
+            return
+        if not store:
+            store.append(into(t.shape[1:]))
+        store[0][rows:rows + len(t)] = t.float().cpu()
+        rows += len(t)
 
     def grab_input(_m: nn.Module, args: tuple) -> None:
-        grabbed.append(args[0].float().cpu())
+        keep(args[0])
         raise _Captured
 
     def grab_output(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-        grabbed.append(out.float().cpu().contiguous())
+        keep(out)
         raise _Captured
 
     was_training = model.training
@@ -182,7 +212,7 @@ def captured(model: nn.Module, module: nn.Module, loader: Iterable[tuple[torch.T
     finally:
         handle.remove()
         model.train(was_training)
-    return torch.cat(grabbed), torch.cat(labels)
+    return (store[0][:rows] if store else torch.cat(grabbed)), torch.cat(labels)
 
 
 def feature_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,

@@ -306,7 +306,8 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: Any,
                          t.dist)
     row = {
         "epoch": epoch, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"], "val_loss": ev.loss,
-        "val_acc": ev.acc, "lr": lr_start, "train_size": t.train_side, "trainable_params": t.s.plan.trainable_params(epoch),
+        "val_acc": ev.acc, "lr": lr_start, "train_size": t.train_side,
+        "cached_inputs": cut.key if cut is not None else None, "trainable_params": t.s.plan.trainable_params(epoch),
         "trainable_groups": t.s.plan.trainable_groups(epoch), "epoch_seconds": time.perf_counter() - tic,
         "images_per_second": tr["images"] / max(train_s, 1e-9), "elapsed_seconds": time.perf_counter() - t.started,
     }

@@ -10,21 +10,23 @@ frozen BatchNorm statistics, no MixUp/CutMix, one process.
 from __future__ import annotations
 
 import functools
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from layerwise.cache import RAM_BUDGET, captured, feature_batches, total_ram
+from layerwise.cache import RAM_BUDGET, captured, default_cache_dir, feature_batches, spill_tensor, total_ram
 from layerwise.config import RunConfig
 from layerwise.groups import LayerGroup
 from layerwise.hardware import Amp, to_device
 from layerwise.loaders import ordered_loader
 from layerwise.plan import Plan
-from layerwise.prefix import PrefixReplay, boundary_outputs, plan_replay
+from layerwise.prefix import boundary_outputs, plan_replay
 from layerwise.progress import say
 from layerwise.rng import epoch_seed, seed_everything
 
@@ -38,6 +40,32 @@ class Cut:
     suffix: nn.Module
     module: nn.Module
     output: bool
+    spill: bool = False  # too large for the RAM budget: kept in a memory-mapped file (spill_dir)
+
+
+DISK_BUDGET = 0.5  # a memory-mapped store may take half the free space of its folder
+
+
+def spill_dir() -> Path:
+    return default_cache_dir() / "activations"
+
+
+def free_disk(folder: Path) -> int:
+    """Free bytes on the file system that holds ``folder`` (or its nearest existing parent)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def placement(per_image_bytes: int, images: int, views: int) -> str | None:
+    """Where ``views`` train copies plus the validation set of activations go: ``"ram"`` within
+    the RAM budget, else ``"disk"`` (memory-mapped) within half the free disk, else None."""
+    need = per_image_bytes * images * (views + 1)
+    if need < RAM_BUDGET * total_ram():
+        return "ram"
+    if need < DISK_BUDGET * free_disk(spill_dir()):
+        return "disk"
+    return None
 
 
 def cache_allowed(cfg: RunConfig, plan: Plan, distributed: bool) -> bool:
@@ -66,29 +94,39 @@ def head_cut(head: nn.Module | None, plan: Plan, epoch: int) -> Cut | None:
 
 
 def prefix_cut(model: nn.Module, groups: Sequence[LayerGroup], plan: Plan, epoch: int, sample: Callable[[], torch.Tensor],
-               known: dict[int, PrefixReplay | None], *, images: int, views: int) -> Cut | None:
+               known: dict[int, Cut | None], *, images: int, views: int) -> Cut | None:
     """A frozen prefix that stays frozen for this epoch and the next (building the cache costs
-    about one epoch of the prefix's forward passes, so a cut that lasts one epoch saves nothing)."""
+    about one epoch of the prefix's forward passes, so a cut that lasts one epoch saves nothing).
+    ``known`` keeps each first-trainable group's cut (None: refused), so a cut is planned once
+    and its later epochs keep using it."""
     k = first_trainable(plan, epoch)
     if k is None or k == 0 or k == len(groups) - 1:
         return None
-    if epoch + 1 >= plan.epochs or first_trainable(plan, epoch + 1) != k:
-        if f"prefix:{k}" not in known:
-            return None
     if k not in known:
-        x = sample()
-        known[k] = plan_replay(model, groups, k, x)
-        if known[k] is None:
-            say(f"feature cache: {groups[k - 1].name}'s output cannot be replayed into this model's forward pass "
-                "(checked on one batch); every epoch runs the frozen groups")
-        elif not fits(boundary_outputs(model, known[k].boundary, x), images, views):
-            say(f"feature cache: {groups[k - 1].name}'s outputs for {images} images x {views} view(s) would not fit "
-                "in a quarter of the RAM; every epoch runs the frozen groups")
-            known[k] = None
-    replay = known[k]
+        if epoch + 1 >= plan.epochs or first_trainable(plan, epoch + 1) != k:
+            return None
+        known[k] = _plan_cut(model, groups, k, sample(), images, views)
+    return known[k]
+
+
+def _plan_cut(model: nn.Module, groups: Sequence[LayerGroup], k: int, x: torch.Tensor, images: int,
+              views: int) -> Cut | None:
+    replay = plan_replay(model, groups, k, x)
+    frozen = groups[k - 1].name
     if replay is None:
+        say(f"feature cache: {frozen}'s output cannot be replayed into this model's forward pass "
+            "(checked on one batch); every epoch runs the frozen groups")
         return None
-    return Cut(f"prefix:{k}", replay, model.get_submodule(replay.boundary), output=True)
+    per_image = boundary_outputs(model, replay.boundary, x)[0].numel() * 4
+    where = placement(per_image, images, views)
+    size = f"{frozen}'s outputs for {images} images x {views} view(s) + val ({per_image * images * (views + 1) / 2**30:.1f} GiB)"
+    if where is None:
+        say(f"feature cache: {size} fit neither a quarter of the RAM nor half the free disk of {spill_dir()}; "
+            "every epoch runs the frozen groups")
+        return None
+    if where == "disk":
+        say(f"feature cache: {size} exceed a quarter of the RAM; they go to a memory-mapped file in {spill_dir()}")
+    return Cut(f"prefix:{k}", replay, model.get_submodule(replay.boundary), output=True, spill=where == "disk")
 
 
 @dataclass
@@ -108,11 +146,17 @@ class FeatureStore:
         ordered = ordered_loader(train, cfg.batch_size, workers)
         feats, labels = [], None
         tic = time.perf_counter()
+
+        def into(rows: int) -> Callable[[Sequence[int]], torch.Tensor] | None:
+            return (lambda shape: spill_tensor((rows, *shape), spill_dir())) if cut.spill else None
+
         for k in range(views):
             seed_everything(epoch_seed(cfg.seed, 10_000 + k))  # view k's augmentation, reproducibly
-            f, labels = captured(model, cut.module, ordered, device, amp.autocast, prep, output=cut.output)
+            f, labels = captured(model, cut.module, ordered, device, amp.autocast, prep, output=cut.output,
+                                 into=into(len(train)))  # type: ignore[arg-type]
             feats.append(f)
-        val_feats, val_labels = captured(model, cut.module, val, device, amp.autocast, prep, output=cut.output)
+        val_feats, val_labels = captured(model, cut.module, val, device, amp.autocast, prep, output=cut.output,
+                                         into=into(len(val.dataset)))  # type: ignore[arg-type]
         what = "the head" if cut.key == "head" else "the groups after the frozen prefix"
         say(f"feature cache: frozen part run once over {len(labels)} x {views} train + {len(val_labels)} val images "
             f"in {time.perf_counter() - tic:.1f}s; {what} train on cached inputs")
@@ -122,9 +166,3 @@ class FeatureStore:
                 drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return feature_batches(self.train[epoch % len(self.train)], self.labels, batch_size, generator,
                                drop_last=drop_last)
-
-
-def fits(sample_out: torch.Tensor, images: int, views: int) -> bool:
-    """Would ``views`` train copies plus the validation set of these activations fit in the RAM budget?"""
-    per_image = sample_out[0].numel() * 4
-    return per_image * images * (views + 1) < RAM_BUDGET * total_ram()

@@ -98,6 +98,23 @@ def boundary_outputs(model: nn.Module, boundary: str, x: torch.Tensor) -> torch.
     return acts.to(x.device).clone()  # a normal tensor: captured() runs in inference mode
 
 
+def prefix_output(model: nn.Module, groups: Sequence[LayerGroup], first_trainable: int,
+                  sample: torch.Tensor) -> str | None:
+    """The module whose output is groups ``0..first_trainable-1``'s output: the last of their
+    modules to run on ``sample`` (None when they hold no module of their own)."""
+    prefix = {p for g in groups[:first_trainable] for p in g.params}
+    modules = frozen_modules(model, prefix)
+    if not modules:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        order = call_order(model, modules, sample)
+    finally:
+        model.train(was_training)
+    return order[-1] if order else None
+
+
 def plan_replay(model: nn.Module, groups: Sequence[LayerGroup], first_trainable: int,
                 sample: torch.Tensor) -> PrefixReplay | None:
     """A replay of groups ``0..first_trainable-1`` that gives the model's own logits on

@@ -4,13 +4,18 @@ separate the user's classes?
 A logistic regression on the head's input features (the standard linear-probe protocol)
 is trained on the training images through the deterministic eval transform and scored on
 the validation images, at most ``PROBE_MAX_IMAGES`` of each. High skill means the data is
-close to the pretraining domain; low skill means the body has to adapt.
+close to the pretraining domain; low skill means the body has to adapt. The same forward
+pass also gives an earlier depth's features (the output of the stage before the last,
+averaged over positions, as in Head2Toe): when they fit better than the last stage's, the
+last stages are specialised to the pretraining task.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,11 +58,20 @@ class ProbeResult:
     knn_acc: float | None = None  # 10-nearest-neighbour val accuracy on standardised features
     hscore: float | None = None  # H-score (Bao et al., 2019): class-separating variance of the features
     bn_shift: float | None = None  # shift.py: the data's distance from the pretrained BatchNorm statistics
+    earlier_acc: float | None = None  # the probe on the stage before the last (pooled), when asked for
 
     @property
     def skill(self) -> float:
         """Accuracy rescaled so 0 is the majority-class guess and 1 is perfect."""
-        return (self.acc - self.chance) / max(1e-9, 1.0 - self.chance)
+        return skill(self.acc, self.chance)
+
+    @property
+    def earlier_skill(self) -> float | None:
+        return None if self.earlier_acc is None else skill(self.earlier_acc, self.chance)
+
+
+def skill(acc: float, chance: float) -> float:
+    return (acc - chance) / max(1e-9, 1.0 - chance)
 
 
 PROBE_CS = (0.01, 0.1, 1.0, 10.0)  # logistic regression's C, chosen per dataset on held-out training features
@@ -121,17 +135,21 @@ def probe_loaders(train: Dataset, val: Dataset, *, batch_size: int, workers: int
 
 
 def linear_probe(model: nn.Module, head: nn.Module, train: DataLoader, val: DataLoader, device: torch.device,
-                 amp: Amp, *, channels_last: bool = False, quiet: bool = True, seed: int = 0) -> ProbeResult:
-    """Fit the probe on ``head``'s inputs over ``train`` and score it on ``val``; the model's
-    weights, head and RNG are left as they were."""
+                 amp: Amp, *, channels_last: bool = False, quiet: bool = True, seed: int = 0,
+                 earlier: nn.Module | None = None) -> ProbeResult:
+    """Fit the probe on ``head``'s inputs over ``train`` and score it on ``val`` (and, given
+    ``earlier``, a second probe on that module's pooled output); the model's weights, head
+    and RNG are left as they were."""
     tic = time.perf_counter()
     rng = get_rng()
     prep = functools.partial(to_device, device=device, channels_last=channels_last)
-    with measure_bn_shift(model) as shift:  # the same forward pass, read on the way
+    # the same forward passes, read on the way
+    with measure_bn_shift(model) as shift, pooled_outputs(earlier) as early_train:
         tx, ty = head_features(model, head, bar(train, "probe: train features", enabled=not quiet, total=len(train),
                                                 unit="batch"), device, amp.autocast, prep)
-    vx, vy = head_features(model, head, bar(val, "probe: val features", enabled=not quiet, total=len(val),
-                                            unit="batch"), device, amp.autocast, prep)
+    with pooled_outputs(earlier) as early_val:
+        vx, vy = head_features(model, head, bar(val, "probe: val features", enabled=not quiet, total=len(val),
+                                                unit="batch"), device, amp.autocast, prep)
     set_rng(rng)
     num_classes = int(max(ty.max(), vy.max())) + 1
     if isinstance(head, nn.Linear):
@@ -140,9 +158,34 @@ def linear_probe(model: nn.Module, head: nn.Module, train: DataLoader, val: Data
     train_x, val_x = tx.flatten(1).double().numpy(), vx.flatten(1).double().numpy()
     acc = float(np.mean(fitted.logits(val_x).argmax(1) == vy.numpy()))
     chance = float(torch.bincount(vy).max() / len(vy))
+    earlier_acc = None
+    if early_train and early_val and sum(map(len, early_train)) == len(ty) and sum(map(len, early_val)) == len(vy):
+        early = fit_probe(torch.cat(early_train).double().numpy(), ty.numpy(), num_classes, seed=seed)
+        earlier_acc = float(np.mean(early.logits(torch.cat(early_val).double().numpy()).argmax(1) == vy.numpy()))
     return ProbeResult(acc, chance, len(ty), time.perf_counter() - tic, fitted,
                        knn_acc=knn_accuracy(train_x, ty.numpy(), val_x, vy.numpy()), hscore=h_score(train_x, ty.numpy()),
-                       bn_shift=shift.value())
+                       bn_shift=shift.value(), earlier_acc=earlier_acc)
+
+
+@contextlib.contextmanager
+def pooled_outputs(module: nn.Module | None) -> Iterator[list[torch.Tensor]]:
+    """While open, every forward pass through ``module`` adds its output, averaged over
+    positions (the spatial axes of an NCHW map, the tokens of a sequence), to the list."""
+    got: list[torch.Tensor] = []
+    if module is None:
+        yield got
+        return
+
+    def grab(_m: nn.Module, _args: tuple, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            t = out.float()
+            got.append((t.mean((2, 3)) if t.dim() == 4 else t.mean(1) if t.dim() == 3 else t.flatten(1)).cpu())
+
+    handle = module.register_forward_hook(grab)
+    try:
+        yield got
+    finally:
+        handle.remove()
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, k: int = 10) -> float:

@@ -33,7 +33,6 @@ from layerwise.hardware import Amp, to_device
 from layerwise.loaders import Loaders, ordered_loader, train_transform
 from layerwise.optim import apply_states, lr_by_group, lr_scale, set_lr_scale
 from layerwise.plan import Setup
-from layerwise.prefix import PrefixReplay
 from layerwise.progress import say
 from layerwise.rng import get_rng, set_rng
 from layerwise.step import train_step
@@ -104,7 +103,7 @@ class Trainer:
     best_acc: float = -1.0
     best_epoch: int = -1
     features: FeatureStore | None = None
-    replays: dict[int, PrefixReplay | None] = dataclasses.field(default_factory=dict)  # first trainable group -> cut
+    cuts: dict[int, Cut | None] = dataclasses.field(default_factory=dict)  # first trainable group -> its prefix cut
     started: float = dataclasses.field(default_factory=time.perf_counter)
     dist: DistInfo = DistInfo()
     net: nn.Module | None = None  # what runs the forward pass: the model, or its DDP wrapper
@@ -164,7 +163,7 @@ class Trainer:
         rng = get_rng()  # deciding must not shift the training RNG (resume replays it)
         try:
             return head_cut(self.head_module(), self.s.plan, epoch) or prefix_cut(
-                self.model, self.s.groups, self.s.plan, epoch, self._sample, self.replays,
+                self.model, self.s.groups, self.s.plan, epoch, self.sample_batch, self.cuts,
                 images=len(self.loaders.train.dataset),  # type: ignore[arg-type]
                 views=self.views())
         finally:
@@ -174,8 +173,8 @@ class Trainer:
         """Training views a feature cache holds: one without augmentation, else the precomputed K."""
         return 1 if self.cfg.augment == "none" else self.cfg.feature_cache_views
 
-    def _sample(self) -> torch.Tensor:
-        """A few training images, to check a prefix replay against the real forward pass."""
+    def sample_batch(self) -> torch.Tensor:
+        """A few training images, to find and check a cut against the real forward pass."""
         x, _ = next(iter(ordered_loader(self.loaders.train.dataset, min(8, self.cfg.batch_size or 8), 0)))
         return to_device(x, self.device, self.cfg.channels_last)
 
