@@ -171,7 +171,9 @@ def report(results: dict, img: int) -> str:
     reach fastai's final accuracy; then mean rank and mean accuracy over the suite."""
     from suite_stats import summary_tables
 
-    return summary_tables([r for r in results.values() if r["img"] == img], img)
+    path = RESULTS / "evidence.json"
+    evidence = json.loads(path.read_text()).get(str(img), {}) if path.is_file() else {}
+    return summary_tables([r for r in results.values() if r["img"] == img], img, evidence)
 
 
 if __name__ == "__main__":

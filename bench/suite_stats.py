@@ -72,7 +72,8 @@ def loo_threshold_rule(acc: dict[str, dict[str, float]], evidence: dict[str, flo
     return rows
 
 
-def summary_tables(records: Sequence[dict], img: int) -> str:
+def summary_tables(records: Sequence[dict], img: int, evidence: dict[str, dict] | None = None) -> str:
+    """``evidence``: dataset -> measured evidence (bench/evidence.py), next to what auto's runs recorded."""
     data = by_dataset(records)
     lines = [f"# Transfer suite ({img} px)", "",
              "Written by `bench/suite.py` from `bench/results/suite.json`. Best val accuracy is the mean ± std over "
@@ -101,13 +102,14 @@ def summary_tables(records: Sequence[dict], img: int) -> str:
     for v in sorted(common, key=lambda v: statistics.fmean(rank[d][v] for d in means)):
         lines.append(f"| {v} | {statistics.fmean(rank[d][v] for d in means):.2f} | "
                      f"{statistics.fmean(means[d][v] for d in means):.3f} |")
-    lines += auto_checks(means, data)
+    lines += auto_checks(means, data, evidence or {})
     return "\n".join(lines) + "\n"
 
 
 FIXED_EXCLUDED = ("auto", "plain", "fastai")
 EVIDENCE = {"bn_shift": "the BatchNorm shift", "skill": "the probe's skill", "knn_acc": "10-NN accuracy",
-            "hscore": "the H-score"}
+            "hscore": "the H-score",
+            "depth_gain": "the depth gain (the earlier depth's probe skill minus the last's; bench/evidence.py)"}
 
 
 def _auto_label(r: dict) -> str:
@@ -119,7 +121,8 @@ def _fmt(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def auto_checks(means: dict[str, dict[str, float]], data: dict[str, dict[str, list[dict]]]) -> list[str]:
+def auto_checks(means: dict[str, dict[str, float]], data: dict[str, dict[str, list[dict]]],
+                evidence: dict[str, dict]) -> list[str]:
     """auto against the best fixed strategy, fastai and its own probe, per dataset; then the
     rule auto would use if chosen by leaving each dataset out."""
     rows, fixed_acc = [], {}
@@ -143,10 +146,10 @@ def auto_checks(means: dict[str, dict[str, float]], data: dict[str, dict[str, li
            "|---|---|---:|---:|---:|---:|---:|", *rows]
     strategies = sorted(set.intersection(*(set(f) for f in fixed_acc.values())))
     for key, label in EVIDENCE.items():
-        evidence = {d: data[d]["auto"][0].get(key) for d in fixed_acc}
-        if len(fixed_acc) < 3 or not strategies or None in evidence.values():
+        values = {d: data[d]["auto"][0].get(key, evidence.get(d, {}).get(key)) for d in fixed_acc}
+        if len(fixed_acc) < 3 or not strategies or None in values.values():
             continue
-        loo = loo_threshold_rule(fixed_acc, evidence, strategies)
+        loo = loo_threshold_rule(fixed_acc, values, strategies)
         out += ["", f"### A threshold on {label}, chosen leaving each dataset out", "",
                 "For each dataset, the rule `evidence >= tau -> A, else B` that scores best on the *other* datasets, "
                 "applied to it:", "", "| dataset | evidence | rule (from the others) | choice | best | regret |",

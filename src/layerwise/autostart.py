@@ -21,7 +21,7 @@ from layerwise.evaluation import evaluate, gather_eval
 from layerwise.loaders import unsharded, with_eval_transform
 from layerwise.plan import resolve_strategy, training_settings
 from layerwise.prefix import prefix_output
-from layerwise.probe import linear_probe, load_probe_head, probe_loaders
+from layerwise.probe import ProbeResult, linear_probe, load_probe_head, probe_loaders
 from layerwise.progress import say
 from layerwise.rng import get_rng, set_rng
 from layerwise.trainer import Trainer
@@ -33,11 +33,9 @@ def wants_probe(t: Trainer) -> bool:
     return cfg.strategy == "auto" and cfg.probe and cfg.probe_skill is None and t.head_module() is not None
 
 
-def probe_for_auto(t: Trainer, run: Path, *, user_bn: str | None) -> None:
-    """Measure how well frozen features separate the classes, and how far the images sit
-    from the pretraining data, and re-plan ``auto`` with both (and the --bn its choice
-    implies, unless ``user_bn`` was given); config.yaml records the evidence, so a resume
-    keeps the same choice without probing."""
+def run_probe(t: Trainer) -> tuple[ProbeResult, tuple[str, str] | None]:
+    """The linear probe on the frozen model (plus the BatchNorm shift and the earlier depth's
+    probe, read from the same forward passes), and that earlier depth's (group, module)."""
     cfg, loaded = t.cfg, t.s.loaded
     train, val = probe_loaders(with_eval_transform(t.loaders.train.dataset, cfg.img_size, loaded.mean, loaded.std),
                                unsharded(t.loaders.val.dataset), batch_size=cfg.batch_size,
@@ -45,6 +43,16 @@ def probe_for_auto(t: Trainer, run: Path, *, user_bn: str | None) -> None:
     earlier = earlier_depth(t)
     res = linear_probe(t.model, t.head_module(), train, val, t.device, t.amp, channels_last=cfg.channels_last,
                        quiet=cfg.quiet, seed=cfg.seed, earlier=t.model.get_submodule(earlier[1]) if earlier else None)
+    return res, earlier
+
+
+def probe_for_auto(t: Trainer, run: Path, *, user_bn: str | None) -> None:
+    """Measure how well frozen features separate the classes, and how far the images sit
+    from the pretraining data, and re-plan ``auto`` with both (and the --bn its choice
+    implies, unless ``user_bn`` was given); config.yaml records the evidence, so a resume
+    keeps the same choice without probing."""
+    cfg = t.cfg
+    res, earlier = run_probe(t)
     # Rank 0's verdict for all; a model without BatchNorm has no shift (-1 on the wire).
     skill, shift = all_sum([res.skill, -1.0 if res.bn_shift is None else res.bn_shift] if t.dist.is_main
                            else [0.0, 0.0], t.dist)
