@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -32,24 +33,28 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
 COMPETITOR_STRATEGY = {"auto": "full"}
 
 
+def child(cmd: list[str]) -> tuple[str, dict]:
+    """run_child, with the 1-minute load average before and after: the machine is shared."""
+    before = os.getloadavg()[0]
+    out, wall, rss = run_child(cmd)
+    return out, {"wall": wall, "rss": rss, "load": (before, os.getloadavg()[0])}
+
+
 def plain(args: argparse.Namespace, strategy: str, seed: int = 0) -> dict:
     strategy = COMPETITOR_STRATEGY.get(strategy, strategy)
-    out, wall, rss = run_child([sys.executable, "bench/plain_loop.py", args.data, "--strategy", strategy,
-                                "--epochs", str(args.epochs), "--img-size", str(args.img_size), "--seed", str(seed)])
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return {"rows": rows, "wall": wall, "rss": rss}
+    out, info = child([sys.executable, "bench/plain_loop.py", args.data, "--strategy", strategy,
+                       "--epochs", str(args.epochs), "--img-size", str(args.img_size), "--seed", str(seed)])
+    return {"rows": [json.loads(line) for line in out.splitlines() if line.startswith("{")], **info}
 
 
 def layerwise(args: argparse.Namespace, strategy: str, seed: int = 0) -> dict:
     run = ROOT / "runs" / "bench-speed" / f"{strategy}-seed{seed}"
     # Equal settings: the plain loop's optimizer (Adam, constant LR, no weight decay).
     same_optim = ["--optimizer", "adam", "--scheduler", "constant", "--weight-decay", "0"] if args.same_optimizer else []
-    _, wall, rss = run_child([sys.executable, "-m", "layerwise", "fit", args.data, "--strategy", strategy,
-                              "--epochs", str(args.epochs), "--img-size", str(args.img_size), "--augment", "none",
-                              "--workers", "1", "--quiet", "--seed", str(seed), "--out", str(run), "--overwrite",
-                              *same_optim])
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {"rows": rows, "wall": wall, "rss": rss}
+    _, info = child([sys.executable, "-m", "layerwise", "fit", args.data, "--strategy", strategy,
+                     "--epochs", str(args.epochs), "--img-size", str(args.img_size), "--augment", "none",
+                     "--workers", "1", "--quiet", "--seed", str(seed), "--out", str(run), "--overwrite", *same_optim])
+    return {"rows": [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()], **info}
 
 
 def fastai(args: argparse.Namespace, strategy: str) -> dict | None:
@@ -58,10 +63,9 @@ def fastai(args: argparse.Namespace, strategy: str) -> dict | None:
     except ImportError:
         return None
     strategy = COMPETITOR_STRATEGY.get(strategy, strategy)
-    out, wall, rss = run_child([sys.executable, "bench/fastai_loop.py", args.data, "--strategy", strategy,
-                                "--epochs", str(args.epochs), "--img-size", str(args.img_size)])
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return {"rows": rows, "wall": wall, "rss": rss}
+    out, info = child([sys.executable, "bench/fastai_loop.py", args.data, "--strategy", strategy,
+                       "--epochs", str(args.epochs), "--img-size", str(args.img_size)])
+    return {"rows": [json.loads(line) for line in out.splitlines() if line.startswith("{")], **info}
 
 
 def summarise(r: dict, target: float) -> dict:
@@ -70,7 +74,8 @@ def summarise(r: dict, target: float) -> dict:
     later = [x["images_per_second"] for x in trained[1:]] or [trained[0]["images_per_second"]]
     hit = next((x["elapsed_seconds"] for x in rows if x["val_acc"] >= target), None)
     return {"ips1": trained[0]["images_per_second"], "ips2": sum(later) / len(later), "acc": rows[-1]["val_acc"],
-            "best": max(x["val_acc"] for x in rows), "tta": hit, "wall": r["wall"], "rss": r["rss"]}
+            "best": max(x["val_acc"] for x in rows), "tta": hit, "wall": r["wall"], "rss": r["rss"],
+            "load": "{:.1f}→{:.1f}".format(*r["load"])}
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -82,8 +87,8 @@ def parity(args: argparse.Namespace, seeds: list[int]) -> None:
     settings = "the plain loop's Adam, constant LR, no weight decay" if args.same_optimizer else "layerwise defaults"
     lines = [f"cifar10-mini, efficientnet_lite0, {args.img_size} px, {args.epochs} epochs, no augmentation, "
              f"layerwise with {settings}; seeds {', '.join(map(str, seeds))}", "",
-             "| strategy | tool | best val acc per seed | mean ± std | img/s epochs 2+ (mean) | x plain |",
-             "|---|---|---|---:|---:|---:|"]
+             "| strategy | tool | best val acc per seed | mean ± std | img/s epochs 2+ (mean) | x plain | load |",
+             "|---|---|---|---:|---:|---:|---|"]
     for strategy in args.strategies.split(","):
         res = {"plain loop": [], "layerwise": []}
         for seed in seeds:
@@ -97,7 +102,7 @@ def parity(args: argparse.Namespace, seeds: list[int]) -> None:
             ips = sum(r["ips2"] for r in rs) / len(rs)
             per_seed = " ".join(f"{r['best']:.3f}" for r in rs)
             lines.append(f"| {strategy} | {tool} | {per_seed} | {m:.3f} ± {sd:.3f} | "
-                         f"{ips:.0f} | {ips / base:.2f} |")
+                         f"{ips:.0f} | {ips / base:.2f} | {', '.join(r['load'] for r in rs)} |")
         diffs = [a["best"] - b["best"] for a, b in zip(res["layerwise"], res["plain loop"])]
         dm, dsd = _mean_std(diffs)
         per_seed = " ".join(f"{d:+.3f}" for d in diffs)
@@ -117,6 +122,7 @@ def main() -> None:
     p.add_argument("--strategies", default="head,partial,full")
     p.add_argument("--same-optimizer", action="store_true",
                    help="give layerwise the plain loop's Adam / constant LR / no weight decay instead of its defaults")
+    p.add_argument("--out", default="speed.md", help="file name under bench/results/ (default: speed.md)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: accuracy parity over seeds (plain loop "
                    "and layerwise only) instead of the one-seed table")
     args = p.parse_args()
@@ -125,9 +131,10 @@ def main() -> None:
     if args.seeds:
         return parity(args, [int(s) for s in args.seeds.split(",")])
     lines = [f"cifar10-mini, efficientnet_lite0 (offline ImageNet weights), {args.img_size} px, {args.epochs} epochs, "
-             f"no augmentation, batch 64, 1 loader worker; time to val acc >= {args.target} counts set-up too", "",
+             f"no augmentation, batch 64, 1 loader worker; time to val acc >= {args.target} counts set-up too; load is "
+             "the 1-minute load average before → after the run", "",
              "| strategy | tool | img/s epoch 1 | img/s epochs 2+ | x plain (2+) | best val acc | time to target s "
-             "| wall s | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| wall s | peak RSS MB | load |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for strategy in args.strategies.split(","):
         results = {"plain loop": plain(args, strategy), "layerwise": layerwise(args, strategy)}
         fa = fastai(args, strategy)
@@ -138,13 +145,13 @@ def main() -> None:
             s = summarise(r, args.target)
             tta = f"{s['tta']:.0f}" if s["tta"] is not None else "not reached"
             lines.append(f"| {strategy} | {tool} | {s['ips1']:.0f} | {s['ips2']:.0f} | {s['ips2'] / base:.2f} | "
-                         f"{s['best']:.3f} | {tta} | {s['wall']:.0f} | {s['rss']:.0f} |")
+                         f"{s['best']:.3f} | {tta} | {s['wall']:.0f} | {s['rss']:.0f} | {s['load']} |")
         print("\n".join(lines[-len(results):]), flush=True)
     text = "\n".join(lines)
     print("\n" + text)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.md").write_text(text + "\n")
+    (out / args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":
