@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ def main() -> None:
             run = Path(args.out) / f"{name}-{bn}"
             cfg = RunConfig(data=args.data, strategy=name, epochs=args.epochs, img_size=args.img_size, bn=bn,
                             augment=args.augment, precision=args.precision, out=str(run), quiet=True, seed=0)
-            tic = time.perf_counter()
+            tic, before = time.perf_counter(), os.getloadavg()[0]
             fit(cfg, overwrite=True)  # a benchmark re-measures: replace the last run
             wall = time.perf_counter() - tic
             m = read_jsonl(run / "metrics.jsonl")
@@ -51,13 +52,15 @@ def main() -> None:
             best = max(m, key=lambda r: r["val_acc"])
             rows.append({"strategy": plan["strategy"], "bn": bn, "best_val_acc": best["val_acc"],
                          "best_epoch": best["epoch"], "final_val_acc": m[-1]["val_acc"], "wall_s": wall,
-                         "train_img_s": statistics.fmean(r["images_per_second"] for r in m if r["epoch"] >= 0)})
+                         "train_img_s": statistics.fmean(r["images_per_second"] for r in m if r["epoch"] >= 0),
+                         "load": f"{before:.1f}→{os.getloadavg()[0]:.1f}"})
     head = (f"cifar10-mini (1,000 train / 500 val), efficientnet_lite0 (offline ImageNet weights), "
-            f"{args.img_size} px, {args.epochs} epochs, augment {args.augment}, {args.precision}, seed 0")
-    lines = [head, "", "| strategy | --bn | best val acc (epoch) | final val acc | wall s | train img/s |",
-             "|---|---|---:|---:|---:|---:|"]
+            f"{args.img_size} px, {args.epochs} epochs, augment {args.augment}, {args.precision}, seed 0; load: the "
+            "1-minute load average before → after the run")
+    lines = [head, "", "| strategy | --bn | best val acc (epoch) | final val acc | wall s | train img/s | load |",
+             "|---|---|---:|---:|---:|---:|---|"]
     lines += [f"| {r['strategy']} | {r['bn']} | {r['best_val_acc']:.3f} ({r['best_epoch']}) | {r['final_val_acc']:.3f} | "
-              f"{r['wall_s']:.0f} | {r['train_img_s']:.0f} |" for r in rows]
+              f"{r['wall_s']:.0f} | {r['train_img_s']:.0f} | {r['load']} |" for r in rows]
     text = "\n".join(lines)
     print(text)
     out = ROOT / "bench" / "results"

@@ -13,7 +13,7 @@ every call, so checkpoints and evaluation always see the real model.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -98,20 +98,31 @@ def boundary_outputs(model: nn.Module, boundary: str, x: torch.Tensor) -> torch.
     return acts.to(x.device).clone()  # a normal tensor: captured() runs in inference mode
 
 
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _frozen_order(model: nn.Module, groups: Sequence[LayerGroup], first_trainable: int,
+                  sample: torch.Tensor) -> tuple[list[str], list[str]]:
+    """Groups ``0..first_trainable-1``'s largest modules, and the order they run in on ``sample``."""
+    modules = frozen_modules(model, {p for g in groups[:first_trainable] for p in g.params})
+    if not modules:
+        return [], []
+    with _evaluating(model):
+        return modules, call_order(model, modules, sample)
+
+
 def prefix_output(model: nn.Module, groups: Sequence[LayerGroup], first_trainable: int,
                   sample: torch.Tensor) -> str | None:
     """The module whose output is groups ``0..first_trainable-1``'s output: the last of their
     modules to run on ``sample`` (None when they hold no module of their own)."""
-    prefix = {p for g in groups[:first_trainable] for p in g.params}
-    modules = frozen_modules(model, prefix)
-    if not modules:
-        return None
-    was_training = model.training
-    model.eval()
-    try:
-        order = call_order(model, modules, sample)
-    finally:
-        model.train(was_training)
+    _, order = _frozen_order(model, groups, first_trainable, sample)
     return order[-1] if order else None
 
 
@@ -119,18 +130,12 @@ def plan_replay(model: nn.Module, groups: Sequence[LayerGroup], first_trainable:
                 sample: torch.Tensor) -> PrefixReplay | None:
     """A replay of groups ``0..first_trainable-1`` that gives the model's own logits on
     ``sample`` (eval mode), or None when this model's forward cannot be cut there."""
-    prefix = {p for g in groups[:first_trainable] for p in g.params}
-    modules = frozen_modules(model, prefix)
-    if not modules:
-        return None
-    was_training = model.training
-    model.eval()
     try:
-        order = call_order(model, modules, sample)
-        if set(order) != set(modules):
-            return None  # a frozen module that does not run, or runs twice
+        modules, order = _frozen_order(model, groups, first_trainable, sample)
+        if not modules or set(order) != set(modules):
+            return None  # nothing frozen of its own, or a frozen module that does not run, or runs twice
         replay = PrefixReplay(model, order[:-1], order[-1])
-        with torch.no_grad():
+        with _evaluating(model), torch.no_grad():
             expected = model(sample)
             got = replay(boundary_outputs(model, order[-1], sample))
         if got.shape != expected.shape or (got - expected).abs().max().item() > MATCH_TOLERANCE:
@@ -138,5 +143,3 @@ def plan_replay(model: nn.Module, groups: Sequence[LayerGroup], first_trainable:
         return replay
     except (RuntimeError, TypeError, ValueError, IndexError):  # the cut broke the forward pass
         return None
-    finally:
-        model.train(was_training)
