@@ -154,7 +154,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixup", type=float, default=S, help="MixUp alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=S, help="CutMix alpha (0: off)")
     g.add_argument("--patience", type=int, default=S, help="early stopping: epochs without val-acc gain")
-    g.add_argument("--workers", type=int, default=S, help="DataLoader workers (default: cores - 1, at most 4)")
+    g.add_argument("--workers", type=int, default=S, help="DataLoader workers (default: cores - 1, at most 4, for decoding; none during "
+                   "the epochs when a CPU run trains from images decoded in RAM)")
     g.add_argument("--channels-last", dest="channels_last", action="store_true", default=S,
                    help="NHWC memory format (default: measured against NCHW when --precision is auto)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=S)
