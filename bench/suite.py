@@ -12,7 +12,8 @@ process, so wall time includes start-up, data set-up and auto's probe.
     .venv/bin/python bench/suite.py --seeds 0,1 --img-size 112   # the full suite, over several sittings
 
 Every finished run is recorded in bench/results/suite.json at once, so an interrupted suite
-resumes where it stopped. bench/results/suite.md is rewritten from all recorded runs.
+resumes where it stopped. bench/results/suite-<size>px.md is rewritten from all recorded runs
+at that size (``--report-only`` rewrites it without running anything).
 """
 
 from __future__ import annotations
@@ -128,13 +129,14 @@ def main() -> None:
     p.add_argument("--datasets", default="", help="comma-separated subset (default: all)")
     p.add_argument("--variants", default="", help="comma-separated subset (default: all of the mode)")
     p.add_argument("--results", default=str(RESULTS / "suite.json"))
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the recorded runs; run nothing")
     args = p.parse_args()
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
     img = min(args.img_size, 96) if args.quick else args.img_size
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     chosen = [v for v in variants(args.quick) if not args.variants or v in args.variants.split(",")]
-    for name, data in datasets().items():
+    for name, data in ({} if args.report_only else datasets()).items():
         if args.datasets and name not in args.datasets.split(","):
             continue
         b = budget(data)
@@ -155,8 +157,9 @@ def main() -> None:
                 tmp = results_path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(results, indent=1))
                 tmp.replace(results_path)  # after every run: a kill loses at most the run in progress
-    (RESULTS / "suite.md").write_text(report(results, img))
-    print(f"wrote {RESULTS / 'suite.md'}")
+    out = RESULTS / f"suite-{img}px.md"
+    out.write_text(report(results, img))
+    print(f"wrote {out}")
 
 
 def wait_while_paused() -> None:
