@@ -78,7 +78,9 @@ def summary_tables(records: Sequence[dict], img: int, evidence: dict[str, dict] 
     lines = [f"# Transfer suite ({img} px)", "",
              "Written by `bench/suite.py` from `bench/results/suite.json`. Best val accuracy is the mean ± std over "
              "seeds; wall time is the whole process (start-up, data, probe); *to fastai* is the time until the "
-             "run first reaches fastai `fine_tune`'s final accuracy on that dataset.", ""]
+             "run first reaches fastai `fine_tune`'s final accuracy on that dataset.", "",
+             f"{len(records)} runs recorded, over {len(data)} datasets ({', '.join(sorted(data))}); a dataset's "
+             "row means cover the seeds recorded for it.", ""]
     means: dict[str, dict[str, float]] = {}
     for name, by_var in sorted(data.items()):
         fastai = by_var.get("fastai")
