@@ -57,10 +57,9 @@ def free_disk(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def placement(per_image_bytes: int, images: int, views: int) -> str | None:
-    """Where ``views`` train copies plus the validation set of activations go: ``"ram"`` within
-    the RAM budget, else ``"disk"`` (memory-mapped) within half the free disk, else None."""
-    need = per_image_bytes * images * (views + 1)
+def placement(need: int) -> str | None:
+    """Where ``need`` bytes of activations go: ``"ram"`` within the RAM budget, else ``"disk"``
+    (memory-mapped) within half the free disk, else None."""
     if need < RAM_BUDGET * total_ram():
         return "ram"
     if need < DISK_BUDGET * free_disk(spill_dir()):
@@ -117,9 +116,9 @@ def _plan_cut(model: nn.Module, groups: Sequence[LayerGroup], k: int, x: torch.T
         say(f"feature cache: {frozen}'s output cannot be replayed into this model's forward pass "
             "(checked on one batch); every epoch runs the frozen groups")
         return None
-    per_image = boundary_outputs(model, replay.boundary, x)[0].numel() * 4
-    where = placement(per_image, images, views)
-    size = f"{frozen}'s outputs for {images} images x {views} view(s) + val ({per_image * images * (views + 1) / 2**30:.1f} GiB)"
+    need = boundary_outputs(model, replay.boundary, x[:1]).numel() * 4 * images * (views + 1)  # + val: about one view
+    where = placement(need)
+    size = f"{frozen}'s outputs for {images} images x {views} view(s) + val ({need / 2**30:.1f} GiB)"
     if where is None:
         say(f"feature cache: {size} fit neither a quarter of the RAM nor half the free disk of {spill_dir()}; "
             "every epoch runs the frozen groups")
