@@ -44,6 +44,9 @@ class LinearHead:
     def logits(self, x: np.ndarray) -> np.ndarray:
         return x @ self.weight.T + self.bias
 
+    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.mean(self.logits(x).argmax(1) == y))
+
 
 @dataclass(frozen=True)
 class ProbeResult:
@@ -115,7 +118,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int, *, seed: int = 0, 
 def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray) -> float:
     """Validation accuracy of :func:`fit_probe`'s classifier."""
     head = fit_probe(train_x, train_y, int(max(train_y.max(), val_y.max())) + 1)
-    return float(np.mean(head.logits(val_x).argmax(1) == val_y))
+    return head.accuracy(val_x, val_y)
 
 
 def _capped(ds: Dataset, max_images: int, seed: int) -> Dataset:
@@ -156,12 +159,12 @@ def linear_probe(model: nn.Module, head: nn.Module, train: DataLoader, val: Data
         num_classes = head.out_features
     fitted = fit_probe(tx.flatten(1).double().numpy(), ty.numpy(), num_classes, seed=seed)
     train_x, val_x = tx.flatten(1).double().numpy(), vx.flatten(1).double().numpy()
-    acc = float(np.mean(fitted.logits(val_x).argmax(1) == vy.numpy()))
+    acc = fitted.accuracy(val_x, vy.numpy())
     chance = float(torch.bincount(vy).max() / len(vy))
     earlier_acc = None
     if early_train and early_val and sum(map(len, early_train)) == len(ty) and sum(map(len, early_val)) == len(vy):
         early = fit_probe(torch.cat(early_train).double().numpy(), ty.numpy(), num_classes, seed=seed)
-        earlier_acc = float(np.mean(early.logits(torch.cat(early_val).double().numpy()).argmax(1) == vy.numpy()))
+        earlier_acc = early.accuracy(torch.cat(early_val).double().numpy(), vy.numpy())
     return ProbeResult(acc, chance, len(ty), time.perf_counter() - tic, fitted,
                        knn_acc=knn_accuracy(train_x, ty.numpy(), val_x, vy.numpy()), hscore=h_score(train_x, ty.numpy()),
                        bn_shift=shift.value(), earlier_acc=earlier_acc)
