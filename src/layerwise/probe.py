@@ -163,7 +163,8 @@ def linear_probe(model: nn.Module, head: nn.Module, train: DataLoader, val: Data
     chance = float(torch.bincount(vy).max() / len(vy))
     earlier_acc = None
     if early_train and early_val and sum(map(len, early_train)) == len(ty) and sum(map(len, early_val)) == len(vy):
-        early = fit_probe(torch.cat(early_train).double().numpy(), ty.numpy(), num_classes, seed=seed)
+        # at the last depth's C: one fit instead of a search, so the second depth costs little
+        early = fit_probe(torch.cat(early_train).double().numpy(), ty.numpy(), num_classes, cs=(fitted.c,))
         earlier_acc = early.accuracy(torch.cat(early_val).double().numpy(), vy.numpy())
     return ProbeResult(acc, chance, len(ty), time.perf_counter() - tic, fitted,
                        knn_acc=knn_accuracy(train_x, ty.numpy(), val_x, vy.numpy()), hscore=h_score(train_x, ty.numpy()),
