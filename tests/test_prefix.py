@@ -103,3 +103,7 @@ def test_spill_tensor_keeps_its_values_without_a_file(tmp_path):
     t = spill_tensor((3, 4), tmp_path)
     t[:] = torch.arange(12.0).view(3, 4)
     assert not list(tmp_path.iterdir()) and t[2, 3] == 11.0 and t[[0, 2]].shape == (2, 4)
+
+
+def test_free_disk_reads_the_nearest_existing_folder(tmp_path):
+    assert features.free_disk(tmp_path / "not" / "yet") == features.free_disk(tmp_path) > 0
