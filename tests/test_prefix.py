@@ -105,5 +105,9 @@ def test_spill_tensor_keeps_its_values_without_a_file(tmp_path):
     assert not list(tmp_path.iterdir()) and t[2, 3] == 11.0 and t[[0, 2]].shape == (2, 4)
 
 
-def test_free_disk_reads_the_nearest_existing_folder(tmp_path):
-    assert features.free_disk(tmp_path / "not" / "yet") == features.free_disk(tmp_path) > 0
+def test_free_disk_reads_the_nearest_existing_folder(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    seen = []
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda p: (seen.append(p), SimpleNamespace(free=7))[1])
+    assert features.free_disk(tmp_path / "not" / "yet") == 7 and seen == [tmp_path]
