@@ -123,11 +123,44 @@ def _fmt(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _verdict(d: str, m: dict[str, float], gap: float | None, probe: float | None,
+             runs: dict[str, list[dict]]) -> dict:
+    """Issue 11's per-dataset checks: within a point of the best fixed strategy, at or above
+    fastai and reaching fastai's final accuracy within fastai's wall time, at or above the probe."""
+    fastai = runs.get("fastai")
+    in_time = None
+    if fastai:
+        target = statistics.fmean(r["curve"][-1][1] for r in fastai)
+        hits = [time_to(r["curve"], target) for r in runs["auto"]]
+        in_time = None not in hits and statistics.fmean(hits) <= statistics.fmean(r["wall"] for r in fastai)
+    return {"dataset": d, "near_best": gap is not None and gap >= -0.01,
+            "over_fastai": None if "fastai" not in m else m["auto"] >= m["fastai"] and bool(in_time),
+            "over_probe": None if probe is None else m["auto"] >= probe}
+
+
+def _tally(verdicts: list[dict], means: dict[str, dict[str, float]]) -> list[str]:
+    def line(key: str, what: str) -> str:
+        judged = [v for v in verdicts if v[key] is not None]
+        misses = [v["dataset"] for v in judged if not v[key]]
+        return f"- {what}: {len(judged) - len(misses)} of {len(judged)}" + (f" (not: {', '.join(misses)})" if misses else "")
+
+    out = [line("near_best", "auto within 1 point of the best fixed strategy"),
+           line("over_fastai", "auto at or above fastai, reaching fastai's final accuracy within fastai's wall time"),
+           line("over_probe", "auto at or above its own probe")]
+    common = [d for d in means if "auto" in means[d]]
+    fixed = set.intersection(*({v for v in means[d] if v not in FIXED_EXCLUDED} for d in common)) if common else set()
+    if fixed:
+        top = max(fixed, key=lambda v: statistics.fmean(means[d][v] for d in common))
+        out.append(f"- mean over these datasets: auto {statistics.fmean(means[d]['auto'] for d in common):.3f}, "
+                   f"the best fixed strategy ({top}) {statistics.fmean(means[d][top] for d in common):.3f}")
+    return out
+
+
 def auto_checks(means: dict[str, dict[str, float]], data: dict[str, dict[str, list[dict]]],
                 evidence: dict[str, dict]) -> list[str]:
     """auto against the best fixed strategy, fastai and its own probe, per dataset; then the
     rule auto would use if chosen by leaving each dataset out."""
-    rows, fixed_acc = [], {}
+    rows, fixed_acc, verdicts = [], {}, []
     for d, m in sorted(means.items()):
         if "auto" not in m:
             continue
@@ -138,6 +171,7 @@ def auto_checks(means: dict[str, dict[str, float]], data: dict[str, dict[str, li
         probe = statistics.fmean(r["probe_acc"] for r in data[d]["auto"] if "probe_acc" in r) \
             if any("probe_acc" in r for r in data[d]["auto"]) else None
         gap = m["auto"] - fixed[best] if best else None
+        verdicts.append(_verdict(d, m, gap, probe, data[d]))
         rows.append(f"| {d} | {auto.get('chosen', 'auto')} | {m['auto']:.3f} | "
                     f"{best or '-'} {_fmt(fixed.get(best), '.3f')} | {_fmt(gap, '+.3f')} | "
                     f"{_fmt(m.get('fastai'), '.3f')} | {_fmt(probe, '.3f')} |")
@@ -145,7 +179,7 @@ def auto_checks(means: dict[str, dict[str, float]], data: dict[str, dict[str, li
         return []
     out = ["", "## auto against the best fixed strategy, fastai and its own probe", "",
            "| dataset | auto chose | auto | best fixed | auto − best fixed | fastai | probe |",
-           "|---|---|---:|---:|---:|---:|---:|", *rows]
+           "|---|---|---:|---:|---:|---:|---:|", *rows, "", *_tally(verdicts, means)]
     strategies = sorted(set.intersection(*(set(f) for f in fixed_acc.values())))
     for key, label in EVIDENCE.items():
         values = {d: data[d]["auto"][0].get(key, evidence.get(d, {}).get(key)) for d in fixed_acc}

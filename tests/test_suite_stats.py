@@ -44,3 +44,8 @@ def test_summary_table_ranks_and_time_to_fastai():
     assert "| auto → lp-ft (skill 0.80, probe 0.850) | 0.900 ± 0.000 | 10 | 5 |" in text
     assert "| head | 0.700 ± 0.000 | 10 | never |" in text
     assert "| auto | 1.50 | 0.750 |" in text and "| fastai | 1.50 | 0.725 |" in text
+    # the checks, counted: y's auto is below fastai and never reaches its final accuracy
+    assert "- auto within 1 point of the best fixed strategy: 2 of 2" in text
+    assert "- auto at or above fastai, reaching fastai's final accuracy within fastai's wall time: 1 of 2 (not: y)" in text
+    assert "- auto at or above its own probe: 2 of 2" in text
+    assert "- mean over these datasets: auto 0.750, the best fixed strategy (head) 0.600" in text
