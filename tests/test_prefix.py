@@ -75,8 +75,9 @@ def assert_same_run(cached_run, plain_run):
 
 def test_gradual_with_the_prefix_cache_equals_the_run_without(data, plain_run, tmp_path, capsys):
     assert main(["fit", str(data), *GRADUAL, "--out", str(tmp_path / "cached")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "the groups after the frozen prefix train on cached inputs" in out and "memory-mapped" not in out
+    assert "feature cache: train view 1/1" in err and "feature cache: val" in err  # its progress bars
     assert_same_run(tmp_path / "cached", plain_run)
 
 

@@ -27,7 +27,7 @@ from layerwise.hardware import Amp, to_device
 from layerwise.loaders import ordered_loader
 from layerwise.plan import Plan
 from layerwise.prefix import boundary_outputs, plan_replay
-from layerwise.progress import say
+from layerwise.progress import bar, say
 from layerwise.rng import epoch_seed, seed_everything
 
 
@@ -149,13 +149,16 @@ class FeatureStore:
         def into(rows: int) -> Callable[[Sequence[int]], torch.Tensor] | None:
             return (lambda shape: spill_tensor((rows, *shape), spill_dir())) if cut.spill else None
 
+        def shown(loader: DataLoader, what: str) -> Iterator:
+            return bar(loader, f"feature cache: {what}", enabled=not cfg.quiet, total=len(loader), unit="batch")
+
         for k in range(views):
             seed_everything(epoch_seed(cfg.seed, 10_000 + k))  # view k's augmentation, reproducibly
-            f, labels = captured(model, cut.module, ordered, device, amp.autocast, prep, output=cut.output,
-                                 into=into(len(train)))  # type: ignore[arg-type]
+            f, labels = captured(model, cut.module, shown(ordered, f"train view {k + 1}/{views}"), device, amp.autocast,
+                                 prep, output=cut.output, into=into(len(train)))  # type: ignore[arg-type]
             feats.append(f)
-        val_feats, val_labels = captured(model, cut.module, val, device, amp.autocast, prep, output=cut.output,
-                                         into=into(len(val.dataset)))  # type: ignore[arg-type]
+        val_feats, val_labels = captured(model, cut.module, shown(val, "val"), device, amp.autocast, prep,
+                                         output=cut.output, into=into(len(val.dataset)))  # type: ignore[arg-type]
         what = "the head" if cut.key == "head" else "the groups after the frozen prefix"
         say(f"feature cache: frozen part run once over {len(labels)} x {views} train + {len(val_labels)} val images "
             f"in {time.perf_counter() - tic:.1f}s; {what} train on cached inputs")
