@@ -112,3 +112,18 @@ def test_free_disk_reads_the_nearest_existing_folder(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(features.shutil, "disk_usage", lambda p: (seen.append(p), SimpleNamespace(free=7))[1])
     assert features.free_disk(tmp_path / "not" / "yet") == 7 and seen == [tmp_path]
+
+
+def test_a_spill_file_the_disk_cannot_hold_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from layerwise.errors import LayerwiseError
+
+    def full(*_a):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(LayerwiseError, match="no room for the feature cache's .* --feature-cache off"):
+        spill_tensor((1000, 4), tmp_path)
+    assert not list(tmp_path.iterdir())

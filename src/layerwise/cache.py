@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ from torchvision.transforms import v2
 
 from layerwise.augment import CROP_PCT
 from layerwise.data import ImageDataset, Item
+from layerwise.errors import LayerwiseError
 from layerwise.progress import bar
 
 CACHE_MODES = ("auto", "ram", "disk", "off")
@@ -154,13 +156,23 @@ def head_features(model: nn.Module, head: nn.Module, loader: Iterable[tuple[torc
 def spill_tensor(shape: Sequence[int], folder: Path) -> torch.Tensor:
     """A float32 tensor in a memory-mapped file of ``folder``, for activations larger than the
     RAM budget. The file is unlinked at once: the mapping keeps it alive, and its disk space
-    comes back when the tensor is freed, even if the process is killed."""
+    comes back when the tensor is freed, even if the process is killed. Its blocks are reserved
+    first: a full disk is then an error here, not a SIGBUS on a later write to the mapping."""
     folder.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=folder, prefix="activations-", suffix=".f32")
-    os.close(fd)
+    reserve = getattr(os, "posix_fallocate", None)  # not on macOS: there the file grows as it is written
     try:
+        try:
+            if reserve is not None:
+                reserve(fd, 0, 4 * math.prod(shape))
+        except OSError as e:  # a file system that cannot reserve (EOPNOTSUPP, EINVAL) maps it unreserved
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise LayerwiseError(f"no room for the feature cache's {4 * math.prod(shape) / 2**30:.1f} GiB in "
+                                     f"{folder} ({e.strerror}); free space there, point XDG_CACHE_HOME elsewhere, or "
+                                     "run with --feature-cache off") from e
         flat = torch.from_file(name, shared=True, size=math.prod(shape), dtype=torch.float32)
     finally:
+        os.close(fd)
         os.unlink(name)
     return flat.view(*shape)
 
