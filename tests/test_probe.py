@@ -253,6 +253,11 @@ def test_pooled_outputs_average_positions_and_leave_no_hook():
     with pooled_outputs(None) as none:
         conv(x)
     assert none == []
+    tokens = torch.nn.Linear(5, 6)  # a transformer block's (batch, tokens, width) output: the mean over tokens
+    t = torch.randn(2, 7, 5)
+    with pooled_outputs(tokens) as got:
+        tokens(t)
+    assert got[0].shape == (2, 6) and torch.allclose(got[0], tokens(t).mean(1), atol=1e-6)
 
 
 def test_the_earlier_probe_sees_features_that_separate_what_the_last_cannot(data):
