@@ -73,14 +73,21 @@ def loo_threshold_rule(acc: dict[str, dict[str, float]], evidence: dict[str, flo
 
 
 def summary_tables(records: Sequence[dict], img: int, evidence: dict[str, dict] | None = None) -> str:
-    """``evidence``: dataset -> measured evidence (bench/evidence.py), next to what auto's runs recorded."""
+    """``evidence``: dataset -> measured evidence (bench/evidence.py), next to what auto's runs
+    recorded. A dataset with fewer runs than the most complete one is still running: it is
+    named, and left out of every table (its best fixed strategy would be among the few done)."""
+    count = {d: sum(map(len, v.values())) for d, v in by_dataset(records).items()}
+    running = {d: n for d, n in count.items() if n < max(count.values())}
+    records = [r for r in records if r["dataset"] not in running]
     data = by_dataset(records)
     lines = [f"# Transfer suite ({img} px)", "",
              "Written by `bench/suite.py` from `bench/results/suite.json`. Best val accuracy is the mean ± std over "
              "seeds; wall time is the whole process (start-up, data, probe); *to fastai* is the time until the "
              "run first reaches fastai `fine_tune`'s final accuracy on that dataset.", "",
              f"{len(records)} runs recorded, over {len(data)} datasets ({', '.join(sorted(data))}); a dataset's "
-             "row means cover the seeds recorded for it.", ""]
+             "row means cover the seeds recorded for it."
+             + (" Still running, left out: " + ", ".join(f"{d} ({n} runs)" for d, n in sorted(running.items())) + "."
+                if running else ""), ""]
     means: dict[str, dict[str, float]] = {}
     for name, by_var in sorted(data.items()):
         fastai = by_var.get("fastai")

@@ -49,3 +49,12 @@ def test_summary_table_ranks_and_time_to_fastai():
     assert "- auto at or above fastai, reaching fastai's final accuracy within fastai's wall time: 1 of 2 (not: y)" in text
     assert "- auto at or above its own probe: 2 of 2" in text
     assert "- mean over these datasets: auto 0.750, the best fixed strategy (head) 0.600" in text
+
+
+def test_a_dataset_still_running_is_named_and_left_out():
+    def rec(d, v, best):
+        return {"dataset": d, "variant": v, "seed": 0, "img": 112, "epochs": 4, "batch": 32, "best": best,
+                "wall": 10.0, "curve": [[10.0, best]]}
+
+    text = summary_tables([rec("x", "head", 0.7), rec("x", "full", 0.8), rec("z", "head", 0.9)], 112)
+    assert "Still running, left out: z (1 runs)." in text and "## z" not in text and "## x" in text
