@@ -36,6 +36,12 @@ def ranks(scores: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def fastai_final(runs: dict[str, list[dict]]) -> float | None:
+    """fastai ``fine_tune``'s final val accuracy on a dataset (mean over seeds): the bar to reach."""
+    fastai = runs.get("fastai")
+    return statistics.fmean(r["curve"][-1][1] for r in fastai) if fastai else None
+
+
 def time_to(curve: Sequence[Sequence[float]], target: float) -> float | None:
     """Seconds until a run's val accuracy first reaches ``target`` (None: never)."""
     return next((t for t, acc in curve if acc >= target), None)
@@ -76,22 +82,21 @@ def summary_tables(records: Sequence[dict], img: int, evidence: dict[str, dict] 
     """``evidence``: dataset -> measured evidence (bench/evidence.py), next to what auto's runs
     recorded. A dataset with fewer runs than the most complete one is still running: it is
     named, and left out of every table (its best fixed strategy would be among the few done)."""
-    count = {d: sum(map(len, v.values())) for d, v in by_dataset(records).items()}
-    running = {d: n for d, n in count.items() if n < max(count.values())}
-    records = [r for r in records if r["dataset"] not in running]
-    data = by_dataset(records)
+    everything = by_dataset(records)
+    count = {d: sum(map(len, v.values())) for d, v in everything.items()}
+    running = {d: n for d, n in count.items() if n < max(count.values(), default=0)}
+    data = {d: v for d, v in everything.items() if d not in running}
     lines = [f"# Transfer suite ({img} px)", "",
              "Written by `bench/suite.py` from `bench/results/suite.json`. Best val accuracy is the mean ± std over "
              "seeds; wall time is the whole process (start-up, data, probe); *to fastai* is the time until the "
              "run first reaches fastai `fine_tune`'s final accuracy on that dataset.", "",
-             f"{len(records)} runs recorded, over {len(data)} datasets ({', '.join(sorted(data))}); a dataset's "
+             f"{sum(count[d] for d in data)} runs recorded, over {len(data)} datasets ({', '.join(sorted(data))}); a dataset's "
              "row means cover the seeds recorded for it."
              + (" Still running, left out: " + ", ".join(f"{d} ({n} runs)" for d, n in sorted(running.items())) + "."
                 if running else ""), ""]
     means: dict[str, dict[str, float]] = {}
     for name, by_var in sorted(data.items()):
-        fastai = by_var.get("fastai")
-        target = statistics.fmean(r["curve"][-1][1] for r in fastai) if fastai else None
+        target = fastai_final(by_var)
         r0 = next(iter(by_var.values()))[0]
         lines += [f"## {name}", "", f"{r0['epochs']} epochs at batch {r0['batch']} for every tool."
                   + (f" fastai's final accuracy: {target:.3f}." if target is not None else ""), "",
@@ -134,12 +139,10 @@ def _verdict(d: str, m: dict[str, float], gap: float | None, probe: float | None
              runs: dict[str, list[dict]]) -> dict:
     """Issue 11's per-dataset checks: within a point of the best fixed strategy, at or above
     fastai and reaching fastai's final accuracy within fastai's wall time, at or above the probe."""
-    fastai = runs.get("fastai")
-    in_time = None
-    if fastai:
-        target = statistics.fmean(r["curve"][-1][1] for r in fastai)
+    target, in_time = fastai_final(runs), None
+    if target is not None:
         hits = [time_to(r["curve"], target) for r in runs["auto"]]
-        in_time = None not in hits and statistics.fmean(hits) <= statistics.fmean(r["wall"] for r in fastai)
+        in_time = None not in hits and statistics.fmean(hits) <= statistics.fmean(r["wall"] for r in runs["fastai"])
     return {"dataset": d, "near_best": gap is not None and gap >= -0.01,
             "over_fastai": None if "fastai" not in m else m["auto"] >= m["fastai"] and bool(in_time),
             "over_probe": None if probe is None else m["auto"] >= probe}
