@@ -76,7 +76,7 @@ def main() -> None:
              "2,000) through the eval transform. The shift is the mean over BatchNorm layers of the mean over channels "
              "of |batch mean − running mean| in running standard deviations (`layerwise/shift.py`). auto trains every "
              f"group on batch statistics (`full`) at a shift ≥ {AUTO_FAR}. *Winner* is the better of `full` and "
-             "`discriminative+bn-eval` in `suite-96px.md`.", "",
+             "`discriminative+bn-eval` in `suite-quick.md`.", "",
              "| dataset | " + " | ".join(f"{s} px" for s in sizes) + " | winner at 96 px |",
              "|---|" + "---:|" * len(sizes) + "---|"]
     for name in sorted(table, key=lambda n: table[n][sizes[0]] or 0):

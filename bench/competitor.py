@@ -4,10 +4,16 @@ process, so bench/speed.py and bench/suite.py drive every tool alike."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +41,19 @@ def run_child(cmd: list[str]) -> tuple[str, float, float]:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
     return out, time.perf_counter() - tic, usage.ru_maxrss / 1024
+
+
+def with_load(run: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> tuple[T, list[float]]:
+    """run(*args, **kwargs)'s result and the 1-minute load average before and after it: the
+    machine is shared, so every benchmark records how busy it was."""
+    before = os.getloadavg()[0]
+    out = run(*args, **kwargs)
+    return out, [before, os.getloadavg()[0]]
+
+
+def save_json(path: Path, obj: object) -> None:
+    """Write through a temporary file: a benchmark saves after every run, and a kill then loses
+    at most the run in progress, never the file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)

@@ -2,7 +2,7 @@
 the linear probe's skill on the head's input, the same probe on the stage before the last
 (Head2Toe-style), the BatchNorm shift, 10-NN accuracy and the H-score.
 
-    .venv/bin/python bench/evidence.py --img-size 96     # then bench/suite.py --report-only --img-size 96 rewrites suite-96px.md with it
+    .venv/bin/python bench/evidence.py --img-size 96     # then bench/suite.py --report-only --quick rewrites suite-quick.md with it
 
 Writes bench/results/evidence.json ({img size: {dataset: evidence}}); bench/suite.py's report
 runs the leave-one-dataset-out threshold choice on each piece of evidence, including

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
-from competitor import ROOT, run_child  # bench/ is on the path: these run as scripts
+from competitor import ROOT, run_child, save_json, with_load  # bench/ is on the path: these run as scripts
 from suite_stats import time_to
+
+from layerwise.resolution import snap
 
 SUITE = ROOT.parent / "shared" / "data" / "suite"
 RESULTS = ROOT / "bench" / "results"
@@ -46,7 +47,7 @@ def run_variant(variant: str, data: Path, args: argparse.Namespace, seed: int) -
     else:
         run = ROOT / "runs" / "realsize" / data.name / f"{variant}-seed{seed}"
         extra = {"auto+progressive": ["--progressive"],
-                 "auto+fixres": ["--train-size", str(int(args.img_size * FIXRES) // 16 * 16)]}.get(variant, [])
+                 "auto+fixres": ["--train-size", str(snap(args.img_size * FIXRES))]}.get(variant, [])
         _, wall, _ = run_child([sys.executable, "-m", "layerwise", "fit", str(data), "--model", "efficientnet_lite0",
                                 "--strategy", "auto", *common, *extra, "--workers", "1", "--quiet", "--out", str(run),
                                 "--overwrite"])
@@ -132,16 +133,13 @@ def main() -> None:
                 key = f"{name}|{v}|{args.img_size}|{args.epochs}|{seed}"
                 if key in results:
                     continue
-                before = os.getloadavg()[0]
-                rec = run_variant(v, data, args, seed)
+                rec, load = with_load(run_variant, v, data, args, seed)
                 results[key] = rec | {"dataset": name, "variant": v, "img": args.img_size, "epochs": args.epochs,
-                                      "batch": args.batch_size, "seed": seed, "load": [before, os.getloadavg()[0]]}
+                                      "batch": args.batch_size, "seed": seed, "load": load}
                 best = max(a for _, a in rec["curve"])
                 print(f"{name} {v:<18} seed {seed}: best {best:.3f}  {rec['wall']:.0f}s  "
                       f"{rec['images_per_second'] or 0:.1f} img/s", flush=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(results, indent=1))
-                tmp.replace(path)
+                save_json(path, results)
     (RESULTS / "realsize.md").write_text(report(results, args.img_size))
     print(f"wrote {RESULTS / 'realsize.md'}")
 

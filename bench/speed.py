@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
-from competitor import run_child  # bench/ is on the path: these run as scripts
+from competitor import run_child, with_load  # bench/ is on the path: these run as scripts
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
@@ -35,9 +34,8 @@ COMPETITOR_STRATEGY = {"auto": "full"}
 
 def child(cmd: list[str]) -> tuple[str, dict]:
     """run_child, with the 1-minute load average before and after: the machine is shared."""
-    before = os.getloadavg()[0]
-    out, wall, rss = run_child(cmd)
-    return out, {"wall": wall, "rss": rss, "load": (before, os.getloadavg()[0])}
+    (out, wall, rss), load = with_load(run_child, cmd)
+    return out, {"wall": wall, "rss": rss, "load": load}
 
 
 def plain(args: argparse.Namespace, strategy: str, seed: int = 0) -> dict:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
+
+from competitor import with_load  # bench/ is on the path: this runs as a script
 
 from layerwise.checkpoint import read_jsonl
 from layerwise.config import RunConfig
@@ -44,8 +45,8 @@ def main() -> None:
             run = Path(args.out) / f"{name}-{bn}"
             cfg = RunConfig(data=args.data, strategy=name, epochs=args.epochs, img_size=args.img_size, bn=bn,
                             augment=args.augment, precision=args.precision, out=str(run), quiet=True, seed=0)
-            tic, before = time.perf_counter(), os.getloadavg()[0]
-            fit(cfg, overwrite=True)  # a benchmark re-measures: replace the last run
+            tic = time.perf_counter()
+            _, load = with_load(fit, cfg, overwrite=True)  # a benchmark re-measures: replace the last run
             wall = time.perf_counter() - tic
             m = read_jsonl(run / "metrics.jsonl")
             plan = json.loads((run / "plan.json").read_text())
@@ -53,7 +54,7 @@ def main() -> None:
             rows.append({"strategy": plan["strategy"], "bn": bn, "best_val_acc": best["val_acc"],
                          "best_epoch": best["epoch"], "final_val_acc": m[-1]["val_acc"], "wall_s": wall,
                          "train_img_s": statistics.fmean(r["images_per_second"] for r in m if r["epoch"] >= 0),
-                         "load": f"{before:.1f}→{os.getloadavg()[0]:.1f}"})
+                         "load": "{:.1f}→{:.1f}".format(*load)})
     head = (f"cifar10-mini (1,000 train / 500 val), efficientnet_lite0 (offline ImageNet weights), "
             f"{args.img_size} px, {args.epochs} epochs, augment {args.augment}, {args.precision}, seed 0; load: the "
             "1-minute load average before → after the run")

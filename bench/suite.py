@@ -12,21 +12,21 @@ process, so wall time includes start-up, data set-up and auto's probe.
     .venv/bin/python bench/suite.py --seeds 0,1 --img-size 112   # the full suite, over several sittings
 
 Every finished run is recorded in bench/results/suite.json at once, so an interrupted suite
-resumes where it stopped. bench/results/suite-<size>px.md is rewritten from all recorded runs
-at that size (``--report-only`` rewrites it without running anything).
+resumes where it stopped. The report, bench/results/suite.md (suite-quick.md with --quick), is
+rewritten from all recorded runs at the suite's image size (``--report-only`` rewrites it
+without running anything).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from competitor import ROOT, run_child  # bench/ is on the path: these run as scripts
+from competitor import ROOT, run_child, save_json, with_load  # bench/ is on the path: these run as scripts
 
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "bench" / "results"
@@ -113,6 +113,13 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
     return rec
 
 
+def run_variant(name: str, data: Path, variant: str, seed: int, img: int, b: tuple) -> dict:
+    """One run of the suite: a competitor's script or a layerwise variant."""
+    if variant in ("plain", "fastai"):
+        return run_competitor("plain_loop.py" if variant == "plain" else "fastai_loop.py", data, seed, img, b)
+    return run_layerwise(name, data, variant, seed, img, b)
+
+
 def run_competitor(script: str, data: Path, seed: int, img: int, b: tuple) -> dict:
     epochs, batch, _, _ = b
     out, wall, _ = run_child([sys.executable, f"bench/{script}", str(data), "--strategy", "full", "--epochs",
@@ -147,17 +154,13 @@ def main() -> None:
                 if key in results:
                     continue
                 wait_while_paused()
-                before = os.getloadavg()[0]
-                rec = (run_competitor("plain_loop.py" if v == "plain" else "fastai_loop.py", data, seed, img, b)
-                       if v in ("plain", "fastai") else run_layerwise(name, data, v, seed, img, b))
+                rec, load = with_load(run_variant, name, data, v, seed, img, b)
                 results[key] = rec | {"dataset": name, "variant": v, "img": img, "seed": seed, "epochs": b[0],
                                       "batch": b[1], "best": max(a for _, a in rec["curve"]),
-                                      "load": [before, os.getloadavg()[0]]}
+                                      "load": load}
                 print(f"  {v:<22} seed {seed}: best {results[key]['best']:.3f}  {rec['wall']:.0f}s", flush=True)
-                tmp = results_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(results, indent=1))
-                tmp.replace(results_path)  # after every run: a kill loses at most the run in progress
-    out = RESULTS / f"suite-{img}px.md"
+                save_json(results_path, results)
+    out = RESULTS / ("suite-quick.md" if args.quick else "suite.md")
     out.write_text(report(results, img))
     print(f"wrote {out}")
 

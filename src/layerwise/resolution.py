@@ -16,13 +16,14 @@ SIZE_STEP = 16  # sides are multiples of this: the stride of most stems, and fas
 MIN_SIDE = 32  # below this, early layers' feature maps vanish
 
 
-def _snap(side: float) -> int:
+def snap(side: float) -> int:
+    """``side`` rounded down onto the size grid (multiples of ``SIZE_STEP``, at least ``MIN_SIDE``)."""
     return max(MIN_SIDE, int(side // SIZE_STEP) * SIZE_STEP)
 
 
 def default_start(final: int) -> int:
     """``PROGRESSIVE_START`` of ``final``, on the size grid, never above ``final``."""
-    return min(final, _snap(final * PROGRESSIVE_START))
+    return min(final, snap(final * PROGRESSIVE_START))
 
 
 def train_sizes(epochs: int, final: int, *, progressive: bool = False, start: int | None = None) -> tuple[int, ...]:
@@ -34,7 +35,7 @@ def train_sizes(epochs: int, final: int, *, progressive: bool = False, start: in
     first = default_start(final) if start is None else min(start, final)
     hold = max(1, math.ceil(epochs / 8))
     ramp = epochs - hold
-    return tuple(min(final, _snap(first + (final - first) * e / ramp)) for e in range(ramp)) + (final,) * hold
+    return tuple(min(final, snap(first + (final - first) * e / ramp)) for e in range(ramp)) + (final,) * hold
 
 
 def describe(sizes: tuple[int, ...], eval_size: int) -> str:

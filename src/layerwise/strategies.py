@@ -202,7 +202,7 @@ AUTO_CLOSE = 0.9  # probe skill at or above which the pretrained features alread
 # to 0.64 and discriminative from 0.44 to 0.68 (bench/results/strategies.md).
 AUTO_SETTINGS = MappingProxyType({"bn": "eval"})
 # BatchNorm shift (shift.py) at or above which the images are far from the pretraining data.
-# On the transfer suite (bench/results/suite-96px.md) at 96 and 128 px, the four datasets where
+# On the transfer suite (bench/results/suite-quick.md) at 96 and 128 px, the four datasets where
 # full fine-tuning on batch statistics won or tied (traffic signs, blood cells, grayscale
 # clothing, digits) measured 0.31-0.44 and the four where the pretrained statistics won
 # (objects, flowers, textures, CIFAR photos) 0.17-0.28; each left-out dataset falls on its
