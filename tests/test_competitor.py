@@ -1,0 +1,34 @@
+"""The benchmarks' shared helpers (bench/competitor.py): the load record and atomic saves."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from competitor import save_json, with_load  # noqa: E402
+
+
+def test_with_load_passes_arguments_and_returns_the_load_before_and_after():
+    out, load = with_load(lambda a, *, b: a + b, 2, b=3)
+    assert out == 5
+    assert len(load) == 2 and all(x >= 0 for x in load)
+
+
+def test_save_json_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "results.json"
+    save_json(path, {"a": 1})
+    save_json(path, {"a": 2, "b": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": 2, "b": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_save_json_that_fails_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "results.json"
+    save_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        save_json(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
