@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from layerwise.errors import LayerwiseError, UnknownNameError
 from layerwise.strategies import (
     AUTO_FAR,
+    AUTO_NEAR,
     RECIPE_SETTINGS,
     STRATEGIES,
     StrategyOptions,
@@ -152,6 +153,14 @@ def test_auto_trains_everything_on_batch_statistics_when_the_data_is_far(skill, 
     assert s.trains_from_probe == (expected == "lp-ft")  # only lp-ft's gentle fine-tune starts from the probe
     if expected == "full":
         assert all(g.trainable and g.lr_mult == 1 for g in s.states(0).values())
+
+
+@pytest.mark.parametrize("shift,other", [(0.308, "--strategy discriminative --bn eval"), (0.28, "--strategy full")])
+def test_auto_says_when_the_shift_is_a_near_call_and_names_the_other_side(shift, other):
+    _, reason = auto_choice(100, 10, 0.7, shift)
+    assert "near call" in reason and other in reason
+    _, clear = auto_choice(100, 10, 0.7, AUTO_FAR + 3 * AUTO_NEAR)
+    assert "near call" not in clear
 
 
 @given(st.one_of(st.none(), st.floats(0, 1e6)), st.one_of(st.none(), st.floats(-1, 1)),
