@@ -2,10 +2,11 @@
 behind auto's far-data threshold (layerwise.strategies.AUTO_FAR), measured the way the probe
 measures it (the training images, at most 2,000, through the eval transform, frozen model).
 
-    .venv/bin/python bench/bn_shift.py --sizes 96,128,224
+    .venv/bin/python bench/bn_shift.py --sizes 96,112,128,224 --suite-size 112
 
 Writes bench/results/bn_shift.md: per dataset and size, the shift, the side of the threshold
-it falls on, and which of full and discriminative+bn-eval won that dataset in the suite.
+it falls on, and which of full and discriminative+bn-eval won that dataset in the suite run at
+--suite-size (bench/results/suite.json).
 """
 
 from __future__ import annotations
@@ -42,13 +43,16 @@ def shift_of(data: Path, img_size: int) -> float | None:
     return meter.value()
 
 
-def winners() -> dict[str, str]:
-    """From the suite's records: full or discriminative+bn-eval, whichever scored higher (mean over seeds)."""
+def winners(img: int) -> dict[str, str]:
+    """From the suite's records at ``img`` px: full or discriminative+bn-eval, whichever scored
+    higher (mean over seeds)."""
     path = RESULTS / "suite.json"
     if not path.is_file():
         return {}
     acc: dict[tuple[str, str], list[float]] = {}
     for r in json.loads(path.read_text()).values():
+        if r["img"] != img:
+            continue  # suite.json holds every size the suite ran at
         acc.setdefault((r["dataset"], r["variant"]), []).append(r["best"])
     out = {}
     for d in {d for d, _ in acc}:
@@ -63,21 +67,22 @@ def main() -> None:
     from layerwise.strategies import AUTO_FAR
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="96,128,224")
+    p.add_argument("--sizes", default="96,112,128,224")
+    p.add_argument("--suite-size", type=int, default=112, help="the suite run whose winners are shown")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     table = {}
     for name, data in datasets().items():
         table[name] = {s: shift_of(data, s) for s in sizes}
         print(name, {s: round(v, 3) for s, v in table[name].items() if v is not None}, flush=True)
-    won = winners()
+    won = winners(args.suite_size)
     lines = ["# BatchNorm shift of the transfer suite", "",
              "Written by `bench/bn_shift.py`: EfficientNet-Lite0 (offline TF weights), the training images (at most "
              "2,000) through the eval transform. The shift is the mean over BatchNorm layers of the mean over channels "
              "of |batch mean − running mean| in running standard deviations (`layerwise/shift.py`). auto trains every "
              f"group on batch statistics (`full`) at a shift ≥ {AUTO_FAR}. *Winner* is the better of `full` and "
-             "`discriminative+bn-eval` in `suite-quick.md`.", "",
-             "| dataset | " + " | ".join(f"{s} px" for s in sizes) + " | winner at 96 px |",
+             f"`discriminative+bn-eval` in the suite at {args.suite_size} px (`bench/results/suite.json`).", "",
+             "| dataset | " + " | ".join(f"{s} px" for s in sizes) + f" | winner at {args.suite_size} px |",
              "|---|" + "---:|" * len(sizes) + "---|"]
     for name in sorted(table, key=lambda n: table[n][sizes[0]] or 0):
         cells = [f"{v:.3f}{' (far)' if v is not None and v >= AUTO_FAR else ''}" if v is not None else "-"
