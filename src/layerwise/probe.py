@@ -157,8 +157,8 @@ def linear_probe(model: nn.Module, head: nn.Module, train: DataLoader, val: Data
     num_classes = int(max(ty.max(), vy.max())) + 1
     if isinstance(head, nn.Linear):
         num_classes = head.out_features
-    fitted = fit_probe(tx.flatten(1).double().numpy(), ty.numpy(), num_classes, seed=seed)
     train_x, val_x = tx.flatten(1).double().numpy(), vx.flatten(1).double().numpy()
+    fitted = fit_probe(train_x, ty.numpy(), num_classes, seed=seed)
     acc = fitted.accuracy(val_x, vy.numpy())
     chance = float(torch.bincount(vy).max() / len(vy))
     earlier_acc = None
