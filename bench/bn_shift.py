@@ -34,7 +34,7 @@ def shift_of(data: Path, img_size: int) -> float | None:
     cfg = RunConfig(data=str(data), model="efficientnet_lite0", strategy="full", img_size=img_size, epochs=4,
                     batch_size=32, workers=1, quiet=True, precision="fp32", channels_last=False)
     t = build_trainer(cfg, Path(tempfile.mkdtemp(prefix="bn-shift-")))
-    ds = with_eval_transform(t.loaders.train.dataset, img_size, t.s.loaded.mean, t.s.loaded.std)
+    ds = with_eval_transform(t.loaders.train.dataset, img_size, t.loaded.mean, t.loaded.std)
     train, _ = probe_loaders(ds, ds, batch_size=32, workers=1, seed=0, max_images=PROBE_MAX_IMAGES)
     t.model.eval()
     with torch.no_grad(), measure_bn_shift(t.model) as meter:

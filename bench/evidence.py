@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from competitor import ROOT
@@ -25,14 +24,19 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def evidence_of(data: Path, img_size: int) -> dict:
-    from layerwise.autostart import run_probe
     from layerwise.config import RunConfig
-    from layerwise.engine import build_trainer
+    from layerwise.engine import prepare
+    from layerwise.evidence import ProbeInputs, run_probe
+    from layerwise.loaders import with_eval_transform
 
     cfg = RunConfig(data=str(data), model="efficientnet_lite0", strategy="auto", img_size=img_size, epochs=4,
                     batch_size=32, workers=1, quiet=True, precision="fp32", channels_last=False)
-    t = build_trainer(cfg, Path(tempfile.mkdtemp(prefix="evidence-")))
-    res, earlier = run_probe(t)
+    p = prepare(cfg)
+    c, loaded = p.resolved.config, p.model.loaded
+    data = ProbeInputs(with_eval_transform(p.loaders.train.dataset, c.img_size, loaded.mean, loaded.std),
+                       p.loaders.val.dataset, c.batch_size, p.loaders.train.num_workers, c.seed)
+    res, earlier = run_probe(loaded.model, p.model.groups, data, p.device, p.amp, channels_last=c.channels_last,
+                             quiet=True)
     return {"skill": res.skill, "earlier_skill": res.earlier_skill, "earlier_group": earlier and earlier[0],
             "depth_gain": None if res.earlier_skill is None else res.earlier_skill - res.skill,
             "bn_shift": res.bn_shift, "knn_acc": res.knn_acc, "hscore": res.hscore, "seconds": res.seconds}

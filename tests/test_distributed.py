@@ -36,7 +36,7 @@ def test_gradual_under_ddp_keeps_ranks_identical_and_trains_unfrozen_groups(runs
 
     torch.manual_seed(0)
     cfg = RunConfig(data=str(data), model="timm/test_efficientnet", weights="none", img_size=32, seed=1)
-    initial = prepare(cfg)[0].loaded.model.state_dict()
+    initial = prepare(cfg).model.loaded.model.state_dict()
     final = load_state(root / "ddp" / "last" / "state.pt")["model"]
     # stage4 (blocks.3) unfroze at epoch 2 of 3: it must have moved; the stem never unfroze.
     moved = [k for k in final if k.startswith("blocks.3.") and k.endswith("weight")]

@@ -72,8 +72,15 @@ def test_the_docs_have_blocks_to_check():
 
 @pytest.mark.parametrize("where,code", PYTHON, ids=[w for w, _ in PYTHON])
 def test_python_block_runs(where, code, tmp_path, monkeypatch):
+    from layerwise.strategies import STRATEGIES
+
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, where, "exec"), {"__name__": "__doc_example__"})
+    registered = dict(STRATEGIES)  # an example may register a strategy: it must not leak into other tests
+    try:
+        exec(compile(code, where, "exec"), {"__name__": "__doc_example__"})
+    finally:
+        STRATEGIES.clear()
+        STRATEGIES.update(registered)
 
 
 @pytest.mark.parametrize("where,argv", COMMANDS, ids=[f"{w}: {' '.join(a[:3])}" for w, a in COMMANDS])

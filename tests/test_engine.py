@@ -61,8 +61,8 @@ def test_frozen_groups_stay_untouched_and_unfrozen_ones_train(data, tmp_path):
     from layerwise.engine import prepare
 
     torch.manual_seed(0)
-    s, _ = prepare(RunConfig(**{**cfg.__dict__}))
-    initial = {k: v.clone() for k, v in s.loaded.model.state_dict().items()}
+    p = prepare(cfg)
+    initial = {k: v.clone() for k, v in p.model.loaded.model.state_dict().items()}
     fit(cfg)
     final = last_weights(run)
     assert torch.equal(final["conv_stem.weight"], initial["conv_stem.weight"])
@@ -355,12 +355,12 @@ def test_resume_with_no_run_is_a_clear_error(tmp_path, capsys):
 
 
 def test_kill_between_checkpoint_and_log_row_resumes_with_the_row(data, tmp_path, monkeypatch):
-    from layerwise import engine
+    from layerwise import loop
 
     a, b = tmp_path / "a", tmp_path / "b"
     common = [str(data), *TINY, "--strategy", "full", "--epochs", "3", "--seed", "4"]
     assert _fit(*common, "--out", str(a)) == 0
-    real = engine.append_jsonl
+    real = loop.append_jsonl
 
     class Killed(BaseException):
         pass
@@ -370,11 +370,11 @@ def test_kill_between_checkpoint_and_log_row_resumes_with_the_row(data, tmp_path
             raise Killed  # the checkpoint of epoch 1 is written, its log row is not
         real(path, row)
 
-    monkeypatch.setattr(engine, "append_jsonl", die_on_second_row)
+    monkeypatch.setattr(loop, "append_jsonl", die_on_second_row)
     with pytest.raises(Killed):
         _fit(*common, "--out", str(b))
     assert [r["epoch"] for r in read_jsonl(b / "metrics.jsonl")] == [0]  # the log lags, never leads
-    monkeypatch.setattr(engine, "append_jsonl", real)
+    monkeypatch.setattr(loop, "append_jsonl", real)
     assert _fit("--resume", str(b)) == 0
     ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert [r["epoch"] for r in rb] == [0, 1, 2]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -10,8 +11,9 @@ import yaml
 from conftest import make_image_folder
 from layerwise.cli import main
 from layerwise.config import RunConfig
-from layerwise.engine import build_trainer, range_test
-from layerwise.lrfind import steepest, sweep_lr
+from layerwise.engine import build_trainer, prepare, range_test
+from layerwise.lrfind import lr_find, steepest, sweep_lr
+from layerwise.step import train_step
 from layerwise.trainer import EpochProgress
 
 
@@ -30,7 +32,8 @@ def test_lr_find_restores_model_and_optimizer_exactly(data, tmp_path):
     model_before = {k: v.clone() for k, v in t.model.state_dict().items()}
     opt_before = copy.deepcopy(t.optimizer.state_dict())  # state_dict() holds live tensors
     mults = [pg["lr_mult"] for pg in t.optimizer.param_groups]
-    res = range_test(t, steps=30)
+    res = lr_find(t.model, t.optimizer, t.loaders.train,
+                  lambda batch: train_step(t.model, batch, t.optimizer, t.amp, t.device), steps=30, quiet=True)
     for k, v in t.model.state_dict().items():
         assert torch.equal(v, model_before[k]), k
     after = t.optimizer.state_dict()
@@ -40,6 +43,24 @@ def test_lr_find_restores_model_and_optimizer_exactly(data, tmp_path):
             assert torch.equal(after["state"][pid][k], v)
     assert [pg["lr_mult"] for pg in t.optimizer.param_groups] == mults  # ratios kept
     assert math.isfinite(res.suggestion) and res.lrs[0] <= res.suggestion <= res.lrs[-1]
+
+
+def test_range_test_runs_in_the_epoch0_plan_and_leaves_the_model_as_it_was(data):
+    cfg = RunConfig(data=str(data), model="timm/test_efficientnet", weights="none", img_size=32, batch_size=8,
+                    workers=0, quiet=True, strategy="gradual", every=1, epochs=3)
+    p = prepare(cfg)
+    model = p.model.loaded.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    res = range_test(p, p.resolved, steps=20)
+    assert torch.equal(rng, torch.get_rng_state())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # epoch 0 of gradual trains the head alone: only its parameters may require grad
+    head = p.model.groups[-1]
+    trainable = {n for n, q in model.named_parameters() if q.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if any(n.startswith(m + ".") for m in head.modules)}
+    assert math.isfinite(res.suggestion)
 
 
 def test_sweep_and_steepest():
@@ -57,8 +78,13 @@ def test_fit_lr_auto_records_the_found_lr(data, tmp_path, capsys):
                  "--lr", "auto", "--out", str(run)]) == 0
     assert "lr auto:" in capsys.readouterr().out
     lr = yaml.safe_load((run / "config.yaml").read_text())["lr"]
-    assert isinstance(lr, float) and 1e-7 <= lr <= 1.0
+    assert isinstance(lr, float) and 1e-7 <= lr <= 1.0 and lr != 1e-3
     assert (run / "lr_find.png").is_file()
+    # resolved once: the plan, the config and the optimizer's first step agree on the found LR
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["training"]["lr"] == lr and plan["groups"][-1]["lr"] == pytest.approx(lr)
+    first = json.loads((run / "steps.jsonl").read_text().splitlines()[0])
+    assert first["lr"]["head"] == pytest.approx(lr)
 
 
 def test_lr_find_cli(data, tmp_path, capsys):

@@ -6,7 +6,7 @@ from torch import nn
 
 from conftest import TinyNet, make_image_folder
 from layerwise import features
-from layerwise.cache import spill_tensor
+from layerwise.capture import spill_tensor
 from layerwise.checkpoint import read_jsonl
 from layerwise.cli import main
 from layerwise.groups import layer_groups

@@ -13,6 +13,7 @@ from layerwise.checkpoint import read_jsonl
 from layerwise.cli import main
 from layerwise.config import RunConfig
 from layerwise.engine import build_trainer
+from layerwise.groups import head_module
 from layerwise.probe import ProbeResult, linear_probe, probe_accuracy, probe_loaders
 
 TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32", "--batch-size", "16",
@@ -50,9 +51,9 @@ def test_linear_probe_leaves_model_and_rng_untouched(data, tmp_path):
     def probe(**kw):
         from layerwise.loaders import with_eval_transform
 
-        train = with_eval_transform(t.loaders.train.dataset, 32, t.s.loaded.mean, t.s.loaded.std)
+        train = with_eval_transform(t.loaders.train.dataset, 32, t.loaded.mean, t.loaded.std)
         loaders = probe_loaders(train, t.loaders.val.dataset, batch_size=16, workers=0, seed=0, **kw)
-        return linear_probe(t.model, t.head_module(), *loaders, t.device, t.amp)
+        return linear_probe(t.model, head_module(t.model, t.groups), *loaders, t.device, t.amp)
 
     res = probe()
     assert torch.equal(rng, torch.get_rng_state())

@@ -30,29 +30,26 @@ if TYPE_CHECKING:
     from layerwise.config import RunConfig
 
 def _config_from(args: argparse.Namespace, skip: Sequence[str] = ()) -> "RunConfig":
-    from layerwise.config import RunConfig, from_mapping, load_yaml
+    from layerwise.choices import config_from
+    from layerwise.config import RunConfig, load_yaml
 
     values = vars(args).copy()
     for k in ("command", "func", "config", "json", "num_classes", "images_per_class", "argv", "nproc", *skip):
         values.pop(k, None)
-    base = from_mapping(load_yaml(args.config)) if getattr(args, "config", None) else RunConfig()
-    return from_mapping(values, base)
+    base = config_from(load_yaml(args.config)) if getattr(args, "config", None) else RunConfig()
+    return config_from(values, base)
 
 
 # --- commands -----------------------------------------------------------------------------
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from layerwise.budget import resolve_budget
-    from layerwise.plan import setup
+    from layerwise.setup import plan_only
 
-    cfg = _config_from(args)
-    n_train = round(args.images_per_class * args.num_classes) if args.images_per_class else None
-    cfg, why = resolve_budget(cfg, n_train)
-    s = setup(cfg, args.num_classes, images_per_class=args.images_per_class)
-    if why and not args.json:
-        print(why)
-    print(json.dumps(s.plan.to_dict(), indent=2) if args.json else s.plan.table())
+    r = plan_only(_config_from(args), args.num_classes, images_per_class=args.images_per_class)
+    if r.budget and not args.json:
+        print(r.budget)
+    print(json.dumps(r.plan.to_dict(), indent=2) if args.json else r.plan.table())
     return 0
 
 
@@ -97,7 +94,8 @@ def _resume_config(args: argparse.Namespace, run: Path) -> "RunConfig":
     """The run's saved config with the flags a resume may change; any other flag that
     would change the run is refused rather than silently ignored."""
     from layerwise import rundir
-    from layerwise.config import KEYS, from_mapping, load_yaml
+    from layerwise.choices import config_from as from_mapping
+    from layerwise.config import KEYS, load_yaml
     from layerwise.engine import RESUME_OVERRIDABLE
 
     if not (run / rundir.CONFIG).is_file():
@@ -196,7 +194,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from layerwise.models import KNOWN_MODELS, describe
+    from layerwise.catalog import KNOWN_MODELS, describe
 
     names = args.names or KNOWN_MODELS
     for name in names:

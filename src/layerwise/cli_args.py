@@ -80,7 +80,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
-    from layerwise.strategies import STRATEGIES
+    from layerwise.freeze import BN_MODES
+    from layerwise.strategies import STRATEGIES, StrategyOptions
 
     g = p.add_argument_group("strategy")
     if name:
@@ -88,12 +89,12 @@ def add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
     g.add_argument("--epochs", type=int, default=S, help="default 4")
     g.add_argument("--lr", type=lr_value, default=S, help="base LR: the head's (default 1e-3); auto: LR range test")
     g.add_argument("--from-group", dest="from_group", default=S, help="partial: first trainable group")
-    g.add_argument("--decay", type=float, default=S, help="discriminative: LR divisor per group (2.6)")
+    g.add_argument("--decay", type=float, default=S, help=f"discriminative: LR divisor per group ({StrategyOptions.decay})")
     g.add_argument("--every", type=int, default=S, help="gradual: epochs between unfreezes")
     g.add_argument("--schedule", type=schedule, default=S, metavar="E:GROUP,...",
                    help="gradual: the tutorial's {epoch: group} schedule, e.g. 0:head,2:layer4,4:layer3")
     g.add_argument("--probe-epochs", dest="probe_epochs", type=int, default=S, help="lp-ft: head-only epochs")
-    g.add_argument("--ft-lr-mult", dest="ft_lr_mult", type=float, default=S, help="lp-ft: LR multiplier after the probe")
+    g.add_argument("--ft-lr-mult", dest="ft_lr_mult", type=float, default=S, help=f"lp-ft: LR multiplier after the probe ({StrategyOptions.ft_lr_mult})")
     g.add_argument("--lr-map", dest="lr_map", type=kv_map(float), default=S, metavar="GROUP=MULT,...",
                    help="differential: LR multiplier per group (missing groups stay frozen)")
     g.add_argument("--wd-map", dest="wd_map", type=kv_map(float), default=S, metavar="GROUP=WD,...",
@@ -101,7 +102,7 @@ def add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
     g.add_argument("--layer-decay", dest="layer_decay", type=float, default=S,
                    help="timm-style layer-wise LR decay over blocks (e.g. 0.75)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 1e-4; norms/biases exempt")
-    g.add_argument("--bn", choices=["frozen", "adapt", "eval", "train"], default=S,
+    g.add_argument("--bn", choices=BN_MODES, default=S,
                    help="BatchNorm statistics: frozen (frozen groups keep them; default, auto: eval), adapt "
                    "(re-estimate on your data first), eval (every group keeps them), train (frozen groups update them)")
     g.add_argument("--no-probe", dest="probe", action="store_false", default=S,
@@ -130,7 +131,9 @@ def add_size_args(p: argparse.ArgumentParser) -> None:
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
     from layerwise.augment import PRESETS
-    from layerwise.config import DEVICES, PRECISIONS
+    from layerwise.cache import CACHE_MODES
+    from layerwise.config import CHECK_DATA, DEVICES, NAN_POLICIES, PRECISIONS
+    from layerwise.features import FEATURE_CACHE_MODES
     from layerwise.optim import OPTIMIZERS, SCHEDULES
     from layerwise.tta import VIEWS
 
@@ -160,18 +163,18 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="NHWC memory format (default: measured against NCHW when --precision is auto)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=S)
     g.add_argument("--tta", type=csv_list, default=S, help=f"views for the final evaluation: {', '.join(VIEWS)}")
-    g.add_argument("--check-data", dest="check_data", choices=["auto", "on", "off"], default=S,
+    g.add_argument("--check-data", dest="check_data", choices=CHECK_DATA, default=S,
                    help="decode every image once before training and skip unreadable ones (auto: under 50k images)")
-    g.add_argument("--cache", choices=["auto", "ram", "disk", "off"], default=S,
+    g.add_argument("--cache", choices=CACHE_MODES, default=S,
                    help="decode and resize every image once: into RAM (auto: when it fits in a quarter of it) or "
                    "a memory-mapped file reused by later runs over the same files")
     g.add_argument("--cache-dir", dest="cache_dir", default=S, help="where --cache disk keeps its files "
                    "(default ~/.cache/layerwise)")
-    g.add_argument("--feature-cache", dest="feature_cache", choices=["auto", "off"], default=S,
+    g.add_argument("--feature-cache", dest="feature_cache", choices=FEATURE_CACHE_MODES, default=S,
                    help="while only the head trains, run the frozen rest once and train on its output (auto)")
     g.add_argument("--feature-cache-views", dest="feature_cache_views", type=int, default=S,
                    help="with random augmentation: K augmented views cached per image (0: no cache)")
-    g.add_argument("--nan", choices=["stop", "skip"], default=S, help="on a non-finite loss: stop (default) or skip "
+    g.add_argument("--nan", choices=NAN_POLICIES, default=S, help="on a non-finite loss: stop (default) or skip "
                    "the batch (a run of skipped batches still stops)")
     g.add_argument("--checkpoint-every", dest="checkpoint_every", default=S, metavar="TIME|STEPS",
                    help="also checkpoint inside an epoch, so a kill loses at most this much: 30s, 10m, 1h, a "

@@ -7,7 +7,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ CHECK_DATA = ("auto", "on", "off")
 NAN_POLICIES = ("stop", "skip")
 CHECK_DATA_AUTO_LIMIT = 50_000  # images: below this, 'auto' decodes every file once before training
 DEVICES = ("auto", "cpu", "cuda", "mps")
-# Settings a strategy may imply (the recipe's); None means "not set by the user".
+# The library's defaults of settings a strategy may imply (resolve.apply_overrides); None in
+# RunConfig means "not set by the user".
 DEFAULTS: dict[str, Any] = {
     "head": "linear",
     "augment": "light",
@@ -35,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; ``config.yaml`` is this, resolved."""
 
@@ -58,11 +59,11 @@ class RunConfig:
     val_split: float = 0.2
     # strategy knobs
     from_group: str | None = None
-    decay: float = 2.6
+    decay: float | None = None  # None: the strategy's own default (StrategyOptions), written back by resolve
     every: int | None = None
     schedule: dict[int, str] | None = None
     probe_epochs: int | None = None
-    ft_lr_mult: float = 0.1
+    ft_lr_mult: float | None = None  # None: as decay
     lr_map: dict[str, float] | None = None
     wd_map: dict[str, float] | None = None
     layer_decay: float | None = None
@@ -102,14 +103,6 @@ class RunConfig:
     quiet: bool = False
     # What each --resume changed, and from which epoch/step (written by fit, not by you).
     resumed: list[dict[str, Any]] = field(default_factory=list)
-
-    def resolved(self, overrides: Mapping[str, Any] = {}) -> RunConfig:
-        """Fill unset training settings from the strategy's overrides, then defaults."""
-        out = dataclasses.replace(self)
-        for k, default in DEFAULTS.items():
-            if getattr(out, k) is None:
-                setattr(out, k, overrides.get(k, default))
-        return out
 
     def final_train_size(self) -> int | None:
         """The side training crops end at: ``train_size``, else ``img_size``."""
@@ -276,25 +269,9 @@ def _validate_relations(cfg: RunConfig) -> None:
                              f"got {cfg.probe_epochs!r}")
 
 
-def _choices() -> dict[str, tuple[str, Collection[str]]]:
-    """field -> (what it names, its registry); imported late, as the registries import this module."""
-    from layerwise.augment import PRESETS
-    from layerwise.cache import CACHE_MODES
-    from layerwise.freeze import BN_MODES
-    from layerwise.strategies import STRATEGIES
-
-    return {"strategy": ("strategy", STRATEGIES), "augment": ("augmentation preset", PRESETS),
-            "check_data": ("check-data mode", CHECK_DATA), "cache": ("cache mode", CACHE_MODES),
-            "feature_cache": ("feature-cache mode", ("auto", "off")), "nan": ("NaN policy", NAN_POLICIES),
-            "bn": ("bn mode", BN_MODES), "precision": ("precision", PRECISIONS)}
-
-
 def validate(cfg: RunConfig) -> None:
-    """Reject values no run could use, naming the field and the valid range/choices."""
-    for name, (kind, choices) in _choices().items():
-        value = getattr(cfg, name)
-        if value is not None and value not in choices:
-            raise UnknownNameError(kind, value, choices)
+    """Reject values no run could use, naming the field and the valid range. Names that must
+    be in a registry (strategy, preset, view...) are checked by :mod:`layerwise.choices`."""
     if cfg.device not in DEVICES and not str(cfg.device).startswith("cuda:"):
         raise UnknownNameError("device", cfg.device, DEVICES)
     if isinstance(cfg.lr, str) and cfg.lr != "auto":
@@ -314,8 +291,3 @@ def validate(cfg: RunConfig) -> None:
     if bad_epochs:
         raise LayerwiseError(f"schedule epochs must lie in the run, 0..{cfg.epochs - 1}, got {bad_epochs}; "
                              "raise --epochs or move the unfreeze earlier")
-    from layerwise.tta import VIEWS
-
-    for v in cfg.tta:
-        if v not in VIEWS:
-            raise UnknownNameError("TTA view", v, VIEWS)

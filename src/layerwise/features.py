@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from layerwise.cache import RAM_BUDGET, captured, default_cache_dir, feature_batches, spill_tensor, total_ram
+from layerwise.capture import captured, feature_batches, spill_tensor
 from layerwise.config import RunConfig
 from layerwise.groups import LayerGroup
-from layerwise.hardware import Amp, to_device
+from layerwise.hardware import RAM_BUDGET, Amp, default_cache_dir, to_device, total_ram
 from layerwise.loaders import ordered_loader
 from layerwise.plan import Plan
 from layerwise.prefix import boundary_outputs, plan_replay
@@ -43,6 +43,7 @@ class Cut:
     spill: bool = False  # too large for the RAM budget: kept in a memory-mapped file (spill_dir)
 
 
+FEATURE_CACHE_MODES = ("auto", "off")  # frozen-prefix features while only the head trains
 DISK_BUDGET = 0.5  # a memory-mapped store may take half the free space of its folder
 
 

@@ -49,6 +49,12 @@ def find_group(groups: Sequence[LayerGroup], name: str) -> int:
     raise UnknownNameError("group", name, group_names(groups))
 
 
+def head_module(model: nn.Module, groups: Sequence[LayerGroup]) -> nn.Module | None:
+    """The module holding exactly the head group, if there is one."""
+    head = groups[-1]
+    return model.get_submodule(head.modules[0]) if len(head.modules) == 1 else None
+
+
 def under(name: str, path: str) -> bool:
     """True when parameter/module ``name`` is ``path`` or lies inside it (module boundary)."""
     return path == "" or name == path or name.startswith(path + ".")

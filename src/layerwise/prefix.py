@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from layerwise.cache import captured
+from layerwise.capture import captured
 from layerwise.groups import LayerGroup
 
 MATCH_TOLERANCE = 1e-4  # largest |logit difference| between the replayed and the real forward pass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,9 +23,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from layerwise.cache import head_features
+from layerwise.capture import head_features
+from layerwise.groups import LayerGroup
 from layerwise.hardware import Amp, to_device
 from layerwise.loaders import ordered_loader
+from layerwise.prefix import prefix_output
 from layerwise.progress import bar
 from layerwise.rng import get_rng, set_rng
 from layerwise.shift import measure_bn_shift
@@ -225,3 +227,18 @@ def load_probe_head(head: nn.Module, probe: LinearHead) -> bool:
         head.weight.copy_(torch.as_tensor(probe.weight, dtype=head.weight.dtype))
         head.bias.copy_(torch.as_tensor(probe.bias, dtype=head.bias.dtype))
     return True
+
+
+def earlier_depth(model: nn.Module, groups: Sequence[LayerGroup], sample: torch.Tensor) -> tuple[str, str] | None:
+    """(group, module) whose pooled output is the probe's earlier depth: the output of every
+    group before the last one of the body (Head2Toe-style evidence on how specialised the
+    last stage is); None for a model of fewer than two body groups."""
+    k = len(groups) - 2
+    if k < 1:
+        return None
+    rng = get_rng()  # finding it must not shift the training RNG (a re-run without the probe replays it)
+    try:
+        module = prefix_output(model, groups, k, sample)
+    finally:
+        set_rng(rng)
+    return (groups[k - 1].name, module) if module else None

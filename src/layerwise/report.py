@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from layerwise import rundir  # noqa: E402
 from layerwise.checkpoint import atomic_write_bytes, atomic_write_text, read_jsonl  # noqa: E402
 from layerwise.evaluation import EvalResult  # noqa: E402
+from layerwise.lrfind import LRFind  # noqa: E402
 from layerwise.resolution import describe as describe_sizes  # noqa: E402
 
 
@@ -170,3 +171,16 @@ def plot_compare(rows: Sequence[dict], out: Path) -> list[str]:
     ax2.set(title="time vs best accuracy", xlabel="training seconds", ylabel="best val acc")
     ax2.grid(alpha=0.3)
     return [save_figure(fig, out / "compare_val_acc.png"), save_figure(fig2, out / "compare_time_acc.png")]
+
+
+def plot_lr_find(res: LRFind, path: Path) -> Path:
+    """The LR range test's smoothed loss against the base LR, with the suggestion marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(res.lrs, res.losses)
+    ax.axvline(res.suggestion, color="tab:red", ls="--", label=f"suggested {res.suggestion:.2e}")
+    ax.set(xscale="log", xlabel="base LR (head); other groups keep their multipliers", ylabel="smoothed loss",
+           title="LR range test")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    save_figure(fig, path)
+    return path

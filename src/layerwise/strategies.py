@@ -270,10 +270,13 @@ def auto(names: Sequence[str], opts: StrategyOptions) -> Strategy:
     # 5.3 against 1.4), discriminative 0.860 against 0.874, and 0.9 points lower on textures.
     # Either way the probe is the run's first metrics row, so auto never ends below it.
     return replace(inner, name=f"auto:{choice}", reason=f"{reason}; {inner.reason}".rstrip("; "),
-                   overrides=inner.overrides if far else AUTO_SETTINGS, trains_from_probe=choice == "lp-ft")
+                   overrides=inner.overrides if far else {**inner.overrides, **AUTO_SETTINGS},
+                   trains_from_probe=choice == "lp-ft")
 
 
-STRATEGIES: dict[str, Callable[[Sequence[str], StrategyOptions], Strategy]] = {
+StrategyFn = Callable[[Sequence[str], StrategyOptions], Strategy]
+
+STRATEGIES: dict[str, StrategyFn] = {
     "head": head_only,
     "partial": partial,
     "full": full,
@@ -284,6 +287,21 @@ STRATEGIES: dict[str, Callable[[Sequence[str], StrategyOptions], Strategy]] = {
     "recipe": recipe,
     "auto": auto,
 }
+
+
+def register_strategy(name: str, fn: StrategyFn, *, replace_existing: bool = False) -> StrategyFn:
+    """Add a strategy from user code: ``fn(group_names, options) -> Strategy``. ``fit``,
+    ``plan``, ``compare`` and ``--help`` list it from then on, and its ``overrides`` may set any
+    RunConfig field the user leaves unset (label smoothing, LR, batch size...)."""
+    if not name or not isinstance(name, str) or name.strip() != name or "," in name:
+        raise LayerwiseError(f"a strategy name must be a non-empty word without commas or spaces around it, got {name!r}")
+    if name in STRATEGIES and not replace_existing:
+        raise LayerwiseError(f"strategy {name!r} is already registered; pass replace_existing=True to replace it "
+                             f"(registered: {', '.join(STRATEGIES)})")
+    if not callable(fn):
+        raise LayerwiseError(f"strategy {name!r} must be a function (group names, options) -> Strategy, got {fn!r}")
+    STRATEGIES[name] = fn
+    return fn
 
 
 def _with_wd(strategy: Strategy, names: Sequence[str], wd_map: Mapping[str, float]) -> Strategy:

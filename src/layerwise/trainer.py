@@ -29,10 +29,12 @@ from layerwise.distributed import DistInfo, all_sum
 from layerwise.errors import LayerwiseError
 from layerwise.features import Cut, FeatureStore, cache_allowed, head_cut, prefix_cut
 from layerwise.freeze import set_trainable
+from layerwise.groups import LayerGroup, head_module
 from layerwise.hardware import Amp, to_device
-from layerwise.loaders import Loaders, ordered_loader, train_transform
+from layerwise.loaders import Loaders, ordered_loader, set_train_side
+from layerwise.models import LoadedModel
 from layerwise.optim import apply_states, lr_by_group, lr_scale, set_lr_scale
-from layerwise.plan import Setup
+from layerwise.plan import Plan
 from layerwise.progress import say
 from layerwise.rng import get_rng, set_rng
 from layerwise.step import train_step
@@ -88,10 +90,13 @@ def check_finite(model: nn.Module, step: int, run: Path) -> None:
 
 @dataclass
 class Trainer:
-    """Everything one run holds while it trains."""
+    """Everything one run holds while it trains. ``cfg`` and ``plan`` are resolved before it
+    is built (resolve.py) and never replaced: the loop reads them, nothing re-derives them."""
 
     cfg: RunConfig
-    s: Setup
+    plan: Plan
+    loaded: LoadedModel
+    groups: tuple[LayerGroup, ...]
     splits: Splits
     run: Path
     device: torch.device
@@ -114,28 +119,28 @@ class Trainer:
     start_epoch: int = 0  # where this sitting starts (a resume: after the checkpoint's epoch)
     progress: EpochProgress | None = None  # a checkpoint's position inside start_epoch
     train_side: int | None = None  # the side the training transform crops to now
+    budget: str = ""  # why the epochs and batch size are what they are (config.yaml's first line)
 
     @property
     def model(self) -> nn.Module:
-        return self.s.loaded.model
+        return self.loaded.model
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
     def lr_scale(self) -> float:
         """The schedule's scale at this step: the plan's, so the LRs it shows are the ones used."""
-        plan = self.s.plan
+        plan = self.plan
         return lr_scale(plan.scheduler, self.step, plan.spec())
 
     def apply_plan(self, epoch: int) -> None:
-        states = self.s.plan.states(epoch)
-        set_trainable(self.model, self.s.groups, {n: st.trainable for n, st in states.items()}, bn=self.cfg.bn)
-        apply_states(self.optimizer, states, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        self.wrap(tuple(self.s.plan.trainable_groups(epoch)))
-        side = self.s.plan.train_size(epoch)
+        states = self.plan.states(epoch)
+        set_trainable(self.model, self.groups, {n: st.trainable for n, st in states.items()}, bn=self.cfg.bn)
+        apply_states(self.optimizer, states, lr=self.plan.lr, weight_decay=self.plan.weight_decay)
+        self.wrap(tuple(self.plan.trainable_groups(epoch)))
+        side = self.plan.train_size(epoch)
         if side is not None and side != self.train_side:  # progressive resizing: the same stored images, cropped smaller
-            loaded = self.s.loaded
-            self.loaders.train.dataset.transform = train_transform(self.cfg, side, loaded.mean, loaded.std)  # type: ignore[attr-defined]
+            set_train_side(self.loaders, self.cfg, side, self.loaded.mean, self.loaded.std)
             self.train_side = side
 
     def wrap(self, trainable: tuple[str, ...]) -> None:
@@ -151,19 +156,14 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=ids)
             self.wrapped_for = trainable
 
-    def head_module(self) -> nn.Module | None:
-        """The module holding exactly the head group, if there is one."""
-        head = self.s.groups[-1]
-        return self.model.get_submodule(head.modules[0]) if len(head.modules) == 1 else None
-
     def cut(self, epoch: int) -> Cut | None:
         """Where this epoch's model is cut for cached inputs, if anywhere (features.py)."""
-        if not cache_allowed(self.cfg, self.s.plan, self.dist.enabled):
+        if not cache_allowed(self.cfg, self.plan, self.dist.enabled):
             return None
         rng = get_rng()  # deciding must not shift the training RNG (resume replays it)
         try:
-            return head_cut(self.head_module(), self.s.plan, epoch) or prefix_cut(
-                self.model, self.s.groups, self.s.plan, epoch, self.sample_batch, self.cuts,
+            return head_cut(head_module(self.model, self.groups), self.plan, epoch) or prefix_cut(
+                self.model, self.groups, self.plan, epoch, self.sample_batch, self.cuts,
                 images=len(self.loaders.train.dataset),  # type: ignore[arg-type]
                 views=self.views())
         finally:
@@ -224,7 +224,7 @@ class Trainer:
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], p: EpochProgress, model: nn.Module) -> None:
         cfg = self.cfg
-        set_lr_scale(self.optimizer, cfg.lr, self.lr_scale())
+        set_lr_scale(self.optimizer, self.plan.lr, self.lr_scale())
         mix = (functools.partial(mix_batch, num_classes=len(self.splits.classes), mixup=cfg.mixup, cutmix=cfg.cutmix)
                if cfg.mixup or cfg.cutmix else None)
         r = train_step(model, batch, self.optimizer, self.amp, self.device, channels_last=cfg.channels_last,

@@ -1,0 +1,131 @@
+"""The epochs of a built run: each one planned, trained, validated, logged and checkpointed;
+then the best weights evaluated and the report written. Reads the run's fixed plan and config."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerwise import rundir
+from layerwise.budget import epochs_without_gain
+from layerwise.checkpoint import append_jsonl, load_weights, save_weights, write_json
+from layerwise.distributed import DistInfo, params_in_sync
+from layerwise.errors import LayerwiseError
+from layerwise.evaluation import EvalResult, evaluate, evaluate_features, gather_eval
+from layerwise.progress import bar, say
+from layerwise.rng import epoch_seed, seed_everything
+from layerwise.trainer import EpochProgress, Interrupted, StopRequested, Trainer, check_finite
+
+
+def run_epochs(t: Trainer, run: Path, info: DistInfo) -> Path:
+    """The epochs, then the best weights evaluated and the report written."""
+    writer = _tensorboard(run) if info.is_main else None
+    with StopRequested(install=not info.enabled) as stop:
+        try:
+            for epoch in range(t.start_epoch, t.cfg.epochs):
+                if _train_and_log(t, epoch, stop, writer, t.progress if epoch == t.start_epoch else None):
+                    say(f"early stopping: val accuracy has not improved for {t.cfg.patience} epochs")
+                    break
+                if t.cfg.time_budget and time.perf_counter() - t.started >= t.cfg.time_budget:
+                    say(f"time budget of {t.cfg.time_budget:.0f}s spent after epoch {epoch + 1}")
+                    break
+        except Interrupted:
+            say(f"\ninterrupted: last/ holds the run up to the last step. Resume with: layerwise fit --resume {run}")
+            raise
+    from layerwise.report import write_run_report
+
+    if not params_in_sync(t.model, info):
+        raise LayerwiseError("ranks ended with different weights; this is a bug in the distributed set-up")
+    if info.enabled:
+        say(f"ranks in sync: all {info.world} processes hold identical weights")
+    best = _final_eval(t)
+    if info.is_main:
+        with rundir.explain_write_errors(run):
+            write_run_report(run, t.splits.classes, best)
+    say(f"best val accuracy {t.best_acc:.4f} (epoch {t.best_epoch})\nrun folder: {run}\nreport: {run / rundir.REPORT}")
+    return run
+
+
+def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: Any,
+                   progress: EpochProgress | None = None) -> bool:
+    """One epoch: plan, train, validate, log, checkpoint. Returns True to stop early."""
+    cfg = t.cfg
+    seed_everything(epoch_seed(cfg.seed, epoch))
+    t.loaders.reseed(epoch_seed(cfg.seed, epoch))
+    t.apply_plan(epoch)
+    first = progress.start_step if progress else t.step
+    lr_start = t.plan.lrs_at(epoch, first)
+    tic = time.perf_counter()
+    cut = t.cut(epoch)
+    if cut is not None:
+        store = t.store_for(cut)  # built in the first epoch of this cut, and counted in its time
+        batches = _progress(store.batches(epoch, cfg.batch_size, t.loaders.generator, t.loaders.train.drop_last),
+                            epoch, cfg.epochs, cfg.quiet, len(t.loaders.train))
+        tr = t.train_epoch(epoch, stop, batches, progress, forward=cut.suffix)
+    else:
+        t.features = None  # the trainable set reaches the cut: cached inputs are stale
+        tr = t.train_epoch(epoch, stop, _progress(t.loaders.train, epoch, cfg.epochs, cfg.quiet), progress)
+    train_s = time.perf_counter() - tic
+    if cut is not None and t.features is not None and t.ema is None:
+        ev = evaluate_features(cut.suffix, t.features.val, t.features.val_labels, t.amp, t.device,
+                               batch_size=1024 if cut.key == "head" else cfg.batch_size)
+    else:
+        ev = gather_eval(evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=cfg.channels_last),
+                         t.dist)
+    row = {
+        "epoch": epoch, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"], "val_loss": ev.loss,
+        "val_acc": ev.acc, "lr": lr_start, "train_size": t.train_side,
+        "cached_inputs": cut.key if cut is not None else None, "trainable_params": t.plan.trainable_params(epoch),
+        "trainable_groups": t.plan.trainable_groups(epoch), "epoch_seconds": time.perf_counter() - tic,
+        "images_per_second": tr["images"] / max(train_s, 1e-9), "elapsed_seconds": time.perf_counter() - t.started,
+    }
+    improved = ev.acc > t.best_acc
+    if improved:
+        t.best_acc, t.best_epoch = ev.acc, epoch
+        check_finite(t.eval_model(), t.step, t.run)
+        if t.dist.is_main:
+            with rundir.explain_write_errors(t.run):
+                save_weights(t.run / rundir.BEST, t.eval_model())
+    t.history.append(row)
+    t.save_last(epoch)  # the checkpoint first: the log never names an epoch the checkpoint lacks
+    if t.dist.is_main:
+        with rundir.explain_write_errors(t.run):
+            append_jsonl(t.run / rundir.METRICS, row)
+    if writer is not None:
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "images_per_second"):
+            writer.add_scalar(k, row[k], epoch)
+    say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {tr['train_loss']:.4f} acc {tr['train_acc']:.4f} · "
+        f"val loss {ev.loss:.4f} acc {ev.acc:.4f} · {row['images_per_second']:.0f} img/s" + (" · best" if improved else ""))
+    return bool(cfg.patience) and epochs_without_gain(t.history) >= cfg.patience
+
+
+def _final_eval(t: Trainer) -> EvalResult:
+    """Reload the best weights and evaluate them, with ``--tta`` views if given (for the
+    report's confusion matrix)."""
+    model = t.eval_model()
+    if t.dist.enabled:
+        torch.distributed.barrier()  # rank 0 has written best.safetensors
+    load_weights(t.run / rundir.BEST, model)
+    ev = gather_eval(evaluate(model, t.loaders.val, t.amp, t.device, views=t.cfg.tta,
+                              channels_last=t.cfg.channels_last), t.dist)
+    if t.cfg.tta:
+        say(f"best weights with TTA {', '.join(t.cfg.tta)}: val accuracy {ev.acc:.4f}")
+        if t.dist.is_main:
+            write_json(t.run / rundir.TTA, {"views": t.cfg.tta, "val_acc": ev.acc, "val_loss": ev.loss})
+    return ev
+
+
+def _progress(batches: Iterator, epoch: int, epochs: int, quiet: bool, total: int | None = None) -> Iterator:
+    return bar(batches, f"epoch {epoch + 1}/{epochs}", enabled=not quiet, total=total, unit="batch", leave=True)
+
+
+def _tensorboard(run: Path) -> Any:  # a SummaryWriter, or None without the optional tensorboard
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run / "tb"))
