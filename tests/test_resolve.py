@@ -108,3 +108,22 @@ def test_lr_auto_waits_for_its_evidence():
     assert resolve(cfg, FACTS).config.lr == 1e-3  # the range test's base, until it has run
     found = resolve(cfg, FACTS, Evidence(lr=3e-4))
     assert found.config.lr == found.plan.lr == 3e-4
+
+
+def test_every_knob_is_declared_once_and_reaches_the_strategy_and_the_flags(capsys):
+    from dataclasses import fields
+
+    from layerwise.config import knobs
+
+    options = {f.name for f in fields(StrategyOptions)}
+    assert knobs() and all(f.name in options for f in knobs())  # read by field name
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(f"--{f.name.replace('_', '-')}" in help_text for f in knobs())
+    assert "discriminative: LR divisor per group (2.6)" in help_text  # the default, from StrategyOptions only
+    assert main(["plan", "--model", "resnet18", "--weights", "none", "--strategy", "discriminative", "--epochs", "2",
+                 "--num-classes", "3", "--json", "--decay", "4"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert groups[-2]["lr"] == pytest.approx(groups[-1]["lr"] / 4)
+    assert resolve(RunConfig(strategy="discriminative", epochs=2), FACTS).config.decay == StrategyOptions.decay

@@ -79,26 +79,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="your own grouping: group name -> module path or regex, stem first")
 
 
+PARSERS: dict[str, Callable[[str], Any]] = {"schedule": schedule, "group_floats": kv_map(float)}
+
+
+def add_knob_args(g: Any) -> None:
+    """A flag per strategy knob, made from its declaration in RunConfig (config.knob), with
+    the strategy's default in the help."""
+    import typing
+
+    from layerwise.config import RunConfig, knobs
+    from layerwise.strategies import StrategyOptions
+
+    hints = typing.get_type_hints(RunConfig)
+    for f in knobs():
+        parse = f.metadata["parse"]
+        kind = PARSERS[parse] if parse else next(a for a in typing.get_args(hints[f.name]) if a is not type(None))
+        default = getattr(StrategyOptions, f.name, None)
+        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=S, metavar=f.metadata["metavar"],
+                       help=f.metadata["knob"] + (f" ({default})" if default is not None else ""))
+
+
 def add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
     from layerwise.freeze import BN_MODES
-    from layerwise.strategies import STRATEGIES, StrategyOptions
+    from layerwise.strategies import STRATEGIES
 
     g = p.add_argument_group("strategy")
     if name:
         g.add_argument("--strategy", choices=list(STRATEGIES), default=S, help="default auto")
     g.add_argument("--epochs", type=int, default=S, help="default 4")
     g.add_argument("--lr", type=lr_value, default=S, help="base LR: the head's (default 1e-3); auto: LR range test")
-    g.add_argument("--from-group", dest="from_group", default=S, help="partial: first trainable group")
-    g.add_argument("--decay", type=float, default=S, help=f"discriminative: LR divisor per group ({StrategyOptions.decay})")
-    g.add_argument("--every", type=int, default=S, help="gradual: epochs between unfreezes")
-    g.add_argument("--schedule", type=schedule, default=S, metavar="E:GROUP,...",
-                   help="gradual: the tutorial's {epoch: group} schedule, e.g. 0:head,2:layer4,4:layer3")
-    g.add_argument("--probe-epochs", dest="probe_epochs", type=int, default=S, help="lp-ft: head-only epochs")
-    g.add_argument("--ft-lr-mult", dest="ft_lr_mult", type=float, default=S, help=f"lp-ft: LR multiplier after the probe ({StrategyOptions.ft_lr_mult})")
-    g.add_argument("--lr-map", dest="lr_map", type=kv_map(float), default=S, metavar="GROUP=MULT,...",
-                   help="differential: LR multiplier per group (missing groups stay frozen)")
-    g.add_argument("--wd-map", dest="wd_map", type=kv_map(float), default=S, metavar="GROUP=WD,...",
-                   help="weight decay per group, e.g. head=1e-2")
+    add_knob_args(g)
     g.add_argument("--layer-decay", dest="layer_decay", type=float, default=S,
                    help="timm-style layer-wise LR decay over blocks (e.g. 0.75)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 1e-4; norms/biases exempt")

@@ -36,6 +36,17 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def knob(help: str, *, metavar: str | None = None, parse: str | None = None) -> Any:
+    """A strategy knob: a RunConfig field, unset by default, that is also a ``fit`` flag
+    (``--name-with-dashes``; ``parse`` names one of cli_args' parsers, else the type's)."""
+    return field(default=None, metadata={"knob": help, "metavar": metavar, "parse": parse})
+
+
+def knobs() -> list[dataclasses.Field]:
+    """The strategy knobs, in declaration order."""
+    return [f for f in fields(RunConfig) if "knob" in f.metadata]
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; ``config.yaml`` is this, resolved."""
@@ -57,15 +68,19 @@ class RunConfig:
     seed: int = 0
     out: str | None = None
     val_split: float = 0.2
-    # strategy knobs
-    from_group: str | None = None
-    decay: float | None = None  # None: the strategy's own default (StrategyOptions), written back by resolve
-    every: int | None = None
-    schedule: dict[int, str] | None = None
-    probe_epochs: int | None = None
-    ft_lr_mult: float | None = None  # None: as decay
-    lr_map: dict[str, float] | None = None
-    wd_map: dict[str, float] | None = None
+    # Strategy knobs: each is declared here once, and cli_args makes its flag from the
+    # declaration. None: the strategy's own default (StrategyOptions), written back by resolve.
+    from_group: str | None = knob("partial: first trainable group")
+    decay: float | None = knob("discriminative: LR divisor per group")
+    every: int | None = knob("gradual: epochs between unfreezes")
+    schedule: dict[int, str] | None = knob("gradual: the tutorial's {epoch: group} schedule, e.g. 0:head,2:layer4,4:layer3",
+                                           metavar="E:GROUP,...", parse="schedule")
+    probe_epochs: int | None = knob("lp-ft: head-only epochs")
+    ft_lr_mult: float | None = knob("lp-ft: LR multiplier after the probe")
+    lr_map: dict[str, float] | None = knob("differential: LR multiplier per group (missing groups stay frozen)",
+                                           metavar="GROUP=MULT,...", parse="group_floats")
+    wd_map: dict[str, float] | None = knob("weight decay per group, e.g. head=1e-2", metavar="GROUP=WD,...",
+                                           parse="group_floats")
     layer_decay: float | None = None
     groups: dict[str, Any] | None = None  # user grouping: name -> path/regex
     bn: str | None = None  # None: frozen, or what the strategy implies (auto: eval)
