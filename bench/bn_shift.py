@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,20 +25,21 @@ RESULTS = ROOT / "bench" / "results"
 
 def shift_of(data: Path, img_size: int) -> float | None:
     from layerwise.config import RunConfig
-    from layerwise.engine import build_trainer
+    from layerwise.engine import prepare
     from layerwise.loaders import with_eval_transform
     from layerwise.probe import PROBE_MAX_IMAGES, probe_loaders
     from layerwise.shift import measure_bn_shift
 
     cfg = RunConfig(data=str(data), model="efficientnet_lite0", strategy="full", img_size=img_size, epochs=4,
                     batch_size=32, workers=1, quiet=True, precision="fp32", channels_last=False)
-    t = build_trainer(cfg, Path(tempfile.mkdtemp(prefix="bn-shift-")))
-    ds = with_eval_transform(t.loaders.train.dataset, img_size, t.loaded.mean, t.loaded.std)
+    p = prepare(cfg)
+    model, loaded = p.model.loaded.model, p.model.loaded
+    ds = with_eval_transform(p.loaders.train.dataset, img_size, loaded.mean, loaded.std)
     train, _ = probe_loaders(ds, ds, batch_size=32, workers=1, seed=0, max_images=PROBE_MAX_IMAGES)
-    t.model.eval()
-    with torch.no_grad(), measure_bn_shift(t.model) as meter:
+    model.eval()
+    with torch.no_grad(), measure_bn_shift(model) as meter:
         for x, _ in train:
-            t.model(x)
+            model(x)
     return meter.value()
 
 

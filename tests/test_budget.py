@@ -40,9 +40,14 @@ def test_explicit_flags_win():
     assert cfg.patience == 5
 
 
-def test_fixed_strategies_keep_the_fixed_defaults():
-    cfg, why = resolve_budget(RunConfig(strategy="gradual"), 245)
-    assert (cfg.epochs, cfg.batch_size, cfg.patience, why) == (DEFAULT_EPOCHS, DEFAULT_BATCH, None, "")
+@pytest.mark.parametrize("strategy", ["gradual", "full", "lp-ft"])
+def test_fixed_strategies_get_the_data_sized_batch_and_keep_their_epochs(strategy):
+    cfg, why = resolve_budget(RunConfig(strategy=strategy), 1000)
+    assert (cfg.epochs, cfg.batch_size, cfg.patience) == (DEFAULT_EPOCHS, 32, None)  # 31 steps an epoch, not 15
+    assert "1000 training images -> batch 32, 31 steps an epoch" in why
+    cfg, why = resolve_budget(RunConfig(strategy=strategy, batch_size=64, epochs=3), 1000)
+    assert (cfg.epochs, cfg.batch_size, why) == (3, 64, "")  # given: kept, and nothing to explain
+    assert resolve_budget(RunConfig(strategy=strategy), None)[0].batch_size == DEFAULT_BATCH  # no data: plan at 64
 
 
 def test_relations_are_checked_once_the_budget_is_known():

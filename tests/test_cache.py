@@ -79,8 +79,8 @@ def test_cache_mode_picks_the_dataset(data, tmp_path, mode, kind):
     cfg = RunConfig(data=str(data), model="timm/test_efficientnet", weights="none", img_size=32, workers=0,
                     quiet=True, cache=mode, cache_dir=str(tmp_path / "cache"))
     t = build_trainer(cfg, tmp_path / "run")
-    assert type(t.loaders.train.dataset).__name__ == kind == type(t.loaders.val.dataset).__name__
-    x, y = next(iter(t.loaders.val))
+    assert type(t.kit.loaders.train.dataset).__name__ == kind == type(t.kit.loaders.val.dataset).__name__
+    x, y = next(iter(t.kit.loaders.val))
     assert x.shape[1:] == (3, 32, 32)
 
 

@@ -15,7 +15,9 @@ from layerwise.config import RunConfig
 from layerwise.distributed import DistInfo, ShardedShuffle, eval_shard, unshard_order
 
 COMMON = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32", "--workers", "0", "--quiet",
-          "--strategy", "gradual", "--every", "1", "--epochs", "3", "--bn", "eval", "--augment", "none", "--seed", "1"]
+          "--strategy", "gradual", "--every", "1", "--epochs", "3", "--bn", "eval", "--augment", "none", "--seed", "1",
+          # one layout for both: a single process times its numerics, DDP ranks take the fixed table
+          "--precision", "fp32", "--channels-last"]
 
 
 @pytest.fixture(scope="module")

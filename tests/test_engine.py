@@ -355,12 +355,12 @@ def test_resume_with_no_run_is_a_clear_error(tmp_path, capsys):
 
 
 def test_kill_between_checkpoint_and_log_row_resumes_with_the_row(data, tmp_path, monkeypatch):
-    from layerwise import loop
+    from layerwise import rundir
 
     a, b = tmp_path / "a", tmp_path / "b"
     common = [str(data), *TINY, "--strategy", "full", "--epochs", "3", "--seed", "4"]
     assert _fit(*common, "--out", str(a)) == 0
-    real = loop.append_jsonl
+    real = rundir.append_jsonl
 
     class Killed(BaseException):
         pass
@@ -370,11 +370,11 @@ def test_kill_between_checkpoint_and_log_row_resumes_with_the_row(data, tmp_path
             raise Killed  # the checkpoint of epoch 1 is written, its log row is not
         real(path, row)
 
-    monkeypatch.setattr(loop, "append_jsonl", die_on_second_row)
+    monkeypatch.setattr(rundir, "append_jsonl", die_on_second_row)
     with pytest.raises(Killed):
         _fit(*common, "--out", str(b))
     assert [r["epoch"] for r in read_jsonl(b / "metrics.jsonl")] == [0]  # the log lags, never leads
-    monkeypatch.setattr(loop, "append_jsonl", real)
+    monkeypatch.setattr(rundir, "append_jsonl", real)
     assert _fit("--resume", str(b)) == 0
     ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert [r["epoch"] for r in rb] == [0, 1, 2]
@@ -439,9 +439,9 @@ def test_non_finite_weights_are_never_saved(data, tmp_path, capsys, monkeypatch)
 
     def poison(self, *a, **k):  # the epoch's last step leaves an inf weight behind
         real(self, *a, **k)
-        if self.step == len(self.loaders.train):
+        if self.state.step == len(self.kit.loaders.train):
             with torch.no_grad():
-                next(self.model.parameters()).fill_(float("inf"))
+                next(self.kit.model.parameters()).fill_(float("inf"))
 
     monkeypatch.setattr(engine.Trainer, "_step", poison)
     assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--out", str(run)) == 2

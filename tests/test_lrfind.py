@@ -28,20 +28,20 @@ def test_lr_find_restores_model_and_optimizer_exactly(data, tmp_path):
     t = build_trainer(cfg, tmp_path / "run")
     # Give the optimizer some state first, so restoring it is a real check.
     t.apply_plan(0)
-    t._step(next(iter(t.loaders.train)), EpochProgress(0), t.net)
-    model_before = {k: v.clone() for k, v in t.model.state_dict().items()}
-    opt_before = copy.deepcopy(t.optimizer.state_dict())  # state_dict() holds live tensors
-    mults = [pg["lr_mult"] for pg in t.optimizer.param_groups]
-    res = lr_find(t.model, t.optimizer, t.loaders.train,
-                  lambda batch: train_step(t.model, batch, t.optimizer, t.amp, t.device), steps=30, quiet=True)
-    for k, v in t.model.state_dict().items():
+    t._step(next(iter(t.kit.loaders.train)), EpochProgress(0), t.net)
+    model_before = {k: v.clone() for k, v in t.kit.model.state_dict().items()}
+    opt_before = copy.deepcopy(t.kit.optimizer.state_dict())  # state_dict() holds live tensors
+    mults = [pg["lr_mult"] for pg in t.kit.optimizer.param_groups]
+    res = lr_find(t.kit.model, t.kit.optimizer, t.kit.loaders.train,
+                  lambda batch: train_step(t.kit.model, batch, t.kit.optimizer, t.kit.amp, t.kit.device), steps=30, quiet=True)
+    for k, v in t.kit.model.state_dict().items():
         assert torch.equal(v, model_before[k]), k
-    after = t.optimizer.state_dict()
+    after = t.kit.optimizer.state_dict()
     assert after["param_groups"] == opt_before["param_groups"]
     for pid, st in opt_before["state"].items():
         for k, v in st.items():
             assert torch.equal(after["state"][pid][k], v)
-    assert [pg["lr_mult"] for pg in t.optimizer.param_groups] == mults  # ratios kept
+    assert [pg["lr_mult"] for pg in t.kit.optimizer.param_groups] == mults  # ratios kept
     assert math.isfinite(res.suggestion) and res.lrs[0] <= res.suggestion <= res.lrs[-1]
 
 

@@ -46,18 +46,18 @@ def test_linear_probe_leaves_model_and_rng_untouched(data, tmp_path):
     cfg = RunConfig(data=str(data), model="timm/test_efficientnet", weights="none", img_size=32, batch_size=16,
                     workers=0, quiet=True, strategy="auto")
     t = build_trainer(cfg, tmp_path / "run")
-    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    before = {k: v.clone() for k, v in t.kit.model.state_dict().items()}
     rng = torch.get_rng_state()
     def probe(**kw):
         from layerwise.loaders import with_eval_transform
 
-        train = with_eval_transform(t.loaders.train.dataset, 32, t.loaded.mean, t.loaded.std)
-        loaders = probe_loaders(train, t.loaders.val.dataset, batch_size=16, workers=0, seed=0, **kw)
-        return linear_probe(t.model, head_module(t.model, t.groups), *loaders, t.device, t.amp)
+        train = with_eval_transform(t.kit.loaders.train.dataset, 32, t.kit.loaded.mean, t.kit.loaded.std)
+        loaders = probe_loaders(train, t.kit.loaders.val.dataset, batch_size=16, workers=0, seed=0, **kw)
+        return linear_probe(t.kit.model, head_module(t.kit.model, t.kit.groups), *loaders, t.kit.device, t.kit.amp)
 
     res = probe()
     assert torch.equal(rng, torch.get_rng_state())
-    for k, v in t.model.state_dict().items():
+    for k, v in t.kit.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert res.train_images == 96 and 0 <= res.acc <= 1 and res.chance == pytest.approx(1 / 3)
     # coloured squares are easy even for random features

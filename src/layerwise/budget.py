@@ -1,5 +1,5 @@
 """The training budget: batch size and epochs, chosen from the number of training images when
-the user does not set them and the strategy is ``auto``.
+the user does not set them (the batch for every strategy, the epochs for ``auto``).
 
 Epochs are the wrong unit for small data: 245 images at batch 64 are 3 optimizer steps per
 epoch. Like BiT's HyperRule (Kolesnikov et al., 2020), the rule fixes a minimum number of
@@ -44,14 +44,24 @@ def auto_epochs(n_train: int, batch: int) -> int:
 
 def resolve_budget(cfg: RunConfig, n_train: int | None) -> tuple[RunConfig, str]:
     """``cfg`` with epochs and batch size set, and a sentence saying why. Explicit values are
-    kept; ``auto`` with a known dataset size gets the step-based budget and early stopping."""
+    kept. With a known dataset size every strategy gets a batch small enough for
+    MIN_STEPS_PER_EPOCH steps an epoch (``full`` at batch 64 for 3 epochs of 1,000 images made
+    15 steps an epoch and ended 7.4 points below a plain loop at 32); ``auto`` also gets the
+    step-based epochs and early stopping."""
     from layerwise.config import validate
 
-    if cfg.strategy != "auto" or n_train is None:
+    if n_train is None:
         out = dataclasses.replace(cfg, epochs=cfg.epochs or DEFAULT_EPOCHS, batch_size=cfg.batch_size or DEFAULT_BATCH)
         validate(out)
         return out, ""
     batch = cfg.batch_size or auto_batch(n_train)
+    if cfg.strategy != "auto":
+        out = dataclasses.replace(cfg, epochs=cfg.epochs or DEFAULT_EPOCHS, batch_size=batch)
+        validate(out)
+        why = "" if cfg.batch_size else (f"budget: {n_train} training images -> batch {batch}, "
+                                         f"{max(1, n_train // batch)} steps an epoch (at least {MIN_STEPS_PER_EPOCH} "
+                                         f"where the data allows; --batch-size sets it)")
+        return out, why
     epochs = cfg.epochs or auto_epochs(n_train, batch)
     patience = cfg.patience if cfg.patience is not None or cfg.epochs else max(MIN_PATIENCE, math.ceil(epochs / 2))
     out = dataclasses.replace(cfg, epochs=epochs, batch_size=batch, patience=patience)

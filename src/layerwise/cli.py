@@ -98,9 +98,10 @@ def _resume_config(args: argparse.Namespace, run: Path) -> "RunConfig":
     from layerwise.config import KEYS, load_yaml
     from layerwise.engine import RESUME_OVERRIDABLE
 
-    if not (run / rundir.CONFIG).is_file():
-        raise LayerwiseError(f"{str(run)!r} is not a run folder (no {rundir.CONFIG}); pass the --out of a started fit")
-    saved = from_mapping(load_yaml(run / rundir.CONFIG))
+    config = rundir.RunDir(run).config
+    if not config.is_file():
+        raise LayerwiseError(f"{str(run)!r} is not a run folder (no {config.name}); pass the --out of a started fit")
+    saved = from_mapping(load_yaml(config))
     given = {k: v for k, v in vars(args).items() if k in KEYS and k != "out"}
     fixed = {k: v for k, v in given.items() if k not in RESUME_OVERRIDABLE and getattr(saved, k) != v}
     if fixed:
@@ -163,7 +164,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from layerwise.compare import compare
+    from layerwise.compare import best_acc_text, compare
+    from layerwise.rundir import CompareDir
 
     cfg = _config_from(args, skip=("strategies", "repeats", "budget", "resume", "overwrite"))
     if not cfg.out:
@@ -173,9 +175,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     summary = compare(cfg, args.strategies, Path(cfg.out), repeats=args.repeats, overwrite=args.overwrite)
     rec = summary["recommendation"]
     for r in summary["strategies"]:
-        sd = f" ± {r['best_val_acc_std']:.3f}" if r["repeats"] > 1 else ""
-        print(f"  {r['strategy']:<15} best val acc {r['best_val_acc']:.3f}{sd}  {r['wall_seconds']:.0f}s")
-    print(f"recommendation: {rec['strategy']} — {rec['reason']}\nsummary: {Path(cfg.out) / 'summary.md'}")
+        print(f"  {r['strategy']:<15} best val acc {best_acc_text(r)}  {r['wall_seconds']:.0f}s")
+    print(f"recommendation: {rec['strategy']} — {rec['reason']}\nsummary: {CompareDir(Path(cfg.out)).summary_md}")
     return 0
 
 

@@ -18,17 +18,14 @@ from layerwise import rundir
 from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
 from layerwise.config import RunConfig
 from layerwise.errors import LayerwiseError, UnknownNameError
+from layerwise.rundir import CompareDir, RunDir
 from layerwise.strategies import STRATEGIES
 
 DEFAULT_STRATEGIES = ("head", "lp-ft", "gradual", "discriminative", "full")
 
 
-def run_dir(out: Path, strategy: str, seed: int, repeats: int) -> Path:
-    return out / (strategy if repeats == 1 else f"{strategy}-seed{seed}")
-
-
 def is_finished(run: Path) -> bool:
-    return (run / rundir.REPORT).is_file()
+    return RunDir(run).report.is_file()
 
 
 def run_all(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: int = 1,
@@ -46,7 +43,7 @@ def run_all(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: i
     for strategy in strategies:
         for r in range(repeats):
             seed = base.seed + r
-            run = run_dir(out, strategy, seed, repeats)
+            run = CompareDir(out).run_for(strategy, seed, repeats)
             runs.append(run)
             cfg = dataclasses.replace(base, strategy=strategy, seed=seed, out=str(run))
             stale = rundir.holds_run(run) and rundir.fingerprint_mismatch(run, rundir.run_fingerprint(cfg))
@@ -73,18 +70,18 @@ def _run_log(run: Path, *, quiet: bool) -> Iterator[None]:
         yield
         return
     run.mkdir(parents=True, exist_ok=True)
-    with open(run / rundir.LOG, "a") as f, contextlib.redirect_stdout(f):
+    with open(RunDir(run).log, "a") as f, contextlib.redirect_stdout(f):
         yield
 
 
 def run_row(run: Path) -> dict:
     """One run's summary, straight from its metrics.jsonl and plan.json."""
-    rows = read_jsonl(run / rundir.METRICS)
-    plan = json.loads((run / rundir.PLAN).read_text())
+    rows = read_jsonl(RunDir(run).metrics)
+    plan = json.loads(RunDir(run).plan.read_text())
     best = max(rows, key=lambda r: r["val_acc"])  # auto's probe row (epoch -1) counts: it may be the best
     trained = [r for r in rows if r["epoch"] >= 0]
     last = trained[-1]
-    probe_file = run / rundir.PROBE
+    probe_file = RunDir(run).probe
     probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
     return {
         "run": str(run),
@@ -107,12 +104,18 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def best_acc_text(row: dict) -> str:
+    """A strategy's best val accuracy, with ``± std`` over its repeats when it has several."""
+    sd = f" ± {row['best_val_acc_std']:.3f}" if row["repeats"] > 1 else ""
+    return f"{row['best_val_acc']:.3f}{sd}"
+
+
 def summarise(rows: Sequence[dict], strategies: Sequence[str], n_val: int) -> dict:
     """Per-strategy means (± std over repeats) of :func:`run_row` rows, and a
     recommendation that says when the winner's margin is within noise."""
     by: dict[str, list[dict]] = {s: [] for s in strategies}
     for row in rows:
-        by[Path(row["run"]).name.split("-seed")[0]].append(row)
+        by[CompareDir.strategy_of(row["run"])].append(row)
     table = []
     for s, rows in by.items():
         acc, acc_sd = _mean_std([r["best_val_acc"] for r in rows])
@@ -158,22 +161,21 @@ def recommend(table: Sequence[dict], n_val: int) -> dict:
 def write_summary(out: Path, summary: dict, rows: Sequence[dict]) -> None:
     from layerwise.report import plot_compare
 
-    write_json(out / "summary.json", summary)
+    write_json(CompareDir(out).summary_json, summary)
     pngs = plot_compare(rows, out)
     rec = summary["recommendation"]
     lines = ["# layerwise compare", "", f"**Recommendation: {rec['strategy']}** — {rec['reason']}.", "",
              "| strategy | best val acc | final val acc | train−val gap | wall s | img/s | trainable params (per epoch) |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in summary["strategies"]:
-        sd = f" ± {r['best_val_acc_std']:.3f}" if r["repeats"] > 1 else ""
         name = r["strategy"] if r["chosen"] == r["strategy"] else f"{r['strategy']} ({r['chosen']})"
         params = " → ".join(f"{p / 1e6:.2f}M" for p in r["trainable_params"])
-        lines.append(f"| {name} | {r['best_val_acc']:.3f}{sd} (epoch {r['best_epoch']}) | {r['final_val_acc']:.3f} | "
+        lines.append(f"| {name} | {best_acc_text(r)} (epoch {r['best_epoch']}) | {r['final_val_acc']:.3f} | "
                      f"{r['gap']:+.3f} | {r['wall_seconds']:.0f} | {r['images_per_second']:.0f} | {params} |")
     lines += [f"\n{r['strategy']} chose {r['chosen']}: {r['evidence']}." for r in summary["strategies"] if r["evidence"]]
     lines += ["", *(f"![{p}]({p})" for p in pngs)]
-    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
-    atomic_write_text(out / "report.html", html_report(summary, [out / p for p in pngs]))
+    atomic_write_text(CompareDir(out).summary_md, "\n".join(lines) + "\n")
+    atomic_write_text(CompareDir(out).report_html, html_report(summary, [out / p for p in pngs]))
 
 
 def html_report(summary: dict, pngs: Sequence[Path]) -> str:
@@ -185,9 +187,8 @@ def html_report(summary: dict, pngs: Sequence[Path]) -> str:
     head = ("strategy", "best val acc", "final val acc", "train−val gap", "wall s", "img/s")
     rows = []
     for r in summary["strategies"]:
-        sd = f" ± {r['best_val_acc_std']:.3f}" if r["repeats"] > 1 else ""
         name = r["strategy"] if r["chosen"] == r["strategy"] else f"{r['strategy']} ({r['chosen']})"
-        cells = (name, f"{r['best_val_acc']:.3f}{sd}", f"{r['final_val_acc']:.3f}", f"{r['gap']:+.3f}",
+        cells = (name, best_acc_text(r), f"{r['final_val_acc']:.3f}", f"{r['gap']:+.3f}",
                  f"{r['wall_seconds']:.0f}", f"{r['images_per_second']:.0f}")
         cls = ' class="pick"' if r["strategy"] == rec["strategy"] else ""
         rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")

@@ -42,9 +42,10 @@ from layerwise.plan import Plan
 from layerwise.progress import say
 from layerwise.resolution import describe as describe_sizes
 from layerwise.resolve import Evidence, Resolved, resolve
+from layerwise.rundir import RunDir
 from layerwise.setup import ModelSetup, load_data, set_up_model
 from layerwise.step import train_step
-from layerwise.trainer import Interrupted, Trainer
+from layerwise.trainer import Interrupted, Kit, Trainer
 
 # What --resume may change: how far and how fast to go, and what to do about divergence.
 # Anything else would make the checkpoint and the config disagree.
@@ -121,7 +122,7 @@ def decide(cfg: RunConfig, p: Prepared, run: Path, info: DistInfo, *, started: f
     if r.config.probe_head and not restored:
         row = begin_at_probe(loaded.model, head, Path(r.config.probe_head), p.loaders.val, amp=p.amp, device=p.device,
                              channels_last=r.config.channels_last, dist=info,
-                             best=run / rundir.BEST if info.is_main else None,
+                             best=RunDir(run).best if info.is_main else None,
                              keep_probe_head=r.strategy.trains_from_probe, head_params=r.plan.sizes[groups[-1].name],
                              head_group=groups[-1].name)
         row["elapsed_seconds"] = time.perf_counter() - started
@@ -130,8 +131,8 @@ def decide(cfg: RunConfig, p: Prepared, run: Path, info: DistInfo, *, started: f
         if info.is_main:
             from layerwise.report import plot_lr_find
 
-            plot_lr_find(found, run / rundir.LR_FIND_PNG)
-        say(f"lr auto: {found.reason}; base lr {found.suggestion:.2e} (plot: {run / rundir.LR_FIND_PNG})")
+            plot_lr_find(found, RunDir(run).lr_find_png)
+        say(f"lr auto: {found.reason}; base lr {found.suggestion:.2e} (plot: {RunDir(run).lr_find_png})")
         r = resolve(cfg, p.model.facts, dataclasses.replace(ev, lr=found.suggestion))
     return r, row
 
@@ -150,8 +151,8 @@ def build(p: Prepared, r: Resolved, run: Path, info: DistInfo = DistInfo()) -> T
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(r.config.ema), use_buffers=True)
-    return Trainer(r.config, r.plan, p.model.loaded, p.model.groups, p.splits, run, p.device, p.amp, _optimizer(p, r),
-                   p.loaders, ema, dist=info, budget=r.budget)
+    kit = Kit(p.model.loaded, p.model.groups, _optimizer(p, r), p.amp, p.device, p.loaders, ema, info)
+    return Trainer(r.config, r.plan, kit, p.splits, RunDir(run), budget=r.budget)
 
 
 def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Trainer:
@@ -178,7 +179,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
             # Taken before set-up resolves defaults, so compare can predict it from its inputs.
             fingerprint = None if resume else rundir.run_fingerprint(cfg)
             t = _start(cfg, run, info, started, resume=resume, overwrite=overwrite, fingerprint=fingerprint)
-            return run_epochs(t, run, info)
+            return run_epochs(t, info)
     finally:
         shutdown(info)
 
@@ -194,28 +195,25 @@ def _start(cfg: RunConfig, run: Path, info: DistInfo, started: float, *, resume:
     t = build(p, r, run, info)
     t.started = started  # elapsed_seconds counts data and model set-up too
     if probe_row is not None:
-        t.history.append(probe_row)
-        t.best_acc, t.best_epoch = probe_row["val_acc"], -1
+        t.state.record(probe_row)
     if restored:
         _check_resumable(run, t)
         t.start_epoch, t.progress = t.load_last()
-        if t.history:  # elapsed_seconds keeps counting across sittings
-            t.started -= t.history[-1]["elapsed_seconds"]
+        if t.state.history:  # elapsed_seconds keeps counting across sittings
+            t.started -= t.state.history[-1]["elapsed_seconds"]
     elif resume:
         say(f"resume: {run} has no checkpoint yet (stopped before the first one was written); starting it from step 0")
     recorded = dataclasses.replace(t.cfg, resumed=_resumes(t, run)) if resume else t.cfg
     if info.is_main:
         _sync_logs(t)
+        t.run.write_header(config_text=(f"# {t.budget}\n" if t.budget else "") + recorded.to_yaml(),
+                           plan=t.plan.to_dict(), fingerprint=fingerprint,
+                           model=rundir.model_info(t.kit.loaded, t.cfg, t.splits.classes, len(t.splits.val)))
         with rundir.explain_write_errors(run):
-            atomic_write_text(run / rundir.CONFIG, (f"# {t.budget}\n" if t.budget else "") + recorded.to_yaml())
-            write_json(run / rundir.PLAN, t.plan.to_dict())
-            write_json(run / rundir.MODEL, rundir.model_info(t.loaded, t.cfg, t.splits.classes, len(t.splits.val)))
-            write_skipped(run / rundir.SKIPPED, t.splits.skipped)
-            if fingerprint is not None:
-                write_json(run / rundir.FINGERPRINT, fingerprint)
+            write_skipped(t.run.skipped, t.splits.skipped)
     _say_start(cfg, t, info)
-    if t.cfg.bn == "adapt" and t.step == 0:
-        n = recalibrate_norms(t.model, _adapt_batches(t))
+    if t.cfg.bn == "adapt" and t.state.step == 0:
+        n = recalibrate_norms(t.kit.model, _adapt_batches(t))
         say(f"bn adapt: re-estimated BatchNorm statistics on {n} training images")
     return t
 
@@ -235,10 +233,10 @@ def _sync_logs(t: Trainer) -> None:
     """Make the logs say exactly what ``last/`` holds: metrics.jsonl is rewritten from the
     checkpoint's rows (a kill may have come between the checkpoint and its log row), and
     steps of epochs the checkpoint does not cover are dropped (they will be redone)."""
-    with rundir.explain_write_errors(t.run):
-        atomic_write_text(t.run / rundir.METRICS, "".join(json.dumps(r) + "\n" for r in t.history))
-        rows = [r for r in read_jsonl(t.run / rundir.STEPS) if r["epoch"] < t.start_epoch]
-        atomic_write_text(t.run / rundir.STEPS, "".join(json.dumps(r) + "\n" for r in rows))
+    with rundir.explain_write_errors(t.run.root):
+        atomic_write_text(t.run.metrics, "".join(json.dumps(r) + "\n" for r in t.state.history))
+        rows = [r for r in read_jsonl(t.run.steps) if r["epoch"] < t.start_epoch]
+        atomic_write_text(t.run.steps, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _has_slow_groups(plan: Plan) -> bool:
@@ -271,26 +269,26 @@ def find_lr(cfg: RunConfig, out: Path, **kw: Any) -> tuple[LRFind, dict[str, flo
     p = prepare(cfg)
     res = range_test(p, p.resolved, **kw)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / rundir.LR_FIND_JSON, res.to_dict())
-    plot_lr_find(res, out / rundir.LR_FIND_PNG)
+    write_json(RunDir(out).lr_find_json, res.to_dict())
+    plot_lr_find(res, RunDir(out).lr_find_png)
     states = p.resolved.plan.states(0)
     return res, {g: states[g].lr_mult for g in states}
 
 
 def _adapt_batches(t: Trainer, max_images: int = 2048) -> Iterator[torch.Tensor]:
     """Training images through the deterministic eval transform, for BN re-estimation."""
-    ds = with_eval_transform(t.loaders.train.dataset, t.cfg.img_size, t.loaded.mean, t.loaded.std)
+    ds = with_eval_transform(t.kit.loaders.train.dataset, t.cfg.img_size, t.kit.loaded.mean, t.kit.loaded.std)
     seen = 0
-    for x, _ in ordered_loader(ds, t.cfg.batch_size, t.loaders.train.num_workers):
+    for x, _ in ordered_loader(ds, t.cfg.batch_size, t.kit.loaders.train.num_workers):
         if seen >= max_images:
             break
         seen += x.shape[0]
-        yield to_device(x, t.device, t.cfg.channels_last)
+        yield to_device(x, t.kit.device, t.cfg.channels_last)
 
 
 def _check_resumable(run: Path, t: Trainer) -> None:
-    saved = rundir.read_model_info(run)
-    now = rundir.model_info(t.loaded, t.cfg, t.splits.classes, len(t.splits.val))
+    saved = RunDir(run).model_info()
+    now = rundir.model_info(t.kit.loaded, t.cfg, t.splits.classes, len(t.splits.val))
     for key in ("arch", "num_classes", "classes", "head"):
         if saved[key] != now[key]:
             raise LayerwiseError(f"cannot resume {run}: it was trained with {key} {saved[key]!r}, "
@@ -299,20 +297,21 @@ def _check_resumable(run: Path, t: Trainer) -> None:
 
 def _resumes(t: Trainer, run: Path) -> list[dict[str, Any]]:
     """config.yaml keeps each resume's changed settings and the epoch/step they took effect."""
-    saved = config_from(load_yaml(run / rundir.CONFIG))
+    saved = config_from(load_yaml(RunDir(run).config))
     changed = {k: getattr(t.cfg, k) for k in RESUME_OVERRIDABLE
                if k not in _RESUME_IGNORED and getattr(t.cfg, k) != getattr(saved, k)}
     if not changed:
         return saved.resumed
-    say(f"resume: from epoch {t.start_epoch} (step {t.step}) with "
+    say(f"resume: from epoch {t.start_epoch} (step {t.state.step}) with "
         + ", ".join(f"{k} {getattr(saved, k)!r} -> {v!r}" for k, v in changed.items()))
-    return [*saved.resumed, {"epoch": t.start_epoch, "step": t.step, "changed": changed}]
+    return [*saved.resumed, {"epoch": t.start_epoch, "step": t.state.step, "changed": changed}]
 
 
 def _banner(t: Trainer) -> str:
-    sp, loaded = t.splits, t.loaded
+    sp, loaded = t.splits, t.kit.loaded
     lines = [f"data: {sp.name} · {len(sp.train)} train / {len(sp.val)} val images · {len(sp.classes)} classes",
              f"model: {loaded.name} ({loaded.source} {loaded.arch}) · weights {loaded.weights} · "
-             f"{describe_sizes(t.plan.train_sizes, t.cfg.img_size)} · {t.device} · {t.amp.precision} · bn {t.cfg.bn}"]
+             f"{describe_sizes(t.plan.train_sizes, t.cfg.img_size)} · {t.kit.device} · {t.kit.amp.precision} · "
+             f"bn {t.cfg.bn}"]
     lines += loaded.notes
     return "\n".join(lines + [t.plan.table(), ""])

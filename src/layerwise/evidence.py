@@ -30,6 +30,7 @@ from layerwise.loaders import ordered_loader
 from layerwise.probe import ProbeResult, earlier_depth, linear_probe, load_probe_head, probe_loaders
 from layerwise.progress import say
 from layerwise.resolve import Evidence, Resolved
+from layerwise.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def probe_evidence(res: ProbeResult, head: nn.Module, run: Path, dist: DistInfo)
     path = None
     probe_head = copy.deepcopy(head)  # the model's own head stays fresh: begin_at_probe loads it
     if res.head is not None and load_probe_head(probe_head, res.head):
-        path = run / rundir.PROBE_HEAD
+        path = RunDir(run).probe_head
         if dist.is_main:
             save_weights(path, probe_head)
     return Evidence(probe_skill=round(skill, 4), bn_shift=None if shift < 0 else round(shift, 4),
@@ -80,7 +81,7 @@ def record_probe(run: Path, res: ProbeResult, earlier: tuple[str, str] | None, r
     """probe.json and the banner line: what was measured, and what auto chose from it."""
     cfg, strategy = r.config, r.strategy
     if dist.is_main:
-        write_json(run / rundir.PROBE, {"val_acc": res.acc, "chance": res.chance, "skill": cfg.probe_skill,
+        write_json(RunDir(run).probe, {"val_acc": res.acc, "chance": res.chance, "skill": cfg.probe_skill,
                                         "train_images": res.train_images, "seconds": round(res.seconds, 2),
                                         "c": res.head.c if res.head else None, "knn_acc": res.knn_acc,
                                         "hscore": res.hscore, "bn_shift": cfg.bn_shift,

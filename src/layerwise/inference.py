@@ -44,7 +44,7 @@ def load_run(run: str | Path) -> RunModel:
     """Rebuild RUN's architecture and head, then load its best weights."""
     run = Path(run)
     info = rundir.read_model_info(run)
-    wpath = run / "best.safetensors"
+    wpath = rundir.RunDir(run).best
     if not wpath.is_file():
         raise MissingPathError(f"{str(wpath)!r} does not exist; the run has not finished an epoch yet")
     # Build the exact architecture that was trained (e.g. tf_efficientnet_lite0), unweighted.

@@ -12,7 +12,7 @@ import torch
 
 from layerwise import rundir
 from layerwise.budget import epochs_without_gain
-from layerwise.checkpoint import append_jsonl, load_weights, save_weights, write_json
+from layerwise.checkpoint import load_weights, save_weights, write_json
 from layerwise.distributed import DistInfo, params_in_sync
 from layerwise.errors import LayerwiseError
 from layerwise.evaluation import EvalResult, evaluate, evaluate_features, gather_eval
@@ -21,13 +21,15 @@ from layerwise.rng import epoch_seed, seed_everything
 from layerwise.trainer import EpochProgress, Interrupted, StopRequested, Trainer, check_finite
 
 
-def run_epochs(t: Trainer, run: Path, info: DistInfo) -> Path:
+def run_epochs(t: Trainer, info: DistInfo) -> Path:
     """The epochs, then the best weights evaluated and the report written."""
-    writer = _tensorboard(run) if info.is_main else None
+    run = t.run
+    writer = _tensorboard(run.root) if info.is_main else None
     with StopRequested(install=not info.enabled) as stop:
         try:
             for epoch in range(t.start_epoch, t.cfg.epochs):
-                if _train_and_log(t, epoch, stop, writer, t.progress if epoch == t.start_epoch else None):
+                row = epoch_row(t, epoch, stop, t.progress if epoch == t.start_epoch else None)
+                if _record(t, row, writer):
                     say(f"early stopping: val accuracy has not improved for {t.cfg.patience} epochs")
                     break
                 if t.cfg.time_budget and time.perf_counter() - t.started >= t.cfg.time_budget:
@@ -38,44 +40,44 @@ def run_epochs(t: Trainer, run: Path, info: DistInfo) -> Path:
             raise
     from layerwise.report import write_run_report
 
-    if not params_in_sync(t.model, info):
+    if not params_in_sync(t.kit.model, info):
         raise LayerwiseError("ranks ended with different weights; this is a bug in the distributed set-up")
     if info.enabled:
         say(f"ranks in sync: all {info.world} processes hold identical weights")
     best = _final_eval(t)
     if info.is_main:
-        with rundir.explain_write_errors(run):
-            write_run_report(run, t.splits.classes, best)
-    say(f"best val accuracy {t.best_acc:.4f} (epoch {t.best_epoch})\nrun folder: {run}\nreport: {run / rundir.REPORT}")
-    return run
+        with rundir.explain_write_errors(run.root):
+            write_run_report(run.root, t.splits.classes, best)
+    say(f"best val accuracy {t.state.best_acc:.4f} (epoch {t.state.best_epoch})\nrun folder: {run}\nreport: {run.report}")
+    return run.root
 
 
-def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: Any,
-                   progress: EpochProgress | None = None) -> bool:
-    """One epoch: plan, train, validate, log, checkpoint. Returns True to stop early."""
+def epoch_row(t: Trainer, epoch: int, stop: StopRequested, progress: EpochProgress | None = None) -> dict:
+    """One epoch planned, trained and validated: its metrics row (``progress`` resumes it)."""
     cfg = t.cfg
     seed_everything(epoch_seed(cfg.seed, epoch))
-    t.loaders.reseed(epoch_seed(cfg.seed, epoch))
+    t.kit.loaders.reseed(epoch_seed(cfg.seed, epoch))
     t.apply_plan(epoch)
-    first = progress.start_step if progress else t.step
+    first = progress.start_step if progress else t.state.step
     lr_start = t.plan.lrs_at(epoch, first)
     tic = time.perf_counter()
     cut = t.cut(epoch)
     if cut is not None:
         store = t.store_for(cut)  # built in the first epoch of this cut, and counted in its time
-        batches = _progress(store.batches(epoch, cfg.batch_size, t.loaders.generator, t.loaders.train.drop_last),
-                            epoch, cfg.epochs, cfg.quiet, len(t.loaders.train))
+        loaders = t.kit.loaders
+        batches = _progress(store.batches(epoch, cfg.batch_size, loaders.generator, loaders.train.drop_last),
+                            epoch, cfg.epochs, cfg.quiet, len(loaders.train))
         tr = t.train_epoch(epoch, stop, batches, progress, forward=cut.suffix)
     else:
         t.features = None  # the trainable set reaches the cut: cached inputs are stale
-        tr = t.train_epoch(epoch, stop, _progress(t.loaders.train, epoch, cfg.epochs, cfg.quiet), progress)
+        tr = t.train_epoch(epoch, stop, _progress(t.kit.loaders.train, epoch, cfg.epochs, cfg.quiet), progress)
     train_s = time.perf_counter() - tic
-    if cut is not None and t.features is not None and t.ema is None:
-        ev = evaluate_features(cut.suffix, t.features.val, t.features.val_labels, t.amp, t.device,
+    if cut is not None and t.features is not None and t.kit.ema is None:
+        ev = evaluate_features(cut.suffix, t.features.val, t.features.val_labels, t.kit.amp, t.kit.device,
                                batch_size=1024 if cut.key == "head" else cfg.batch_size)
     else:
-        ev = gather_eval(evaluate(t.eval_model(), t.loaders.val, t.amp, t.device, channels_last=cfg.channels_last),
-                         t.dist)
+        ev = gather_eval(evaluate(t.kit.eval_model(), t.kit.loaders.val, t.kit.amp, t.kit.device,
+                                  channels_last=cfg.channels_last), t.kit.dist)
     row = {
         "epoch": epoch, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"], "val_loss": ev.loss,
         "val_acc": ev.acc, "lr": lr_start, "train_size": t.train_side,
@@ -83,39 +85,44 @@ def _train_and_log(t: Trainer, epoch: int, stop: StopRequested, writer: Any,
         "trainable_groups": t.plan.trainable_groups(epoch), "epoch_seconds": time.perf_counter() - tic,
         "images_per_second": tr["images"] / max(train_s, 1e-9), "elapsed_seconds": time.perf_counter() - t.started,
     }
-    improved = ev.acc > t.best_acc
+    return row
+
+
+def _record(t: Trainer, row: dict, writer: Any) -> bool:
+    """An epoch's row into the state, best.safetensors, the checkpoint and the logs, in that
+    order: the log never names an epoch the checkpoint lacks. Returns True to stop early."""
+    cfg, epoch = t.cfg, row["epoch"]
+    improved = t.state.record(row)
     if improved:
-        t.best_acc, t.best_epoch = ev.acc, epoch
-        check_finite(t.eval_model(), t.step, t.run)
-        if t.dist.is_main:
-            with rundir.explain_write_errors(t.run):
-                save_weights(t.run / rundir.BEST, t.eval_model())
-    t.history.append(row)
-    t.save_last(epoch)  # the checkpoint first: the log never names an epoch the checkpoint lacks
-    if t.dist.is_main:
-        with rundir.explain_write_errors(t.run):
-            append_jsonl(t.run / rundir.METRICS, row)
+        check_finite(t.kit.eval_model(), t.state.step, t.run)
+        if t.kit.dist.is_main:
+            with rundir.explain_write_errors(t.run.root):
+                save_weights(t.run.best, t.kit.eval_model())
+    t.save_last(epoch)
+    if t.kit.dist.is_main:
+        t.run.append_metrics(row)
     if writer is not None:
         for k in ("train_loss", "train_acc", "val_loss", "val_acc", "images_per_second"):
             writer.add_scalar(k, row[k], epoch)
-    say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {tr['train_loss']:.4f} acc {tr['train_acc']:.4f} · "
-        f"val loss {ev.loss:.4f} acc {ev.acc:.4f} · {row['images_per_second']:.0f} img/s" + (" · best" if improved else ""))
-    return bool(cfg.patience) and epochs_without_gain(t.history) >= cfg.patience
+    say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} · "
+        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} · {row['images_per_second']:.0f} img/s"
+        + (" · best" if improved else ""))
+    return bool(cfg.patience) and epochs_without_gain(t.state.history) >= cfg.patience
 
 
 def _final_eval(t: Trainer) -> EvalResult:
     """Reload the best weights and evaluate them, with ``--tta`` views if given (for the
     report's confusion matrix)."""
-    model = t.eval_model()
-    if t.dist.enabled:
+    model = t.kit.eval_model()
+    if t.kit.dist.enabled:
         torch.distributed.barrier()  # rank 0 has written best.safetensors
-    load_weights(t.run / rundir.BEST, model)
-    ev = gather_eval(evaluate(model, t.loaders.val, t.amp, t.device, views=t.cfg.tta,
-                              channels_last=t.cfg.channels_last), t.dist)
+    load_weights(t.run.best, model)
+    ev = gather_eval(evaluate(model, t.kit.loaders.val, t.kit.amp, t.kit.device, views=t.cfg.tta,
+                              channels_last=t.cfg.channels_last), t.kit.dist)
     if t.cfg.tta:
         say(f"best weights with TTA {', '.join(t.cfg.tta)}: val accuracy {ev.acc:.4f}")
-        if t.dist.is_main:
-            write_json(t.run / rundir.TTA, {"views": t.cfg.tta, "val_acc": ev.acc, "val_loss": ev.loss})
+        if t.kit.dist.is_main:
+            write_json(t.run.tta, {"views": t.cfg.tta, "val_acc": ev.acc, "val_loss": ev.loss})
     return ev
 
 

@@ -103,9 +103,10 @@ def plot_confusion(cm: list[list[int]], classes: Sequence[str], path: Path) -> s
 
 def write_run_report(run: Path, classes: Sequence[str], best: EvalResult) -> Path:
     """Write the PNGs and ``report.md`` of a finished run."""
-    rows = read_jsonl(run / rundir.METRICS)
-    steps = read_jsonl(run / rundir.STEPS)
-    plan = json.loads((run / rundir.PLAN).read_text())
+    files = rundir.RunDir(run)
+    rows = read_jsonl(files.metrics)
+    steps = read_jsonl(files.steps)
+    plan = json.loads(files.plan.read_text())
     cm = best.confusion(len(classes)).tolist()
     per_class = best.per_class_acc(len(classes))
     curves, lr, trainable, confusion = (run / name for name in rundir.PLOTS)
@@ -134,7 +135,7 @@ def write_run_report(run: Path, classes: Sequence[str], best: EvalResult) -> Pat
               "## Confusion matrix and per-class accuracy", "", f"![confusion]({pngs[3]})", "",
               "| class | accuracy |", "|---|---:|"]
     lines += [f"| {c} | {a:.4f} |" for c, a in zip(classes, per_class)]
-    out = run / rundir.REPORT
+    out = rundir.RunDir(run).report
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
@@ -150,7 +151,7 @@ def plot_compare(rows: Sequence[dict], out: Path) -> list[str]:
 
     by: dict[str, list[dict]] = {}
     for r in rows:
-        by.setdefault(Path(r["run"]).name.split("-seed")[0], []).append(r)
+        by.setdefault(rundir.CompareDir.strategy_of(r["run"]), []).append(r)
     colours = matplotlib.colormaps["tab10"] if len(by) <= 10 else matplotlib.colormaps["tab20"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     fig2, ax2 = plt.subplots(figsize=(6.5, 4.5))
@@ -170,7 +171,8 @@ def plot_compare(rows: Sequence[dict], out: Path) -> list[str]:
     ax.legend(fontsize=8)
     ax2.set(title="time vs best accuracy", xlabel="training seconds", ylabel="best val acc")
     ax2.grid(alpha=0.3)
-    return [save_figure(fig, out / "compare_val_acc.png"), save_figure(fig2, out / "compare_time_acc.png")]
+    val_acc_png, time_acc_png = rundir.CompareDir(out).plots
+    return [save_figure(fig, val_acc_png), save_figure(fig2, time_acc_png)]
 
 
 def plot_lr_find(res: LRFind, path: Path) -> Path:

@@ -15,11 +15,12 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layerwise.checkpoint import remove_stale_temp_files
+from layerwise.checkpoint import append_jsonl, atomic_write_text, remove_stale_temp_files, write_json
 from layerwise.errors import LayerwiseError, MissingPathError, read_user_text
 
 if TYPE_CHECKING:
@@ -234,3 +235,80 @@ def _lock(fd: int, run: Path) -> None:
         raise RunLockedError(
             f"another layerwise process is writing {str(run)!r}; wait for it to finish (or stop it), or choose "
             "another --out") from None
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run folder's files by role, and its appenders: the one place their names live."""
+
+    root: Path
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def __getattr__(self, role: str) -> Path:
+        """``run.metrics`` -> RUN/metrics.jsonl, for each role of :data:`ROLES`."""
+        if role in ROLES:
+            return self.root / ROLES[role]
+        raise AttributeError(f"a run folder has no file {role!r}; its files are: {', '.join(ROLES)}")
+
+    def append_metrics(self, row: dict) -> None:
+        """One epoch's row, appended and fsynced: the log never names an epoch it then loses."""
+        with explain_write_errors(self.root):
+            append_jsonl(self.metrics, row)
+
+    def append_steps(self, rows: Sequence[dict]) -> None:
+        """An epoch's per-step rows, without an fsync (per epoch, off the hot path)."""
+        with explain_write_errors(self.root), open(self.steps, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def write_header(self, *, config_text: str, plan: dict, model: dict, fingerprint: dict | None) -> None:
+        """The files a fit writes before its first epoch: config, plan, model info, fingerprint."""
+        with explain_write_errors(self.root):
+            atomic_write_text(self.config, config_text)
+            write_json(self.plan, plan)
+            write_json(self.model, model)
+            if fingerprint is not None:
+                write_json(self.fingerprint, fingerprint)
+
+    def model_info(self) -> dict:
+        return read_model_info(self.root)
+
+
+# role -> file name, as RunDir exposes them (run.config, run.best, run.state...)
+ROLES = {"config": CONFIG, "plan": PLAN, "model": MODEL, "metrics": METRICS, "steps": STEPS, "best": BEST,
+         "state": STATE, "probe": PROBE, "probe_head": PROBE_HEAD, "skipped": SKIPPED, "tta": TTA, "report": REPORT,
+         "lr_find_png": LR_FIND_PNG, "lr_find_json": LR_FIND_JSON, "fingerprint": FINGERPRINT, "log": LOG}
+
+SEED_SEP = "-seed"  # compare's run folders with repeats: STRATEGY-seedN
+
+
+@dataclass(frozen=True)
+class CompareDir:
+    """``layerwise compare``'s folder: a run folder per strategy and seed, and the summary."""
+
+    root: Path
+
+    def run_for(self, strategy: str, seed: int, repeats: int) -> Path:
+        return self.root / (strategy if repeats == 1 else f"{strategy}{SEED_SEP}{seed}")
+
+    @staticmethod
+    def strategy_of(run: str | Path) -> str:
+        """The strategy a run folder of :meth:`run_for` belongs to."""
+        return Path(run).name.split(SEED_SEP)[0]
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def summary_md(self) -> Path:
+        return self.root / "summary.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def plots(self) -> tuple[Path, Path]:
+        return self.root / "compare_val_acc.png", self.root / "compare_time_acc.png"
