@@ -93,3 +93,15 @@ def test_no_module_over_400_lines(path):
 def test_the_graph_reads_function_level_and_type_checking_imports():
     assert "report" in GRAPH["engine"]  # imported inside decide() and find_lr()
     assert "config" in GRAPH["plan"]  # under TYPE_CHECKING
+
+
+def test_nothing_reassigns_a_config_or_plan_once_built():
+    """Resolve decides; nothing after it writes ``x.cfg = ...`` or ``x.plan = ...``."""
+    found = []
+    for path in SRC.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            found += [f"{path.name}:{node.lineno}" for t in targets
+                      if isinstance(t, ast.Attribute) and t.attr in ("cfg", "plan", "config")]
+    assert not found, f"settings reassigned after resolve at {', '.join(found)}"
