@@ -10,7 +10,6 @@ from layerwise.checkpoint import (
     atomic_write_bytes,
     load_state,
     load_weights,
-    remove_stale_temp_files,
     save_state,
     save_weights,
 )
@@ -93,11 +92,3 @@ def test_run_files_honour_the_umask(tmp_path):
     assert (tmp_path / "b").stat().st_mode & 0o777 == 0o600
 
 
-def test_stale_temp_files_are_removed(tmp_path):
-    (tmp_path / "last").mkdir()
-    orphan = tmp_path / "last" / ".state.pt.abc123.tmp"  # what a SIGKILL mid-write leaves
-    orphan.write_bytes(b"partial")
-    keep = tmp_path / "notes.tmp"  # not one of ours: no leading dot
-    keep.write_text("mine")
-    assert remove_stale_temp_files(tmp_path) == [orphan]
-    assert not orphan.exists() and keep.exists()

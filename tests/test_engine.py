@@ -431,6 +431,36 @@ def test_nan_skip_keeps_going_past_one_bad_batch(data, tmp_path, capsys, monkeyp
     assert all(torch.isfinite(t).all() for t in load_file(str(run / "best.safetensors")).values())
 
 
+def test_a_skipped_batch_leaves_the_running_statistics_as_they_were(data, tmp_path, capsys, monkeypatch):
+    """Issue 24.4: the skipped batch's forward pass had already written inf into BatchNorm's
+    running statistics, and best.safetensors and last/ were saved with them."""
+    from layerwise.checkpoint import load_state
+
+    run = tmp_path / "run"
+    real, calls = trainer.train_step, []
+
+    def poisoned_once(model, batch, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # inf pixels: inf activations, a NaN loss, and inf batch statistics
+            batch = (torch.full_like(batch[0], float("inf")), batch[1])
+        return real(model, batch, *a, **k)
+
+    monkeypatch.setattr(trainer, "train_step", poisoned_once)
+    assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "2", "--nan", "skip", "--out", str(run)) == 0
+    assert capsys.readouterr().out.count("batch skipped (--nan skip)") == 1
+    saved = [*load_file(str(run / "best.safetensors")).values(), *load_state(run / "last" / "state.pt")["model"].values()]
+    assert any("running_var" in k for k in load_file(str(run / "best.safetensors")))
+    assert all(torch.isfinite(x).all() for x in saved if x.is_floating_point())
+
+
+def test_check_finite_reads_the_statistics_too(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    trainer.check_finite(model, 0, tmp_path)
+    model[1].running_var.fill_(float("inf"))
+    with pytest.raises(trainer.NonFiniteError, match="statistics became non-finite"):
+        trainer.check_finite(model, 0, tmp_path)
+
+
 def test_non_finite_weights_are_never_saved(data, tmp_path, capsys, monkeypatch):
     from layerwise import engine
 
@@ -445,7 +475,7 @@ def test_non_finite_weights_are_never_saved(data, tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(engine.Trainer, "_step", poison)
     assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--out", str(run)) == 2
-    assert "weights became non-finite" in capsys.readouterr().err
+    assert "weights or normalisation statistics became non-finite" in capsys.readouterr().err
     assert not (run / "best.safetensors").exists() and not (run / "last" / "state.pt").exists()
 
 

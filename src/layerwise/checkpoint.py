@@ -51,15 +51,6 @@ def _umask() -> int:
     return mask
 
 
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete temp files a killed writer left in ``folder`` and its subfolders. Call it only
-    while holding the folder's lock, when no other writer can be mid-write."""
-    stale = [p for p in folder.rglob(f".*{TMP_SUFFIX}") if p.is_file()] if folder.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

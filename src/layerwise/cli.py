@@ -31,13 +31,28 @@ if TYPE_CHECKING:
 
 def _config_from(args: argparse.Namespace, skip: Sequence[str] = ()) -> "RunConfig":
     from layerwise.choices import config_from
-    from layerwise.config import RunConfig, load_yaml
+    from layerwise.config import RunConfig
 
     values = vars(args).copy()
     for k in ("command", "func", "config", "json", "num_classes", "images_per_class", "argv", "nproc", *skip):
         values.pop(k, None)
-    base = config_from(load_yaml(args.config)) if getattr(args, "config", None) else RunConfig()
+    base = _config_file(args.config) if getattr(args, "config", None) else RunConfig()
     return config_from(values, base)
+
+
+def _config_file(path: str) -> "RunConfig":
+    """A ``--config`` file's settings, without another run's own state: its probe head and
+    resumes, and the evidence that came with that head (the probe runs again on this data)."""
+    from layerwise.choices import config_from
+    from layerwise.config import load_yaml
+
+    values = load_yaml(path)
+    dropped = [k for k in ("probe_head", "resumed") if values.get(k)]
+    if values.get("probe_head"):
+        dropped += [k for k in ("probe_skill", "bn_shift") if values.get(k) is not None]
+    if dropped:
+        print(f"--config {path}: not carried over from that run: {', '.join(dropped)} (measured again here)")
+    return config_from({k: v for k, v in values.items() if k not in dropped})
 
 
 # --- commands -----------------------------------------------------------------------------

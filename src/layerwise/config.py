@@ -87,7 +87,7 @@ class RunConfig:
     probe: bool = True  # auto: run the linear probe before training
     probe_skill: float | None = None  # auto: the probe's measured skill (set by the probe, or by you to skip it)
     bn_shift: float | None = None  # auto: the data's BatchNorm statistics shift (shift.py), measured with the skill
-    probe_head: str | None = None  # auto: the probe's fitted head (safetensors), the fine-tune's starting point
+    probe_head: str | None = None  # auto: the probe's fitted head (safetensors, in the run folder), the fine-tune's start
     # training (None: the strategy's or the library's default)
     head: str | None = None
     hidden: int = 512

@@ -120,7 +120,7 @@ def decide(cfg: RunConfig, p: Prepared, run: Path, info: DistInfo, *, started: f
         r = resolve(cfg, p.model.facts, ev)
         record_probe(run, res, earlier, r, info)
     if r.config.probe_head and not restored:
-        row = begin_at_probe(loaded.model, head, Path(r.config.probe_head), p.loaders.val, amp=p.amp, device=p.device,
+        row = begin_at_probe(loaded.model, head, run / r.config.probe_head, p.loaders.val, amp=p.amp, device=p.device,
                              channels_last=r.config.channels_last, dist=info,
                              best=RunDir(run).best if info.is_main else None,
                              keep_probe_head=r.strategy.trains_from_probe, head_params=r.plan.sizes[groups[-1].name],
@@ -176,6 +176,10 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         with rundir.writer_lock(run) if info.is_main else contextlib.nullcontext():
             if info.is_main and not resume and not overwrite:
                 rundir.refuse_existing(run)
+            if info.is_main:  # the lock is held and the folder is ours to write: a dead writer's temp files go
+                rundir.remove_own_temp_files(run)
+                if not rundir.holds_run(run):
+                    rundir.clear_unstarted(run)
             # Taken before set-up resolves defaults, so compare can predict it from its inputs.
             fingerprint = None if resume else rundir.run_fingerprint(cfg)
             t = _start(cfg, run, info, started, resume=resume, overwrite=overwrite, fingerprint=fingerprint)

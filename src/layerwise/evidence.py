@@ -73,8 +73,9 @@ def probe_evidence(res: ProbeResult, head: nn.Module, run: Path, dist: DistInfo)
         path = RunDir(run).probe_head
         if dist.is_main:
             save_weights(path, probe_head)
+    # Recorded relative to the run folder, so a moved run still finds its own head.
     return Evidence(probe_skill=round(skill, 4), bn_shift=None if shift < 0 else round(shift, 4),
-                    probe_head=None if path is None else str(path.resolve()))
+                    probe_head=None if path is None else path.name)
 
 
 def record_probe(run: Path, res: ProbeResult, earlier: tuple[str, str] | None, r: Resolved, dist: DistInfo) -> None:

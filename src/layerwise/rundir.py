@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from layerwise.checkpoint import append_jsonl, atomic_write_text, remove_stale_temp_files, write_json
+from layerwise.checkpoint import TMP_SUFFIX, append_jsonl, atomic_write_text, write_json
 from layerwise.errors import LayerwiseError, MissingPathError, read_user_text
 
 if TYPE_CHECKING:
@@ -75,8 +75,36 @@ def model_info(loaded: LoadedModel, cfg: RunConfig, classes: list[str], val_imag
 
 
 def holds_run(run: Path) -> bool:
-    """Has a fit written here (even one killed before its first checkpoint)?"""
-    return any((run / name).exists() for name in (CONFIG, MODEL, METRICS, BEST, "last"))
+    """Has a fit started here? Its config.yaml (written before the first epoch) or a checkpoint.
+    The files a probe writes before config.yaml do not count: a fit stopped there starts again."""
+    return (run / CONFIG).exists() or (run / "last").exists()
+
+
+def remove_own_temp_files(run: Path) -> list[Path]:
+    """Delete the temp files this run folder's own atomic writers leave when killed
+    (``.NAME.XXXX.tmp`` beside each run file, matched by exact name): nothing of the user's,
+    nothing of a run folder below this one. Call it only while holding the folder's lock."""
+    removed = []
+    for name in {*ROLES.values(), *PLOTS}:
+        target = run / name
+        if target.parent.is_dir():
+            for p in target.parent.glob(f".{target.name}.*{TMP_SUFFIX}"):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    return removed
+
+
+# What a fit writes before config.yaml (auto's probe, --lr auto's plot): left by a fit stopped
+# before its header, removed when the next fit starts afresh.
+BEFORE_HEADER = (PROBE, PROBE_HEAD, BEST, LR_FIND_PNG)
+
+
+def clear_unstarted(run: Path) -> None:
+    """A fresh start in a folder that holds no run: the files of a fit stopped before its
+    config.yaml go, so none of them is read as this run's."""
+    for name in BEFORE_HEADER:
+        (run / name).unlink(missing_ok=True)
 
 
 def has_checkpoint(run: Path) -> bool:
@@ -101,51 +129,72 @@ def refuse_existing(run: Path) -> None:
 @contextlib.contextmanager
 def writer_lock(run: Path) -> Iterator[None]:
     """Hold ``run`` for this process only. A folder this call created and left without a
-    run in it (a config error, a failed data check) is removed again on the way out."""
+    run in it (a config error, a failed data check) is removed again on the way out, by the
+    holder only: a writer refused the lock never unlinks the lock file another one holds."""
     created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
     fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    held = False
     try:
         _lock(fd, run)
-        remove_stale_temp_files(run)  # we hold the lock: any temp file is a dead writer's
+        held = True
         yield
     finally:
-        os.close(fd)  # releases the lock
-        if created and not holds_run(run):
+        if held and created and not holds_run(run):
             (run / LOCK).unlink(missing_ok=True)
+        os.close(fd)  # releases the lock, after the unlink: no one can lock the file we remove
+        if held and created and not holds_run(run):
             with contextlib.suppress(OSError):  # not empty: something of the user's is there
                 run.rmdir()
 
 
-# Settings that change where or how visibly a run executes, not what it computes.
+# Settings that change where or how visibly a run executes, not what it computes. (The probe's
+# skill and shift do change it: given, they decide auto's choice without a probe.)
 NOT_DEFINING = ("out", "quiet", "workers", "device", "cache", "cache_dir", "check_data", "checkpoint_every",
-                "resumed", "probe_skill", "bn_shift", "probe_head")
+                "resumed", "probe_head")
 
 
 def data_fingerprint(data: str | None) -> str:
-    """A hash of DATA's file list with sizes and modification times (a CSV: of the CSV and
-    the files it lists are not opened): the same folder with other images hashes differently."""
+    """A hash of exactly the files the loader reads (path, size, modification time; a CSV's
+    too, and every image it lists), in the loader's own listing: files beside the data and
+    symlink cycles are never walked, and the same folder with other images hashes differently."""
+    from layerwise.data import load_splits
+
     if data is None:
         return "embedded digits"
-    root, h = Path(data), hashlib.sha256()
+    splits = load_splits(data)
+    h = hashlib.sha256()
+    root = Path(data)
     if root.is_file():
         st = root.stat()
-        h.update(f"{root.name}|{st.st_size}|{st.st_mtime_ns}".encode())
-        return h.hexdigest()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            with contextlib.suppress(OSError):  # vanished, or a dangling link: not part of the data
-                st = p.stat()
-                h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        h.update(f"{root.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for src, label in sorted((str(s), lb) for s, lb in [*splits.train, *splits.val]):
+        with contextlib.suppress(OSError):  # vanished: the data check reports it
+            st = os.stat(src)
+            h.update(f"{src}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
+HEAD_BYTES = 1 << 20  # a weights file is hashed by its size, mtime and first MiB
+
+
+def weights_fingerprint(weights: str) -> str:
+    """A ``--weights FILE`` by content, so a replaced file is a new run; a named set of
+    weights (default, none, IMAGENET1K_V2) by its name."""
+    path = Path(weights)
+    if not path.is_file():
+        return weights
+    st = path.stat()
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
+    return f"{st.st_size}|{st.st_mtime_ns}|{head}"
+
+
 def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """What defines a run's result: its data files and every setting that changes the training."""
+    """What defines a run's result: its data files, its weights and every setting that changes the training."""
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_DEFINING}
-    return {"data": data_fingerprint(cfg.data), "config": json.loads(json.dumps(config, default=str))}
+    return {"data": data_fingerprint(cfg.data), "weights": weights_fingerprint(cfg.weights),
+            "config": json.loads(json.dumps(config, default=str))}
 
 
 def fingerprint_mismatch(run: Path, expected: dict[str, Any]) -> list[str]:
@@ -158,6 +207,7 @@ def fingerprint_mismatch(run: Path, expected: dict[str, Any]) -> list[str]:
     if not isinstance(saved, dict):
         return ["fingerprint.json (not an object)"]
     diff = ["data files"] if saved.get("data") != expected["data"] else []
+    diff += ["weights file"] if saved.get("weights") != expected["weights"] else []
     old, new = saved.get("config") or {}, expected["config"]
     return diff + sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 

@@ -83,9 +83,11 @@ class NonFiniteError(LayerwiseError):
 
 
 def check_finite(model: nn.Module, step: int, run: RunDir | Path) -> None:
-    """Never write NaN/inf weights: a checkpoint must always be worth resuming from."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise NonFiniteError(f"the weights became non-finite by step {step}", run)
+    """Never write NaN/inf weights or statistics (BatchNorm's running mean and variance are
+    buffers): a checkpoint must always be worth resuming from."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    if not all(torch.isfinite(x).all() for x in tensors):
+        raise NonFiniteError(f"the weights or normalisation statistics became non-finite by step {step}", run)
 
 
 @dataclass(frozen=True)
@@ -252,11 +254,16 @@ class Trainer:
         set_lr_scale(self.kit.optimizer, self.plan.lr, self.lr_scale())
         mix = (functools.partial(mix_batch, num_classes=len(self.splits.classes), mixup=cfg.mixup, cutmix=cfg.cutmix)
                if cfg.mixup or cfg.cutmix else None)
+        # --nan skip: a skipped batch's forward pass has already moved the running statistics
+        stats = [(b, b.clone()) for b in self.kit.model.buffers()] if cfg.nan == "skip" else []
         r = train_step(model, batch, self.kit.optimizer, self.kit.amp, self.kit.device, channels_last=cfg.channels_last,
                        label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad, mix=mix)
         if r is None:  # a batch whose images were all unreadable
             return
         if not r.finite:
+            with torch.no_grad():
+                for live, before in stats:
+                    live.copy_(before)
             self.nan_run += 1
             if cfg.nan == "stop":
                 raise NonFiniteError(f"loss became {r.loss} at step {self.state.step} (epoch {p.epoch})", self.run)
