@@ -86,3 +86,16 @@ def test_cosine_restarts_t0_zero_is_refused_not_a_hang(data, tmp_path, capsys):
                         "--out", str(tmp_path / "r")])
     assert code == 2 and "t0 must be in [1, 100000]" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "--images-per-class", "nan"], "--images-per-class: must be a finite number above 0"),
+    (["plan", "--images-per-class", "-3"], "--images-per-class: must be a finite number above 0"),
+    (["compare", "--strategies", ",", "--out", "x"], "--strategies: expected one or more strategies"),
+    (["compare", "--strategies", "head,head", "--out", "x"], "head listed more than once; use --repeats"),
+    (["compare", "--budget", "time:0", "--out", "x"], "--budget: expected time:SECONDS with SECONDS > 0"),
+])
+def test_bad_numbers_and_lists_are_refused_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

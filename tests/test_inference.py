@@ -121,7 +121,46 @@ def test_predict_names_a_decompression_bomb(run, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # every image is now over the limit
     assert main(["predict", str(out), img]) == 2
     err = capsys.readouterr().err
-    assert "cannot read image" in err and "DecompressionBomb" in err and "Traceback" not in err
+    assert f"skipped {img}: DecompressionBomb" in err and "no image could be read" in err and "Traceback" not in err
+
+
+def test_predict_prints_every_readable_image_and_lists_the_unreadable_one(run, tmp_path, capsys):
+    out, data = run
+    good = sorted((data / "val" / "class_1").iterdir())[:3]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(good[0].read_bytes()[:40])  # truncated
+    assert main(["predict", str(out), str(good[0]), str(broken), str(good[1]), str(tmp_path / "gone.png"),
+                 str(good[2])]) == 0
+    io = capsys.readouterr()
+    assert [line.split(":")[0] for line in io.out.splitlines()] == [str(g) for g in good]
+    assert f"skipped {broken}:" in io.err and f"skipped {tmp_path / 'gone.png'}: not found" in io.err
+
+
+@pytest.mark.parametrize("where,message", [
+    ("folder", "is a folder; give a file path"),
+    ("no-parent", "does not exist; create it first"),
+])
+def test_export_refuses_an_output_it_cannot_write_before_any_work(run, tmp_path, capsys, where, message):
+    out, _ = run
+    target = tmp_path if where == "folder" else tmp_path / "nowhere" / "m.onnx"
+    assert main(["export", str(out), "--format", "torchscript", "--output", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_failed_export_write_leaves_no_file_under_the_final_name(run, tmp_path, monkeypatch, capsys):
+    import os
+
+    out, _ = run
+    target = tmp_path / "m.pt"
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    assert main(["export", str(out), "--format", "torchscript", "--output", str(target)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temp
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -85,3 +85,17 @@ def test_fit_prints_and_records_the_choice(tmp_path, capsys):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert f"numerics: {Numerics(cfg['precision'], cfg['channels_last']).label}, the fastest of" in out
     assert isinstance(cfg["channels_last"], bool) and (tmp_path / "numerics.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["[]", "{", "[" * 50_000, '{"k": 1}'])
+def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path, damage):
+    from layerwise.numerics import CACHE_FILE, Numerics, choose
+
+    (tmp_path / CACHE_FILE).write_text(damage)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    options = [Numerics("fp32", False), Numerics("fp32", True)]
+    choice, how = choose(model, options, torch.device("cpu"), model_name="tiny", img_size=16, batch=2,
+                         num_classes=2, cache_dir=tmp_path)
+    assert choice in options and how.startswith("measured")
+    assert isinstance(json.loads((tmp_path / CACHE_FILE).read_text()), dict)

@@ -158,3 +158,19 @@ def test_rundir_names_every_file_once():
     assert run.metrics == Path("r") / rundir.METRICS and run.state == Path("r") / rundir.STATE
     with pytest.raises(AttributeError, match="no file 'metrix'"):
         run.metrix  # noqa: B018
+
+
+def test_a_model_json_nested_thousands_deep_is_a_clear_error(tmp_path):
+    (tmp_path / rundir.MODEL).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(rundir.RunFileError, match="nests too deeply"):
+        rundir.read_model_info(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["a file", "below a file"])
+def test_an_out_that_cannot_be_a_folder_is_a_clear_error(data, tmp_path, capsys, kind):
+    blocker = tmp_path / "f"
+    blocker.write_text("mine")
+    out = blocker if kind == "a file" else blocker / "run"
+    assert main(["fit", str(data), *TINY, "--strategy", "head", "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {str(out)!r}" in err and "Traceback" not in err and blocker.read_text() == "mine"

@@ -21,6 +21,8 @@ from layerwise.cli_args import (
     budget,
     csv_list,
     int_in,
+    positive_float,
+    strategy_list,
 )
 from layerwise.errors import LayerwiseError
 
@@ -151,14 +153,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from layerwise.inference import predict
+    """Each prediction printed as it is made; unreadable files listed after, on stderr.
+    Exit 0 when some image was read, 2 when none could be."""
+    from layerwise.inference import iter_predictions
 
-    res = predict(args.run, args.images, views=args.tta, topk=args.topk)
+    done, skipped = [], []
+    for r in iter_predictions(args.run, args.images, views=args.tta, topk=args.topk):
+        if "error" in r:
+            skipped.append(r)
+            continue
+        done.append(r)
+        if not args.json:
+            print(r["image"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]), flush=True)
     if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    for r in res:
-        print(r["image"] + ": " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"]))
+        print(json.dumps(done + skipped, indent=2))
+    for r in skipped:
+        print(f"skipped {r['image']}: {r['error']}", file=sys.stderr)
+    if not done:
+        raise LayerwiseError(f"no image could be read ({len(skipped)} skipped); pass image files (jpg, png, ...)")
     return 0
 
 
@@ -234,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_strategy_args(pl)
     add_size_args(pl)
     pl.add_argument("--num-classes", dest="num_classes", type=int_in(1, MAX_CLASSES), default=10)
-    pl.add_argument("--images-per-class", dest="images_per_class", type=float, default=None,
+    pl.add_argument("--images-per-class", dest="images_per_class", type=positive_float, default=None,
                     help="dataset size, for --strategy auto")
     pl.add_argument("--config", default=None, help="YAML config; flags override it")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON (the documented contract)")
@@ -285,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     co = sub.add_parser("compare", help="run several strategies on the same data and budget; recommend one")
     co.add_argument("data", nargs="?", default=S, help="as for fit (no DATA: the embedded digits)")
-    co.add_argument("--strategies", type=csv_list, default=list(DEFAULT_STRATEGIES),
+    co.add_argument("--strategies", type=strategy_list, default=list(DEFAULT_STRATEGIES),
                     help=f"comma-separated, from: {', '.join(STRATEGIES)} (default {','.join(DEFAULT_STRATEGIES)})")
     co.add_argument("--repeats", type=int, default=1, help="seeds per strategy, for mean ± std")
     co.add_argument("--budget", type=budget, default=None, help="time:SECONDS per run instead of equal epochs "

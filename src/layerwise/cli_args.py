@@ -5,6 +5,7 @@ the flags do not, and a resume can tell which flags were given."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -194,6 +195,28 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 def budget(text: str) -> float:
     kind, _, value = text.partition(":")
-    if kind != "time" or not value.replace(".", "", 1).isdigit():
-        raise argparse.ArgumentTypeError(f"expected time:SECONDS, e.g. time:600, got {text!r}")
+    if kind != "time" or not value.replace(".", "", 1).isdigit() or not float(value) > 0:
+        raise argparse.ArgumentTypeError(f"expected time:SECONDS with SECONDS > 0, e.g. time:600, got {text!r}")
     return float(value)
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (not nan, not inf)."""
+    try:
+        v = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from e
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+    return v
+
+
+def strategy_list(text: str) -> list[str]:
+    """``head,lp-ft,...``: at least one name, none twice (a repeat would be counted as a seed)."""
+    names = csv_list(text)
+    if not names:
+        raise argparse.ArgumentTypeError("expected one or more strategies separated by commas, got none")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} listed more than once; use --repeats for more seeds")
+    return names

@@ -34,6 +34,10 @@ def run_all(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: i
     in ``out`` counts only if its fingerprint (data files, settings) matches this call's."""
     from layerwise.engine import fit
 
+    twice = sorted({s for s in strategies if list(strategies).count(s) > 1})
+    if not strategies or twice:
+        raise LayerwiseError(f"compare needs one or more distinct strategies, got {list(strategies)}"
+                             + (f" ({', '.join(twice)} twice; --repeats gives more seeds)" if twice else ""))
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise UnknownNameError("strategy", unknown[0], STRATEGIES)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,25 +82,35 @@ def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] = (), batch
     }
 
 
-def predict(run: str | Path, images: Sequence[str], *, views: Sequence[str] = (), topk: int = 3) -> list[dict]:
-    """Top-k classes with probabilities for each image file."""
+def iter_predictions(run: str | Path, images: Sequence[str], *, views: Sequence[str] = (),
+                     topk: int = 3) -> Iterator[dict]:
+    """Top-k classes with probabilities for each image file, as each is done. A file that is
+    missing or unreadable gives ``{"image", "error"}`` instead: one bad file of many costs
+    only itself."""
     from layerwise.tta import predict_proba
 
     rm = load_run(run)
-    missing = [p for p in images if not Path(p).is_file()]
-    if missing:
-        raise MissingPathError(f"image file(s) not found: {', '.join(missing)}")
     tf = rm.transform()
-    out = []
     for path in images:
+        if not Path(path).is_file():
+            yield {"image": path, "error": "not found"}
+            continue
         try:
             x = tf(open_image(path)).unsqueeze(0)
         except IMAGE_ERRORS as e:  # truncated, not an image, or a decompression bomb
-            raise DataError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
+            yield {"image": path, "error": f"{type(e).__name__}: {e}"}
+            continue
         p = predict_proba(rm.model, x, views)[0]
         top = p.topk(min(topk, len(rm.classes)))
-        out.append({"image": path, "top": [{"class": rm.classes[i], "probability": float(v)}
-                                           for v, i in zip(top.values.tolist(), top.indices.tolist())]})
+        yield {"image": path, "top": [{"class": rm.classes[i], "probability": float(v)}
+                                      for v, i in zip(top.values.tolist(), top.indices.tolist())]}
+
+
+def predict(run: str | Path, images: Sequence[str], *, views: Sequence[str] = (), topk: int = 3) -> list[dict]:
+    """:func:`iter_predictions` as a list; an error only when no image could be read."""
+    out = list(iter_predictions(run, images, views=views, topk=topk))
+    if out and all("error" in r for r in out):
+        raise DataError("no image could be read: " + "; ".join(f"{r['image']} ({r['error']})" for r in out[:10]))
     return out
 
 
@@ -125,15 +137,20 @@ def export_run(run: str | Path, fmt: str, out: str | Path | None = None) -> Expo
 
     if fmt not in EXPORT_FORMATS:
         raise UnknownNameError("export format", fmt, EXPORT_FORMATS)
+    files = rundir.RunDir(Path(run))
+    path = Path(out) if out else (files.onnx if fmt == "onnx" else files.torchscript)
+    _check_output(path)
     rm = load_run(run)
     x = torch.zeros(1, 3, rm.img_size, rm.img_size)
-    path = Path(out) if out else Path(run) / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    with _written_whole(path) as tmp:
+        if fmt == "onnx":
+            exporter = _export_onnx(rm.model, x, tmp)
+        else:
+            exporter = "torch.jit.trace"
+            torch.jit.trace(rm.model, x).save(str(tmp))
     if fmt == "onnx":
-        exporter = _export_onnx(rm.model, x, path)
         run_file = _onnx_runner(path)
     else:
-        exporter = "torch.jit.trace"
-        torch.jit.trace(rm.model, x).save(str(path))
         scripted = torch.jit.load(str(path))
         run_file = lambda batch: scripted(batch).detach()  # noqa: E731
     g = torch.Generator().manual_seed(0)
@@ -148,10 +165,35 @@ def export_run(run: str | Path, fmt: str, out: str | Path | None = None) -> Expo
     return Export(path, exporter, diff, sum(len(b) for b in batches))
 
 
+def _check_output(path: Path) -> None:
+    """Where the export goes must be a writable file path, checked before minutes of work."""
+    if path.is_dir():
+        raise LayerwiseError(f"--output {str(path)!r} is a folder; give a file path, e.g. {path / 'model.onnx'}")
+    if not path.parent.is_dir():
+        raise MissingPathError(f"--output {str(path)!r}: its folder {str(path.parent)!r} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise LayerwiseError(f"--output {str(path)!r}: the folder {str(path.parent)!r} is not writable; "
+                             "choose another --output")
+
+
+@contextlib.contextmanager
+def _written_whole(path: Path) -> Iterator[Path]:
+    """A temp file beside ``path``, renamed onto it once written whole: a failed or full-disk
+    write leaves no partial file under the final name, and says why."""
+    tmp = path.with_name(f".{path.name}.export{rundir.TMP_SUFFIX}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise LayerwiseError(f"could not write {str(path)!r}: {e.strerror or e}; free space there or choose "
+                             "another --output (nothing was left under that name)") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> str:
     """torch.export-based ONNX (the maintained exporter), else the legacy TorchScript one
     when onnxscript is missing or the model does not export that way."""
-    import contextlib
     import io
     import warnings
 

@@ -122,10 +122,7 @@ def choose(model: nn.Module, options: Sequence[Numerics], device: torch.device, 
     batch = max(2, min(batch, TRIAL_BATCH))
     key = f"{machine_key(device)}|{model_name}|{img_size}px|batch {batch}|{','.join(o.label for o in options)}"
     path = cache_dir / CACHE_FILE
-    try:
-        cached = json.loads(path.read_text()).get(key)
-    except (OSError, ValueError):
-        cached = None
+    cached = _read_cache(path).get(key)
     if isinstance(cached, dict) and {"precision", "channels_last"} <= set(cached):
         choice = Numerics(str(cached["precision"]), bool(cached["channels_last"]))
         if choice in options:
@@ -138,14 +135,19 @@ def choose(model: nn.Module, options: Sequence[Numerics], device: torch.device, 
     return choice, f"measured (img/s: {table})"
 
 
-def _remember(path: Path, key: str, choice: Numerics, seconds: Mapping[Numerics, float]) -> None:
-    """Add the answer to the cache file; a cache that cannot be written only costs a re-measure."""
+def _read_cache(path: Path) -> dict:
+    """The cache's entries; a missing, damaged or foreign file (``[]``, deep nesting) is empty,
+    and the next answer rewrites it."""
     try:
         data = json.loads(path.read_text()) if path.is_file() else {}
-        if not isinstance(data, dict):
-            data = {}
-    except (OSError, ValueError):
-        data = {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember(path: Path, key: str, choice: Numerics, seconds: Mapping[Numerics, float]) -> None:
+    """Add the answer to the cache file; a cache that cannot be written only costs a re-measure."""
+    data = _read_cache(path)
     data[key] = {"precision": choice.precision, "channels_last": choice.channels_last,
                  "seconds_per_step": {o.label: round(s, 5) for o, s in seconds.items()}}
     try:

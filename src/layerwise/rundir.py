@@ -132,8 +132,13 @@ def writer_lock(run: Path) -> Iterator[None]:
     run in it (a config error, a failed data check) is removed again on the way out, by the
     holder only: a writer refused the lock never unlinks the lock file another one holds."""
     created = not run.exists()
-    run.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:  # a file in the way, a read-only folder or disk
+        what = "is a file, not a folder" if run.is_file() else f"cannot be written ({e.strerror or e})"
+        raise LayerwiseError(f"--out {str(run)!r} {what}; choose another --out, or make it writable "
+                             "(a resume writes its checkpoint and logs there too)") from e
     held = False
     try:
         _lock(fd, run)
@@ -202,7 +207,7 @@ def fingerprint_mismatch(run: Path, expected: dict[str, Any]) -> list[str]:
     path = run / FINGERPRINT
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return ["fingerprint.json (missing or unreadable)"]
     if not isinstance(saved, dict):
         return ["fingerprint.json (not an object)"]
@@ -225,6 +230,8 @@ def read_model_info(run: Path) -> dict:
         info = json.loads(read_user_text(path, "run file"))
     except json.JSONDecodeError as e:
         raise RunFileError(f"{str(path)!r} is not valid JSON ({e}); re-run the fit to rewrite it") from e
+    except RecursionError as e:  # nested thousands deep: crafted, never written by a fit
+        raise RunFileError(f"{str(path)!r} nests too deeply to be a model.json; re-run the fit to rewrite it") from e
     if not isinstance(info, dict):
         raise RunFileError(f"{str(path)!r} must hold a JSON object, got {type(info).__name__}")
 
@@ -328,7 +335,8 @@ class RunDir:
 # role -> file name, as RunDir exposes them (run.config, run.best, run.state...)
 ROLES = {"config": CONFIG, "plan": PLAN, "model": MODEL, "metrics": METRICS, "steps": STEPS, "best": BEST,
          "state": STATE, "probe": PROBE, "probe_head": PROBE_HEAD, "skipped": SKIPPED, "tta": TTA, "report": REPORT,
-         "lr_find_png": LR_FIND_PNG, "lr_find_json": LR_FIND_JSON, "fingerprint": FINGERPRINT, "log": LOG}
+         "lr_find_png": LR_FIND_PNG, "lr_find_json": LR_FIND_JSON, "fingerprint": FINGERPRINT, "log": LOG,
+         "onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # the last two: layerwise export
 
 SEED_SEP = "-seed"  # compare's run folders with repeats: STRATEGY-seedN
 
