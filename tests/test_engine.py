@@ -573,3 +573,23 @@ def test_batch_of_one_with_batch_statistics_is_a_clear_error(data, tmp_path, cap
     assert "--batch-size 1 cannot train" in capsys.readouterr().err
     assert _fit(str(data), *TINY, "--strategy", "full", "--epochs", "1", "--batch-size", "1", "--bn", "eval",
                 "--out", str(tmp_path / "e")) == 0
+
+
+def test_resume_refuses_what_it_cannot_honour(tmp_path, capsys):
+    """Issue 24.8: added images were taken in silently, --out and --config ignored."""
+    import shutil
+
+    d = make_image_folder(tmp_path / "d", classes=3, per_class=8)
+    run = tmp_path / "run"
+    assert _fit(str(d), *TINY, "--strategy", "full", "--epochs", "1", "--out", str(run)) == 0
+    capsys.readouterr()
+    assert _fit("--resume", str(run), "--out", str(tmp_path / "elsewhere")) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()
+    assert _fit("--resume", str(run), "--config", str(run / "config.yaml")) == 2
+    assert "--config" in capsys.readouterr().err
+    first = sorted((d / "train").rglob("*.png"))[0]
+    shutil.copy(first, first.with_name("added.png"))
+    assert _fit("--resume", str(run), "--epochs", "2") == 2
+    assert "data changed since the run started" in capsys.readouterr().err
+    first.with_name("added.png").unlink()
+    assert _fit("--resume", str(run), "--epochs", "2") == 0

@@ -218,3 +218,30 @@ def test_cli_export_prints_the_parity_check(run, tmp_path, capsys):
     assert main(["export", str(out), "--output", str(tmp_path / "m.onnx")]) == 0
     text = capsys.readouterr().out
     assert "torch.export (dynamo)" in text and "parity: max |logit difference| against PyTorch" in text
+
+
+@pytest.mark.parametrize("edit", [
+    {"source": "timm", "arch": "vit_giant_patch14_224"},  # 1.0 G parameters, 4 GB, if it were built
+    {"head": "mlp", "hidden": 65536},  # an MLP head far wider than the weights hold
+])
+def test_a_model_json_that_does_not_match_its_weights_is_refused_before_building(run, tmp_path, capsys, edit):
+    import json
+    import resource
+
+    out, data = _copy_run(run[0], tmp_path / "r"), run[1]
+    info = json.loads((out / "model.json").read_text())
+    (out / "model.json").write_text(json.dumps(info | edit))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(["evaluate", str(out), str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "do not match" in err and "Traceback" not in err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1_000_000  # KiB: nothing like 4 GB
+
+
+def test_the_evaluation_batch_shrinks_with_the_image_side():
+    from layerwise.inference import eval_batch_size
+
+    assert eval_batch_size(224, ram=24 << 30) == 64
+    small = eval_batch_size(2048, ram=24 << 30)
+    assert 1 <= small < 8  # 64 images at 2048 px asked for about 17 GB
+    assert eval_batch_size(4096, ram=1 << 30) == 1

@@ -110,6 +110,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def _resume_config(args: argparse.Namespace, run: Path) -> "RunConfig":
     """The run's saved config with the flags a resume may change; any other flag that
     would change the run is refused rather than silently ignored."""
+    from pathlib import Path
+
     from layerwise import rundir
     from layerwise.choices import config_from as from_mapping
     from layerwise.config import KEYS, load_yaml
@@ -119,6 +121,13 @@ def _resume_config(args: argparse.Namespace, run: Path) -> "RunConfig":
     if not config.is_file():
         raise LayerwiseError(f"{str(run)!r} is not a run folder (no {config.name}); pass the --out of a started fit")
     saved = from_mapping(load_yaml(config))
+    if getattr(args, "config", None):
+        raise LayerwiseError(f"--resume {run} continues with the run's own config.yaml; --config cannot change it. "
+                             "Start a new run with --config and another --out")
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).resolve() != run.resolve():
+        raise LayerwiseError(f"--resume {run} continues the run in its own folder; --out {out} cannot move it. "
+                             "Copy the folder first, then resume the copy")
     given = {k: v for k, v in vars(args).items() if k in KEYS and k != "out"}
     fixed = {k: v for k, v in given.items() if k not in RESUME_OVERRIDABLE and getattr(saved, k) != v}
     if fixed:
@@ -274,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="run folder")
     ev.add_argument("data", help="folder of class folders (as is), dataset root (its test/, else val/), or CSV")
     ev.add_argument("--tta", type=csv_list, default=[], help=tta_help)
-    ev.add_argument("--batch-size", dest="batch_size", type=int_in(1, MAX_BATCH_SIZE), default=64)
+    ev.add_argument("--batch-size", dest="batch_size", type=int_in(1, MAX_BATCH_SIZE), default=None,
+                    help="images per batch (default: 64, fewer at large image sizes)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)

@@ -176,6 +176,8 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         with rundir.writer_lock(run) if info.is_main else contextlib.nullcontext():
             if info.is_main and not resume and not overwrite:
                 rundir.refuse_existing(run)
+            if resume:
+                rundir.check_same_data(run, cfg.data)
             if info.is_main:  # the lock is held and the folder is ours to write: a dead writer's temp files go
                 rundir.remove_own_temp_files(run)
                 if not rundir.holds_run(run):

@@ -49,15 +49,53 @@ def load_run(run: str | Path) -> RunModel:
     wpath = rundir.RunDir(run).best
     if not wpath.is_file():
         raise MissingPathError(f"{str(wpath)!r} does not exist; the run has not finished an epoch yet")
-    # Build the exact architecture that was trained (e.g. tf_efficientnet_lite0), unweighted.
-    loaded = create_model(f"{info['source']}/{info['arch']}", info["num_classes"], weights="none",
-                          head=info["head"], hidden=info["hidden"])
+    # Build the exact architecture that was trained (e.g. tf_efficientnet_lite0), unweighted,
+    # once its shapes are known to match the weights file: a crafted model.json must not make
+    # us allocate a giant model first.
+    build = dict(name=f"{info['source']}/{info['arch']}", num_classes=info["num_classes"], weights="none",
+                 head=info["head"], hidden=info["hidden"])
+    _check_shapes(wpath, build)
+    loaded = create_model(**build)
     load_weights(wpath, loaded.model)
     loaded.model.eval()
     return RunModel(loaded.model, info["classes"], tuple(info["mean"]), tuple(info["std"]), info["img_size"])
 
 
-def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] = (), batch_size: int = 64,
+def _check_shapes(wpath: Path, build: dict) -> None:
+    """The architecture model.json names, built on the meta device (no memory), against the
+    tensor shapes in the weights file's header."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in create_model(**build).model.state_dict().items()}
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise rundir.RunFileError(f"cannot load weights from {str(wpath)!r}: not a readable safetensors file ({e}); "
+                                  "re-run the fit to rewrite it") from e
+    if expected != got:
+        diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
+        raise rundir.RunFileError(
+            f"cannot load weights: model.json and {wpath.name} do not match: {build['name']} with a {build['head']} head "
+            f"(hidden {build['hidden']}, {build['num_classes']} classes) differs in {', '.join(diff[:3])}"
+            + (f" and {len(diff) - 3} more" if len(diff) > 3 else "") + "; the run folder was edited or mixed up")
+
+
+EVAL_ACTIVATION_FACTOR = 40  # a forward pass holds about this many times its input in activations
+EVAL_RAM_SHARE = 8  # evaluation takes at most an eighth of the memory
+
+
+def eval_batch_size(img_size: int, *, ram: int | None = None, most: int = 64) -> int:
+    """Images per evaluation batch: ``most``, fewer when large sides would need more than
+    an eighth of the memory (64 images at 2048 px asked for about 17 GB)."""
+    from layerwise.hardware import total_ram
+
+    per_image = 3 * img_size * img_size * 4 * EVAL_ACTIVATION_FACTOR
+    return max(1, min(most, (ram or total_ram()) // EVAL_RAM_SHARE // per_image))
+
+
+def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] = (), batch_size: int | None = None,
                  precision: str = "fp32", device: str = "auto") -> dict:
     """Accuracy, per-class accuracy and confusion matrix of RUN's best weights on DATA."""
     from layerwise.evaluation import evaluate
@@ -70,7 +108,8 @@ def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] = (), batch
         raise DataError(f"no readable images in {scored}: all {len(skipped)} failed to decode, "
                         f"e.g. {skipped[0]['path']} ({skipped[0]['reason']})")
     dev = pick_device(device)
-    loader = DataLoader(ImageDataset(items, rm.transform()), batch_size=batch_size, collate_fn=collate_skipping)
+    loader = DataLoader(ImageDataset(items, rm.transform()), batch_size=batch_size or eval_batch_size(rm.img_size),
+                        collate_fn=collate_skipping)
     res = evaluate(rm.model.to(dev), loader, Amp(precision, dev), dev, views=views)
     k = len(rm.classes)
     return {

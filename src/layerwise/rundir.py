@@ -202,6 +202,19 @@ def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
             "config": json.loads(json.dumps(config, default=str))}
 
 
+def check_same_data(run: Path, data: str | None) -> None:
+    """A resume must see the images the run started on: files added, removed or changed since
+    would silently become part of a run whose first epochs never saw them."""
+    path = run / FINGERPRINT
+    try:
+        saved = json.loads(path.read_text()).get("data")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return  # a run from before fingerprints, or a damaged file: nothing to compare against
+    if saved is not None and saved != data_fingerprint(data):
+        raise LayerwiseError(f"cannot resume {run}: its data changed since the run started (images added, removed or "
+                             f"modified in {data}); restore them, or start a new run with another --out")
+
+
 def fingerprint_mismatch(run: Path, expected: dict[str, Any]) -> list[str]:
     """Names of what differs between ``run``'s fingerprint and ``expected`` (``[]``: same)."""
     path = run / FINGERPRINT
