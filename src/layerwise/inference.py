@@ -184,9 +184,12 @@ def export_run(run: str | Path, fmt: str, out: str | Path | None = None) -> Expo
     with _written_whole(path) as tmp:
         if fmt == "onnx":
             exporter = _export_onnx(rm.model, x, tmp)
-        else:
-            exporter = "torch.jit.trace"
-            torch.jit.trace(rm.model, x).save(str(tmp))
+        else:  # serialised in memory and written by Python: a full disk is an OSError, not a C++ abort
+            import io
+
+            exporter, buf = "torch.jit.trace", io.BytesIO()
+            torch.jit.save(torch.jit.trace(rm.model, x), buf)
+            tmp.write_bytes(buf.getvalue())
     if fmt == "onnx":
         run_file = _onnx_runner(path)
     else:
