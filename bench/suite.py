@@ -1,4 +1,6 @@
-"""The transfer suite: does ``auto`` win on data it has never seen?
+"""The transfer suite, layerwise's development set: how ``auto`` compares with every fixed strategy.
+
+auto's thresholds were set on these datasets: its results here are in-sample.
 
 Runs, on each dataset of ``../shared/data/suite/`` (six domains), cifar10-mini and the
 embedded digits: ``auto``, every fixed strategy (at its default ``--bn`` and at ``--bn eval``),
