@@ -593,3 +593,22 @@ def test_resume_refuses_what_it_cannot_honour(tmp_path, capsys):
     assert "data changed since the run started" in capsys.readouterr().err
     first.with_name("added.png").unlink()
     assert _fit("--resume", str(run), "--epochs", "2") == 0
+
+
+def test_a_test_folder_is_scored_once_at_the_end_apart_from_val(tmp_path, capsys):
+    """Issue 21: fit DATA with a test/ folder reports a test accuracy that no choice saw."""
+    import shutil
+
+    from layerwise.inference import evaluate_run
+
+    d = make_image_folder(tmp_path / "d", classes=3, per_class=8)
+    other = make_image_folder(tmp_path / "other", classes=3, per_class=4, size=20)
+    shutil.copytree(other / "val", d / "test")
+    run = tmp_path / "run"
+    assert _fit(str(d), *TINY, "--strategy", "full", "--epochs", "2", "--out", str(run)) == 0
+    test = json.loads((run / "test.json").read_text())
+    assert test["images"] == len(list((d / "test").rglob("*.png"))) and "never used for a choice" in test["note"]
+    assert test["test_acc"] == pytest.approx(evaluate_run(run, str(d))["accuracy"])  # evaluate scores test/ too
+    assert all("test_acc" not in r for r in read_jsonl(run / "metrics.jsonl"))  # the epochs saw val only
+    assert f"Test accuracy **{test['test_acc']:.4f}**" in (run / "report.md").read_text()
+    assert "test accuracy" in capsys.readouterr().out

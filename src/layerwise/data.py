@@ -43,6 +43,7 @@ class Splits:
     classes: list[str]
     name: str = ""
     skipped: list[dict] = field(default_factory=list)  # unreadable files dropped by the data check
+    test: list[Item] = field(default_factory=list)  # DATA/test: scored once at the end, never used for a choice
 
     @property
     def images_per_class(self) -> float:
@@ -274,12 +275,11 @@ def load_splits(data: str | None, *, val_split: float = 0.2, seed: int = 0) -> S
     if (root / "train").is_dir():
         train, classes = scan_class_folders(root / "train")
         _check_classes(classes, str(root / "train"))
-        if (root / "test").is_dir():
-            _matching(root / "test", classes)
+        test = _matching(root / "test", classes) if (root / "test").is_dir() else []
         if (root / "val").is_dir():
-            return Splits(train, _matching(root / "val", classes), classes, name=root.name)
+            return Splits(train, _matching(root / "val", classes), classes, name=root.name, test=test)
         train, val = stratified_split(train, val_split, seed, classes)
-        return Splits(train, val, classes, name=root.name)
+        return Splits(train, val, classes, name=root.name, test=test)
     items, classes = scan_class_folders(root)
     _check_classes(classes, data)
     train, val = stratified_split(items, val_split, seed, classes)

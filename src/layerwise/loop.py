@@ -45,9 +45,10 @@ def run_epochs(t: Trainer, info: DistInfo) -> Path:
     if info.enabled:
         say(f"ranks in sync: all {info.world} processes hold identical weights")
     best = _final_eval(t)
+    test = _test_eval(t) if t.splits.test else None
     if info.is_main:
         with rundir.explain_write_errors(run.root):
-            write_run_report(run.root, t.splits.classes, best)
+            write_run_report(run.root, t.splits.classes, best, test=test)
     say(f"best val accuracy {t.state.best_acc:.4f} (epoch {t.state.best_epoch})\nrun folder: {run}\nreport: {run.report}")
     return run.root
 
@@ -124,6 +125,28 @@ def _final_eval(t: Trainer) -> EvalResult:
         if t.kit.dist.is_main:
             write_json(t.run.tta, {"views": t.cfg.tta, "val_acc": ev.acc, "val_loss": ev.loss})
     return ev
+
+
+def _test_eval(t: Trainer) -> dict:
+    """The best weights (as _final_eval left them loaded) on DATA/test, once, at the end:
+    recorded apart from val, which made every choice (strategy, epoch, threshold)."""
+    from torch.utils.data import DataLoader
+
+    from layerwise.augment import eval_transform
+    from layerwise.data import ImageDataset, check_images, collate_skipping
+
+    items, skipped = check_images(t.splits.test)
+    loaded = t.kit.loaded
+    loader = DataLoader(ImageDataset(items, eval_transform(t.cfg.img_size, loaded.mean, loaded.std)),
+                        batch_size=t.cfg.batch_size, collate_fn=collate_skipping)
+    ev = evaluate(t.kit.eval_model(), loader, t.kit.amp, t.kit.device, views=t.cfg.tta,
+                  channels_last=t.cfg.channels_last)
+    result = {"test_acc": ev.acc, "test_loss": ev.loss, "images": len(items), "skipped": skipped,
+              "views": t.cfg.tta, "note": "DATA/test, never used for a choice (strategy, epoch, threshold)"}
+    say(f"test accuracy {ev.acc:.4f} on {len(items)} images of DATA/test (never used for a choice)")
+    if t.kit.dist.is_main:
+        write_json(t.run.test, result)
+    return result
 
 
 def _progress(batches: Iterator, epoch: int, epochs: int, quiet: bool, total: int | None = None) -> Iterator:

@@ -101,7 +101,7 @@ def plot_confusion(cm: list[list[int]], classes: Sequence[str], path: Path) -> s
     return save_figure(fig, path)
 
 
-def write_run_report(run: Path, classes: Sequence[str], best: EvalResult) -> Path:
+def write_run_report(run: Path, classes: Sequence[str], best: EvalResult, *, test: dict | None = None) -> Path:
     """Write the PNGs and ``report.md`` of a finished run."""
     files = rundir.RunDir(run)
     rows = read_jsonl(files.metrics)
@@ -121,6 +121,9 @@ def write_run_report(run: Path, classes: Sequence[str], best: EvalResult) -> Pat
         f"Best val accuracy **{best_row['val_acc']:.4f}** at epoch {best_row['epoch']} "
         f"(final {rows[-1]['val_acc']:.4f}). {plan['reason']}".rstrip(),
         "",
+        *([f"Test accuracy **{test['test_acc']:.4f}** on {test['images']} images of DATA/test, with the best "
+           "weights; the test split was never used for a choice (val chose the strategy and the epoch).", ""]
+          if test else []),
         f"Images: {sizes}.",
         "",
         "| epoch | train px | train loss | train acc | val loss | val acc | trainable params | s | img/s |",

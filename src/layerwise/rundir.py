@@ -38,6 +38,7 @@ PROBE = "probe.json"
 PROBE_HEAD = "probe_head.safetensors"  # auto's fitted probe: the fine-tune's starting head
 SKIPPED = "skipped.json"
 TTA = "tta.json"
+TEST = "test.json"  # the best weights on DATA/test: never used for a choice
 REPORT = "report.md"
 LR_FIND_PNG = "lr_find.png"
 FINGERPRINT = "fingerprint.json"
@@ -46,7 +47,7 @@ LOCK = ".lock"
 # What a fit writes; --overwrite removes exactly these (and the plots), nothing of the user's.
 LR_FIND_JSON = "lr_find.json"  # layerwise lr-find
 PLOTS = ("curves.png", "lr.png", "trainable.png", "confusion.png")  # the report's, in its order
-RUN_FILES = (CONFIG, PLAN, MODEL, METRICS, STEPS, BEST, PROBE, PROBE_HEAD, SKIPPED, TTA, REPORT, LR_FIND_PNG, FINGERPRINT, LOG,
+RUN_FILES = (CONFIG, PLAN, MODEL, METRICS, STEPS, BEST, PROBE, PROBE_HEAD, SKIPPED, TTA, TEST, REPORT, LR_FIND_PNG, FINGERPRINT, LOG,
              *PLOTS)
 RUN_DIRS = ("last", "tb")
 
@@ -347,7 +348,7 @@ class RunDir:
 
 # role -> file name, as RunDir exposes them (run.config, run.best, run.state...)
 ROLES = {"config": CONFIG, "plan": PLAN, "model": MODEL, "metrics": METRICS, "steps": STEPS, "best": BEST,
-         "state": STATE, "probe": PROBE, "probe_head": PROBE_HEAD, "skipped": SKIPPED, "tta": TTA, "report": REPORT,
+         "state": STATE, "probe": PROBE, "probe_head": PROBE_HEAD, "skipped": SKIPPED, "tta": TTA, "test": TEST, "report": REPORT,
          "lr_find_png": LR_FIND_PNG, "lr_find_json": LR_FIND_JSON, "fingerprint": FINGERPRINT, "log": LOG,
          "onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # the last two: layerwise export
 
