@@ -33,6 +33,10 @@ def test_eval_transform_is_deterministic():
 
 def test_mixup_gives_soft_targets():
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
-    _, t = mix_batch(x, y, 3, mixup=0.4, cutmix=0.0)
+    torch.manual_seed(0)
+    mixed, t = mix_batch(x, y, 3, mixup=0.4, cutmix=0.0)
     assert t.shape == (4, 3) and torch.allclose(t.sum(-1), torch.ones(4))
+    # soft: a one-hot target would pass the lines above; MixUp blends each sample with another's
+    # (samples whose partner has the same class keep a one-hot target; the others cannot)
+    assert bool((t.max(-1).values < 1).any()) and not torch.equal(mixed, x)
     assert mix_batch(x, y, 3, mixup=0, cutmix=0)[1] is y

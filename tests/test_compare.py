@@ -54,6 +54,23 @@ def test_repeats_give_mean_and_std(data, tmp_path):
     row = json.loads((out / "summary.json").read_text())["strategies"][0]
     assert row["repeats"] == 2 and len(row["runs"]) == 2
     assert (out / "head-seed0").is_dir() and (out / "head-seed1").is_dir()
+    # the mean and the sample std of the two runs' best val accuracies, recomputed from their logs
+    best = [max(r["val_acc"] for r in read_jsonl(out / f"head-seed{s}" / "metrics.jsonl")) for s in (0, 1)]
+    assert row["best_val_acc"] == pytest.approx((best[0] + best[1]) / 2)
+    assert row["best_val_acc_std"] == pytest.approx(abs(best[0] - best[1]) / 2 ** 0.5)
+    assert f"{row['best_val_acc']:.3f} ± {row['best_val_acc_std']:.3f}" in (out / "summary.md").read_text()
+
+
+def test_summarise_means_and_stds_on_known_rows():
+    from layerwise.compare import summarise
+
+    def row(run, acc):
+        return {"run": run, "strategy": "head", "best_val_acc": acc, "best_epoch": 0, "final_val_acc": acc,
+                "gap": 0.0, "wall_seconds": 1.0, "images_per_second": 10.0, "trainable_params": [1]}
+
+    s = summarise([row("c/head-seed0", 0.5), row("c/head-seed1", 0.7), row("c/head-seed2", 0.9)], ["head"], 100)
+    (r,) = s["strategies"]
+    assert r["repeats"] == 3 and r["best_val_acc"] == pytest.approx(0.7) and r["best_val_acc_std"] == pytest.approx(0.2)
 
 
 def test_auto_row_shows_its_choice_evidence_and_probe_time(data, tmp_path):
