@@ -99,5 +99,6 @@ def test_auto_probes_once_and_every_rank_follows_rank_0(runs, tmp_path):
                          timeout=300)
     assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-2000:]
     assert "ranks in sync" in ddp.stdout
+    assert ddp.stdout.count("auto: linear probe on frozen features") == 1  # once, rank 0's verdict for all
     probe = json.loads((run / "probe.json").read_text())
     assert json.loads((run / "plan.json").read_text())["strategy"] == probe["strategy"]
