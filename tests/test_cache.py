@@ -109,6 +109,12 @@ def test_disk_cache_is_reused_and_never_stale(data, tmp_path):
 
 
 def test_fit_with_disk_cache(data, tmp_path):
-    rows = _metrics(data, tmp_path / "r", "--strategy", "full", "--augment", "none", "--epochs", "1",
-                    "--cache", "disk", "--cache-dir", str(tmp_path / "c"))
-    assert rows and list((tmp_path / "c").glob("decoded-*.u8"))
+    common = ["--strategy", "full", "--augment", "none", "--epochs", "1"]
+    rows = _metrics(data, tmp_path / "r", *common, "--cache", "disk", "--cache-dir", str(tmp_path / "c"))
+    stores = list((tmp_path / "c").glob("decoded-*.u8"))
+    assert rows and stores
+    # the same numbers as decoding in RAM, and a second run reads the store instead of rebuilding it
+    _same(rows, _metrics(data, tmp_path / "ram", *common, "--cache", "ram"))
+    mtimes = {p: p.stat().st_mtime_ns for p in stores}
+    _same(rows, _metrics(data, tmp_path / "r2", *common, "--cache", "disk", "--cache-dir", str(tmp_path / "c")))
+    assert {p: p.stat().st_mtime_ns for p in stores} == mtimes

@@ -16,6 +16,16 @@ def test_with_load_passes_arguments_and_returns_the_load_before_and_after():
     out, load = with_load(lambda a, *, b: a + b, 2, b=3)
     assert out == 5
     assert len(load) == 2 and all(x >= 0 for x in load)
+    # before and after the call, from the system's own 1-minute average
+    seen = iter([(0.25, 0, 0), (1.5, 0, 0)])
+    import os
+
+    real = os.getloadavg
+    os.getloadavg = lambda: next(seen)  # type: ignore[assignment]
+    try:
+        assert with_load(lambda: "ran")[1] == [0.25, 1.5]
+    finally:
+        os.getloadavg = real
 
 
 def test_save_json_replaces_the_file_and_leaves_no_temporary(tmp_path):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -76,10 +78,14 @@ def test_export_matches_pytorch(run, tmp_path, fmt):
 def test_cli_evaluate_and_predict(run, capsys):
     out, data = run
     assert main(["evaluate", str(out), str(data), "--tta", "hflip"]) == 0
-    assert "accuracy" in capsys.readouterr().out
+    r = evaluate_run(out, str(data), views=["hflip"])
+    text = capsys.readouterr().out
+    assert f"accuracy {r['accuracy']:.4f} · loss {r['loss']:.4f}" in text and f"{r['images']} images" in text
     img = str(sorted((data / "val" / "class_2").iterdir())[0])
     assert main(["predict", str(out), img, "--json"]) == 0
-    assert "probability" in capsys.readouterr().out
+    (got,) = json.loads(capsys.readouterr().out)
+    assert got["image"] == img and got == predict(out, [img])[0]
+    assert sum(t["probability"] for t in got["top"]) <= 1 + 1e-6 and len(got["top"]) == 3
     assert main(["evaluate", str(out), str(data), "--tta", "spin"]) == 2
     assert "spin" in capsys.readouterr().err
 

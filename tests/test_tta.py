@@ -37,3 +37,21 @@ def test_probability_average_over_views():
 def test_unknown_view():
     with pytest.raises(UnknownNameError, match="hflip"):
         expand(torch.rand(1, 3, 8, 8), ["vflip"])
+
+
+def test_views_show_what_their_names_say():
+    """The contents, not just the shapes: a corner crop of an image with one bright corner pixel
+    keeps it in that corner's view only; hflip mirrors; multi-scale zooms in and out."""
+    x = torch.zeros(1, 1, 16, 16)
+    x[..., 0, 0] = 1.0  # top-left
+    assert torch.equal(VIEWS["identity"](x)[0], x)
+    assert torch.equal(VIEWS["hflip"](x)[0][..., 0, 15], x[..., 0, 0])
+    tl, tr, bl, br, centre = VIEWS["five-crop"](x)
+    assert tl[..., :2, :2].sum() > 0.5 and all(float(v.abs().sum()) < 1e-6 for v in (tr, bl, br, centre))
+    ten = VIEWS["ten-crop"](x)
+    assert torch.equal(ten[0], tl) and ten[6][..., :2, -2:].sum() > 0.5  # the mirrored top-left crop
+    ramp = torch.linspace(0, 1, 16).expand(1, 1, 16, 16).contiguous()
+    zoom_in, zoom_out = VIEWS["multi-scale"](ramp)
+    span = (ramp[..., 8, -1] - ramp[..., 8, 0]).item()
+    assert (zoom_in[..., 8, -1] - zoom_in[..., 8, 0]).item() < span  # a narrower window of the ramp
+    assert torch.equal(zoom_out[..., 8, :1], zoom_out[..., 8, 1:2])  # replicate-padded edge
