@@ -160,3 +160,12 @@ def test_html_report_renders_in_headless_chromium(data, tmp_path):
     shot = tmp_path / "shot.png"
     subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,1400", page], capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_a_time_budget_stops_every_strategy_after_the_epoch_that_spends_it(data, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(data), *TINY, "--strategies", "head,full", "--epochs", "30", "--budget", "time:0.001",
+                 "--out", str(out)]) == 0
+    for s in ("head", "full"):
+        rows = read_jsonl(out / s / "metrics.jsonl")
+        assert [r["epoch"] for r in rows if r["epoch"] >= 0] == [0]  # the first epoch spends it: one epoch of 30

@@ -612,3 +612,31 @@ def test_a_test_folder_is_scored_once_at_the_end_apart_from_val(tmp_path, capsys
     assert all("test_acc" not in r for r in read_jsonl(run / "metrics.jsonl"))  # the epochs saw val only
     assert f"Test accuracy **{test['test_acc']:.4f}**" in (run / "report.md").read_text()
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_lr_and_weight_decay_maps_reach_the_optimizer(data, tmp_path):
+    """differential's --lr-map and any strategy's --wd-map, as the optimizer ran them."""
+    from layerwise.checkpoint import load_state
+
+    run = tmp_path / "run"
+    assert _fit(str(data), *TINY, "--strategy", "differential", "--lr-map", "head=1,stage5=0.5", "--wd-map",
+                "head=0.05", "--epochs", "1", "--lr", "0.01", "--out", str(run)) == 0
+    first = read_jsonl(run / "steps.jsonl")[0]["lr"]
+    assert first["stage5"] == pytest.approx(first["head"] / 2) and first["stem"] is None  # unmapped: frozen
+    groups = load_state(run / "last" / "state.pt")["optimizer"]["param_groups"]
+    head_decay = {pg["weight_decay"] for pg in groups if pg["group"] == "head" and pg["decay"]}
+    body_decay = {pg["weight_decay"] for pg in groups if pg["group"] == "stage5" and pg["decay"]}
+    assert head_decay == {0.05} and body_decay == {1e-4}
+
+
+@pytest.mark.parametrize("bn,moved", [("adapt", True), ("eval", False)])
+def test_bn_adapt_re_estimates_the_statistics_of_a_frozen_body(data, tmp_path, capsys, bn, moved):
+    from layerwise.engine import prepare
+
+    run = tmp_path / "run"
+    cfg = RunConfig(data=str(data), model="timm/test_efficientnet", weights="none", img_size=32, seed=0)
+    before = prepare(cfg).model.loaded.model.state_dict()["bn1.running_mean"].clone()
+    assert _fit(str(data), *TINY, "--strategy", "head", "--bn", bn, "--epochs", "1", "--out", str(run)) == 0
+    after = last_weights(run)["bn1.running_mean"]
+    assert (not torch.equal(after, before)) == moved  # the head alone trains: only adapt moves the stem's stats
+    assert ("bn adapt: re-estimated BatchNorm statistics" in capsys.readouterr().out) == moved

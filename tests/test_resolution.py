@@ -123,3 +123,18 @@ def test_a_start_above_the_final_side_is_a_clear_error(data, tmp_path, capsys):
                  "--epochs", "2", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "progressive_from" in err and "64" in err and "96" in err
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from layerwise.resolution import snap  # noqa: E402
+
+
+@given(st.floats(1, 5000))
+def test_snap_lands_on_the_grid_below_the_side(side):
+    s = snap(side)
+    assert s % SIZE_STEP == 0 and s >= MIN_SIDE
+    assert s <= side or s == MIN_SIDE  # down, except where the floor lifts it
+    assert side - s < SIZE_STEP or s == MIN_SIDE
+    assert snap(s) == s
