@@ -640,3 +640,22 @@ def test_bn_adapt_re_estimates_the_statistics_of_a_frozen_body(data, tmp_path, c
     after = last_weights(run)["bn1.running_mean"]
     assert (not torch.equal(after, before)) == moved  # the head alone trains: only adapt moves the stem's stats
     assert ("bn adapt: re-estimated BatchNorm statistics" in capsys.readouterr().out) == moved
+
+
+def test_fp16_trains_through_the_grad_scaler_and_saves_its_state(data, tmp_path, monkeypatch):
+    """A real fp16 fit: every step goes through the scaler, and last/ holds its state for a resume."""
+    from torch.amp import GradScaler
+
+    from layerwise.checkpoint import load_state
+
+    scaled = []
+    real = GradScaler.scale
+    monkeypatch.setattr(GradScaler, "scale", lambda self, loss: scaled.append(1) or real(self, loss))
+    run = tmp_path / "run"
+    assert _fit(str(data), *TINY, "--strategy", "full", "--precision", "fp16", "--no-channels-last", "--epochs", "1",
+                "--out", str(run)) == 0  # a fixed layout: no timed numerics trial steps
+    steps = read_jsonl(run / "steps.jsonl")
+    assert len(scaled) == len(steps) > 0
+    state = load_state(run / "last" / "state.pt")
+    assert "scaler" in state and state["scaler"]["scale"] > 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == "fp16"
