@@ -82,3 +82,14 @@ def hang_guard(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+# A fit small enough for a unit test: a random-init timm test net at 32 px, one loader process.
+TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32", "--batch-size", "8",
+        "--workers", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Three classes of eight coloured squares each, train/ and val/ (shared by a test module)."""
+    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=8)

@@ -4,14 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder
+from conftest import TINY, make_image_folder
 from layerwise.augment import eval_transform
 from layerwise.cache import DecodedImages, stored_side
 from layerwise.checkpoint import read_jsonl
 from layerwise.cli import main
-
-TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32", "--batch-size", "8",
-        "--workers", "0", "--quiet"]
 
 
 @pytest.fixture(scope="module")

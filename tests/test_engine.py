@@ -8,20 +8,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import make_image_folder
+from conftest import TINY, make_image_folder
 from layerwise import trainer
 from layerwise.checkpoint import read_jsonl
 from layerwise.cli import main
 from layerwise.config import RunConfig
 from layerwise.engine import fit
-
-TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32", "--batch-size", "8",
-        "--workers", "0", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=8)
 
 
 def last_weights(run):

@@ -10,19 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_image_folder
+from conftest import TINY, make_image_folder
 from layerwise import rundir
 from layerwise.cli import main
 from layerwise.config import RunConfig
 from layerwise.rundir import RunDir, data_fingerprint, remove_own_temp_files, writer_lock
-
-TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", "32", "--batch-size", "8",
-        "--workers", "0", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=8)
 
 
 def test_only_the_run_files_own_temp_files_are_removed(tmp_path):
