@@ -58,3 +58,34 @@ def test_a_dataset_still_running_is_named_and_left_out():
 
     text = summary_tables([rec("x", "head", 0.7), rec("x", "full", 0.8), rec("z", "head", 0.9)], 112)
     assert "Still running, left out: z (1 runs)." in text and "## z" not in text and "## x" in text
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+HEADERS = {"auto": "auto", "`discriminative --bn eval`": "discriminative+bn-eval", "`full`": "full",
+           "plain loop": "plain", "`gradual --bn eval`": "gradual+bn-eval", "`lp-ft --bn eval`": "lp-ft+bn-eval",
+           "`head`": "head", "fastai `fine_tune`": "fastai"}
+
+
+def _suite_means(img: int) -> dict[str, float]:
+    """Each variant's mean over datasets of its mean best val acc over seeds, from suite.json."""
+    import json
+    import statistics
+
+    runs = [r for r in json.loads((RESULTS / "suite.json").read_text()).values() if r["img"] == img]
+    per: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        per.setdefault(r["variant"], {}).setdefault(r["dataset"], []).append(r["best"])
+    return {v: statistics.fmean(statistics.fmean(xs) for xs in d.values()) for v, d in per.items()}
+
+
+def test_the_readme_suite_table_is_recomputed_from_suite_json():
+    """Every mean the README's suite table quotes, recomputed from bench/results/suite.json."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| | auto |"))
+    row = next(line for line in text.splitlines() if line.startswith("| mean best val acc |"))
+    names = [c.strip() for c in header.strip("|").split("|")][1:]
+    quoted = [float(c.strip().strip("*")) for c in row.strip("|").split("|")[1:]]
+    means = _suite_means(112)
+    assert len(names) == len(quoted) == len(HEADERS)
+    for name, value in zip(names, quoted):
+        assert round(means[HEADERS[name]], 3) == value, name
