@@ -27,7 +27,14 @@ from layerwise.evaluation import evaluate, gather_eval
 from layerwise.groups import LayerGroup, head_module
 from layerwise.hardware import Amp, to_device
 from layerwise.loaders import ordered_loader
-from layerwise.probe import ProbeResult, earlier_depth, linear_probe, load_probe_head, probe_loaders
+from layerwise.probe import (
+    PROBE_MAX_IMAGES,
+    ProbeResult,
+    earlier_depth,
+    linear_probe,
+    load_probe_head,
+    probe_loaders,
+)
 from layerwise.progress import say
 from layerwise.resolve import Evidence, Resolved
 from layerwise.rundir import RunDir
@@ -51,10 +58,12 @@ def sample_batch(ds: Dataset, batch_size: int, device: torch.device, channels_la
 
 
 def run_probe(model: nn.Module, groups: Sequence[LayerGroup], data: ProbeInputs, device: torch.device, amp: Amp, *,
-              channels_last: bool, quiet: bool) -> tuple[ProbeResult, tuple[str, str] | None]:
+              channels_last: bool, quiet: bool,
+              max_images: int = PROBE_MAX_IMAGES) -> tuple[ProbeResult, tuple[str, str] | None]:
     """The linear probe on the frozen model (plus the BatchNorm shift and the earlier depth's
     probe, read from the same forward passes), and that earlier depth's (group, module)."""
-    train, val = probe_loaders(data.train, data.val, batch_size=data.batch_size, workers=data.workers, seed=data.seed)
+    train, val = probe_loaders(data.train, data.val, batch_size=data.batch_size, workers=data.workers, seed=data.seed,
+                               max_images=max_images)
     earlier = earlier_depth(model, groups, sample_batch(data.train, data.batch_size, device, channels_last))
     res = linear_probe(model, head_module(model, groups), train, val, device, amp, channels_last=channels_last,
                        quiet=quiet, seed=data.seed, earlier=model.get_submodule(earlier[1]) if earlier else None)
