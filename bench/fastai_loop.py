@@ -1,5 +1,11 @@
-"""The fastai competitor: ``vision_learner(...).fine_tune(...)`` on the same data, model and
-offline Lite0 weights. fastai is an optional benchmark dependency (pip install fastai).
+"""The fastai competitor, run the way fastai's docs teach it: ``ImageDataLoaders`` with
+presizing (``item_tfms=Resize`` larger, ``batch_tfms=aug_transforms(size=...)``),
+``vision_learner`` and ``fine_tune(epochs)`` at its default ``base_lr`` (2e-3, one frozen
+epoch); ``--lr-find`` takes the ``lr_find()`` valley as ``base_lr`` first, as the docs also show.
+The model is the same offline Lite0 (``pretrained=False`` only because the weights cannot be
+downloaded here: they are loaded strictly, every key checked, with the normalisation fastai
+would take from their config, mean = std = 0.5). fastai is an optional benchmark dependency
+(pip install -e '.[bench]').
 
 Prints one JSON line per epoch, like bench/plain_loop.py.
 """
@@ -15,9 +21,11 @@ from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
-from fastai.vision.all import ImageDataLoaders, Normalize, Resize, vision_learner
+from fastai.vision.all import ImageDataLoaders, Normalize, Resize, aug_transforms, vision_learner
 
 from layerwise.models import lite0_state_dict  # only to load the same offline weights
+
+PRESIZE = 460 / 224  # the fastai book's item resize against its training size
 
 
 class Report(Callback):
@@ -46,26 +54,31 @@ class Report(Callback):
 def main() -> None:
     started = time.perf_counter()
     p = competitor_parser()
+    p.add_argument("--lr-find", action="store_true", help="fine_tune at lr_find()'s valley, not the default base_lr")
     args = p.parse_args()
     set_seed(args.seed, reproducible=True)
-    # pretrained=False below (the weights are loaded by hand), so fastai would add no
-    # normalisation: give it the one these TF-origin weights expect, as layerwise does.
-    dls = ImageDataLoaders.from_folder(args.data, train="train", valid="val", item_tfms=Resize(args.img_size),
-                                       batch_tfms=Normalize.from_stats([0.5] * 3, [0.5] * 3), bs=args.batch_size,
-                                       num_workers=1)
-    learn = vision_learner(dls, "tf_efficientnet_lite0", pretrained=False, metrics=accuracy, cbs=Report(started))
+    dls = ImageDataLoaders.from_folder(
+        args.data, train="train", valid="val", bs=args.batch_size, num_workers=1,
+        item_tfms=Resize(int(args.img_size * PRESIZE)),  # presizing, as the fastai book does (460 for 224)
+        batch_tfms=[*aug_transforms(size=args.img_size, min_scale=0.75), Normalize.from_stats([0.5] * 3, [0.5] * 3)])
+    report = Report(started)
+    learn = vision_learner(dls, "tf_efficientnet_lite0", pretrained=False, metrics=accuracy, cbs=report)
     body = learn.model[0].model
     full = timm.create_model("tf_efficientnet_lite0")
     weights = {k: v for k, v in lite0_state_dict(full).items() if not k.startswith("classifier")}
-    body.load_state_dict(weights, strict=False)
+    body.load_state_dict(weights, strict=True)  # every key of the body, checked
     with learn.no_logging(), learn.no_bar():
-        if args.strategy == "head":
-            learn.fit_one_cycle(args.epochs, 1e-3)
-        elif args.strategy == "partial":
+        if args.strategy == "head":  # bench/speed.py's head-only row: the frozen body, one cycle
+            learn.fit_one_cycle(args.epochs)
+        elif args.strategy == "partial":  # its partial row: fastai's own freeze_to
             learn.freeze_to(-2)
-            learn.fit_one_cycle(args.epochs, 1e-3)
+            learn.fit_one_cycle(args.epochs)
+        elif args.lr_find:
+            with learn.removed_cbs(report):  # the range test's mock epoch is not an epoch of the run
+                lr = learn.lr_find(show_plot=False).valley
+            learn.fine_tune(args.epochs - 1, base_lr=lr)
         else:
-            learn.fine_tune(args.epochs - 1, base_lr=1e-3, freeze_epochs=1)
+            learn.fine_tune(args.epochs - 1)  # fastai's defaults: base_lr 2e-3, freeze_epochs 1
 
 
 if __name__ == "__main__":
