@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from competitor import competitor_parser  # bench/ is on the path: these run as scripts
 from torchvision import datasets, transforms
 
+from layerwise.augment import LIGHT_SCALE  # only to augment as layerwise's default does
 from layerwise.models import lite0_state_dict  # only to load the same offline weights
 
 
@@ -27,20 +28,25 @@ def main() -> None:
     p = competitor_parser()
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--augment", choices=("light", "none"), default="light", help="layerwise's default, or none")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     norm = transforms.Normalize([0.5] * 3, [0.5] * 3)
     size = args.img_size
-    train_tf = transforms.Compose([transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size),
-                                   transforms.ToTensor(), norm])
-    val_tf = train_tf
+    val_tf = transforms.Compose([transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size),
+                                 transforms.ToTensor(), norm])
+    # the same light augmentation layerwise trains with by default (augment.LIGHT_SCALE), so a
+    # comparison measures the loops, not the augmentation
+    train_tf = val_tf if args.augment == "none" else transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=LIGHT_SCALE), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), norm])
     train = datasets.ImageFolder(f"{args.data}/train", train_tf)
     val = datasets.ImageFolder(f"{args.data}/val", val_tf)
     train_dl = torch.utils.data.DataLoader(train, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True)
     val_dl = torch.utils.data.DataLoader(val, args.batch_size, num_workers=args.workers)
 
     model = timm.create_model("tf_efficientnet_lite0")
-    model.load_state_dict(lite0_state_dict(model), strict=False)
+    model.load_state_dict(lite0_state_dict(model), strict=True)  # every tensor, checked
     model.reset_classifier(len(train.classes))
     # The tutorial's freezing: substring rules on parameter names.
     for name, param in model.named_parameters():

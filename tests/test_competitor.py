@@ -42,3 +42,22 @@ def test_save_json_that_fails_keeps_the_previous_file(tmp_path):
     with pytest.raises(TypeError):
         save_json(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}
+
+
+def test_the_plain_loop_trains_the_offline_weights_and_prints_an_epoch_a_line(tmp_path):
+    """bench/plain_loop.py end to end, on images made here: one JSON row per epoch."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "d", classes=2, per_class=8)
+    out = subprocess.run([sys.executable, "bench/plain_loop.py", str(data), "--epochs", "2", "--img-size", "32",
+                          "--batch-size", "4", "--workers", "0"], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(0 <= r["val_acc"] <= 1 and r["images_per_second"] > 0 for r in rows)
+    assert rows[1]["elapsed_seconds"] > rows[0]["elapsed_seconds"]
