@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import timm
 from competitor import competitor_parser  # bench/ is on the path: these run as scripts
@@ -21,7 +22,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
-from fastai.vision.all import ImageDataLoaders, Normalize, Resize, aug_transforms, vision_learner
+from fastai.vision.all import ImageDataLoaders, Normalize, Resize, aug_transforms, get_image_files, vision_learner
 
 from layerwise.models import lite0_state_dict  # only to load the same offline weights
 
@@ -79,6 +80,11 @@ def main() -> None:
             learn.fine_tune(args.epochs - 1, base_lr=lr)
         else:
             learn.fine_tune(args.epochs - 1)  # fastai's defaults: base_lr 2e-3, freeze_epochs 1
+        test = Path(args.data) / "test"
+        if test.is_dir():  # a held-out split: the final model, scored once, labelled as train/ is
+            with learn.removed_cbs(report):
+                _, acc = learn.validate(dl=dls.test_dl(get_image_files(test), with_labels=True))
+            print(json.dumps({"test_acc": float(acc)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -75,6 +76,13 @@ def main() -> None:
                 correct += (model(x).argmax(-1) == y).sum().item()
         print(json.dumps({"epoch": epoch, "images_per_second": seen / train_s, "val_acc": correct / len(val),
                           "elapsed_seconds": time.perf_counter() - started}), flush=True)
+    if Path(f"{args.data}/test").is_dir():  # a held-out split: the final model, scored once
+        test = datasets.ImageFolder(f"{args.data}/test", val_tf)
+        correct = 0
+        with torch.no_grad():
+            for x, y in torch.utils.data.DataLoader(test, args.batch_size, num_workers=args.workers):
+                correct += (model(x).argmax(-1) == y).sum().item()
+        print(json.dumps({"test_acc": correct / len(test)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,34 @@ def datasets() -> dict[str, Path]:
     return out
 
 
+def held_out(name: str, data: Path, root: Path) -> Path:
+    """DATA with a test split no choice sees, by a fixed rule: in each class folder of val/, the
+    files sorted by the SHA-1 of their name; the first half stays val (every choice: auto's
+    evidence, the probe's C, early stopping, the best epoch), the second half becomes test (only
+    reported). train/ is unchanged. Written once as a tree of symlinks under ``root``; the
+    shared data is never modified."""
+    import hashlib
+    import os
+
+    out = root / name
+    if (out / "test").is_dir():
+        return out
+    for cls in sorted(p for p in (data / "train").iterdir() if p.is_dir()):
+        dst = out / "train" / cls.name
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in cls.iterdir():
+            os.symlink(f.resolve(), dst / f.name)
+    for cls in sorted(p for p in (data / "val").iterdir() if p.is_dir()):
+        files = sorted((f for f in cls.iterdir() if f.is_file()), key=lambda f: hashlib.sha1(f.name.encode()).hexdigest())
+        half = len(files) // 2
+        for part, chunk in (("val", files[:half]), ("test", files[half:])):
+            dst = out / part / cls.name
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in chunk:
+                os.symlink(f.resolve(), dst / f.name)
+    return out
+
+
 def export_digits(root: Path) -> Path:
     """The embedded digits as class folders, so the competitors can read them too."""
     if (root / "val").is_dir():
@@ -106,6 +134,8 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
     _, wall, _ = run_child(cmd)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rec = {"curve": [[r["elapsed_seconds"], r["val_acc"]] for r in rows], "wall": wall}
+    if (run / "test.json").is_file():  # the best-on-val weights, scored once on the held-out split
+        rec["test"] = json.loads((run / "test.json").read_text())["test_acc"]
     probe = run / "probe.json"
     if probe.is_file():
         p = json.loads(probe.read_text())
@@ -127,7 +157,9 @@ def run_competitor(script: str, data: Path, seed: int, img: int, b: tuple) -> di
     out, wall, _ = run_child([sys.executable, f"bench/{script}", str(data), "--strategy", "full", "--epochs",
                               str(epochs), "--img-size", str(img), "--batch-size", str(batch), "--seed", str(seed)])
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return {"curve": [[r["elapsed_seconds"], r["val_acc"]] for r in rows], "wall": wall}
+    rec = {"curve": [[r["elapsed_seconds"], r["val_acc"]] for r in rows if "epoch" in r], "wall": wall}
+    tests = [r["test_acc"] for r in rows if "test_acc" in r]
+    return rec | ({"test": tests[-1]} if tests else {})
 
 
 def main() -> None:
@@ -139,15 +171,21 @@ def main() -> None:
     p.add_argument("--variants", default="", help="comma-separated subset (default: all of the mode)")
     p.add_argument("--results", default=str(RESULTS / "suite.json"))
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the recorded runs; run nothing")
+    p.add_argument("--test-split", action="store_true",
+                   help="half of each val class held out as test (held_out()); results go to suite-test.json")
     args = p.parse_args()
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
     img = min(args.img_size, 96) if args.quick else args.img_size
+    if args.test_split and args.results == str(RESULTS / "suite.json"):
+        args.results = str(RESULTS / "suite-test.json")  # never mixed with the runs that chose on their score
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     chosen = [v for v in variants(args.quick) if not args.variants or v in args.variants.split(",")]
     for name, data in ({} if args.report_only else datasets()).items():
         if args.datasets and name not in args.datasets.split(","):
             continue
+        if args.test_split:
+            data = held_out(name, data, ROOT / "runs" / "suite-split")
         b = budget(data)
         print(f"{name}: {b[3]}", flush=True)
         for seed in seeds:

@@ -1,0 +1,31 @@
+"""bench/suite.py's held-out split: the rule that carves a test split no choice sees."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from suite import held_out  # noqa: E402
+
+from conftest import make_image_folder  # noqa: E402
+
+
+def _names(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*.png")}
+
+
+def test_held_out_halves_each_val_class_deterministically_and_keeps_train(tmp_path):
+    data = make_image_folder(tmp_path / "d", classes=3, per_class=9)
+    a = held_out("x", data, tmp_path / "a")
+    b = held_out("x", data, tmp_path / "b")
+    val, test = _names(a / "val"), _names(a / "test")
+    assert val and test and not val & test and val | test == _names(data / "val")  # a partition of val
+    assert _names(a / "train") == _names(data / "train")
+    assert (val, test) == (_names(b / "val"), _names(b / "test"))  # the same rule, the same split
+    for cls in (data / "val").iterdir():  # every class in both halves, half each
+        n = len(list(cls.iterdir()))
+        assert len(list((a / "val" / cls.name).iterdir())) == n // 2
+        assert len(list((a / "test" / cls.name).iterdir())) == n - n // 2
+    assert held_out("x", data, tmp_path / "a") == a  # written once, then reused
