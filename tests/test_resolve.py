@@ -127,3 +127,14 @@ def test_every_knob_is_declared_once_and_reaches_the_strategy_and_the_flags(caps
     groups = json.loads(capsys.readouterr().out)["groups"]
     assert groups[-2]["lr"] == pytest.approx(groups[-1]["lr"] / 4)
     assert resolve(RunConfig(strategy="discriminative", epochs=2), FACTS).config.decay == StrategyOptions.decay
+
+
+def test_the_embedded_digits_resolve_to_the_data_modules_size_and_no_augmentation():
+    """The one constant (data.DEFAULT_IMG_SIZE): a second copy of it once changed make demo."""
+    from layerwise.data import DEFAULT_IMG_SIZE
+
+    r = resolve(RunConfig(strategy="full", epochs=1), dataclasses.replace(FACTS, embedded=True))
+    assert (r.config.img_size, r.config.augment) == (DEFAULT_IMG_SIZE, "none")
+    given = resolve(RunConfig(strategy="full", epochs=1, img_size=48, augment="light"),
+                    dataclasses.replace(FACTS, embedded=True))
+    assert (given.config.img_size, given.config.augment) == (48, "light")

@@ -18,12 +18,12 @@ from typing import Any
 from layerwise.budget import resolve_budget
 from layerwise.choices import check_choices
 from layerwise.config import DEFAULTS, KEYS, RunConfig, from_mapping
+from layerwise.data import DEFAULT_IMG_SIZE
 from layerwise.errors import LayerwiseError
 from layerwise.groups import LayerGroup
 from layerwise.plan import NOMINAL_STEPS_PER_EPOCH, Plan, make_plan
 from layerwise.strategies import Strategy, StrategyOptions, make_strategy
 
-EMBEDDED_IMG_SIZE = 64  # the 8x8 digits, upscaled a little
 LR_TO_FIND = 1e-3  # --lr auto before the range test: the base the test's multipliers are taken at
 
 
@@ -72,7 +72,7 @@ def resolve(cfg: RunConfig, facts: Facts, evidence: Evidence | None = None) -> R
     ev = evidence or Evidence()
     c = cfg
     if facts.embedded:
-        c = dataclasses.replace(c, img_size=c.img_size or EMBEDDED_IMG_SIZE, augment=c.augment or "none")
+        c = dataclasses.replace(c, img_size=c.img_size or DEFAULT_IMG_SIZE, augment=c.augment or "none")
     c = _with_evidence(c, ev)
     # What the strategy implies comes before the budget, which fills only what is still unset
     # (a strategy's batch size must not lose to the default); the strategy is then made again
