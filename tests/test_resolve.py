@@ -138,3 +138,8 @@ def test_the_embedded_digits_resolve_to_the_data_modules_size_and_no_augmentatio
     given = resolve(RunConfig(strategy="full", epochs=1, img_size=48, augment="light"),
                     dataclasses.replace(FACTS, embedded=True))
     assert (given.config.img_size, given.config.augment) == (48, "light")
+
+
+def test_an_override_reaches_a_list_setting_left_empty_but_not_one_given():
+    assert apply_overrides(RunConfig(), "x", {"tta": ["hflip"]}).tta == ["hflip"]
+    assert apply_overrides(RunConfig(tta=["five-crop"]), "x", {"tta": ["hflip"]}).tta == ["five-crop"]

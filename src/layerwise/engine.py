@@ -67,7 +67,11 @@ class Prepared:
     device: torch.device
     loaders: Loaders
     amp: Amp
-    resolved: Resolved
+
+    @property
+    def resolved(self) -> Resolved:
+        """The resolution of these facts, without evidence yet."""
+        return self.model.resolved
 
 
 def prepare(cfg: RunConfig, info: DistInfo = DistInfo()) -> Prepared:
@@ -96,7 +100,7 @@ def prepare(cfg: RunConfig, info: DistInfo = DistInfo()) -> Prepared:
                                 train_batches=len(loaders.train))
     r = resolve(cfg, facts)
     return Prepared(splits, dataclasses.replace(ms, facts=facts, resolved=r), device, loaders,
-                    Amp(r.config.precision, device, model), r)
+                    Amp(r.config.precision, device, model))
 
 
 def wants_probe(c: RunConfig, head: torch.nn.Module | None) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,3 +79,13 @@ def gather_eval(ev: EvalResult, info: DistInfo) -> EvalResult:
     order = unshard_order(len(labels), info)
     probs, labels = probs[order], labels[order]
     return EvalResult.from_probs(probs, labels)
+
+
+def evaluate_images(model: nn.Module, items: Sequence[tuple], transform: Callable, amp: Amp, device: torch.device, *,
+                    batch_size: int, views: Sequence[str] = (), channels_last: bool = False) -> EvalResult:
+    """``items`` (readable image files with labels) through ``transform``, in order, evaluated:
+    what ``evaluate`` on a run folder and fit's final test score share."""
+    from layerwise.data import ImageDataset, collate_skipping
+
+    loader = DataLoader(ImageDataset(items, transform), batch_size=batch_size, collate_fn=collate_skipping)
+    return evaluate(model, loader, amp, device, views=views, channels_last=channels_last)

@@ -10,17 +10,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from layerwise import rundir
 from layerwise.augment import eval_transform
 from layerwise.checkpoint import load_weights
 from layerwise.data import (
     IMAGE_ERRORS,
-    ImageDataset,
     check_images,
     class_counts,
-    collate_skipping,
     eval_items,
     open_image,
 )
@@ -98,7 +95,7 @@ def eval_batch_size(img_size: int, *, ram: int | None = None, most: int = 64) ->
 def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] = (), batch_size: int | None = None,
                  precision: str = "fp32", device: str = "auto") -> dict:
     """Accuracy, per-class accuracy and confusion matrix of RUN's best weights on DATA."""
-    from layerwise.evaluation import evaluate
+    from layerwise.evaluation import evaluate_images
     from layerwise.hardware import Amp, pick_device
 
     rm = load_run(run)
@@ -108,9 +105,8 @@ def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] = (), batch
         raise DataError(f"no readable images in {scored}: all {len(skipped)} failed to decode, "
                         f"e.g. {skipped[0]['path']} ({skipped[0]['reason']})")
     dev = pick_device(device)
-    loader = DataLoader(ImageDataset(items, rm.transform()), batch_size=batch_size or eval_batch_size(rm.img_size),
-                        collate_fn=collate_skipping)
-    res = evaluate(rm.model.to(dev), loader, Amp(precision, dev), dev, views=views)
+    res = evaluate_images(rm.model.to(dev), items, rm.transform(), Amp(precision, dev), dev,
+                          batch_size=batch_size or eval_batch_size(rm.img_size), views=views)
     k = len(rm.classes)
     return {
         "data": data, "scored": scored, "images": len(items), "skipped": skipped,

@@ -127,20 +127,20 @@ def _final_eval(t: Trainer) -> EvalResult:
     return ev
 
 
-def _test_eval(t: Trainer) -> dict:
+def _test_eval(t: Trainer) -> dict | None:
     """The best weights (as _final_eval left them loaded) on DATA/test, once, at the end:
     recorded apart from val, which made every choice (strategy, epoch, threshold)."""
-    from torch.utils.data import DataLoader
-
     from layerwise.augment import eval_transform
-    from layerwise.data import ImageDataset, check_images, collate_skipping
+    from layerwise.data import check_images
+    from layerwise.evaluation import evaluate_images
 
     items, skipped = check_images(t.splits.test)
+    if not items:
+        say(f"warning: DATA/test has no readable image ({len(skipped)} skipped); no test accuracy")
+        return None
     loaded = t.kit.loaded
-    loader = DataLoader(ImageDataset(items, eval_transform(t.cfg.img_size, loaded.mean, loaded.std)),
-                        batch_size=t.cfg.batch_size, collate_fn=collate_skipping)
-    ev = evaluate(t.kit.eval_model(), loader, t.kit.amp, t.kit.device, views=t.cfg.tta,
-                  channels_last=t.cfg.channels_last)
+    ev = evaluate_images(t.kit.eval_model(), items, eval_transform(t.cfg.img_size, loaded.mean, loaded.std), t.kit.amp,
+                         t.kit.device, batch_size=t.cfg.batch_size, views=t.cfg.tta, channels_last=t.cfg.channels_last)
     result = {"test_acc": ev.acc, "test_loss": ev.loss, "images": len(items), "skipped": skipped,
               "views": t.cfg.tta, "note": "DATA/test, never used for a choice (strategy, epoch, threshold)"}
     say(f"test accuracy {ev.acc:.4f} on {len(items)} images of DATA/test (never used for a choice)")

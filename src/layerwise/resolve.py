@@ -129,7 +129,10 @@ def _strategy(c: RunConfig, facts: Facts) -> Strategy:
     return make_strategy(c.strategy, [g.name for g in facts.groups], strategy_options(c, facts))
 
 
-_DECLARED = {f.name: f.default for f in fields(RunConfig)}
+# Each field's declared default; a list field's is its factory's value ([]), so an override of
+# --tta applies where the user left it empty.
+_DECLARED = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+             for f in fields(RunConfig)}
 
 
 def unset(cfg: RunConfig, key: str) -> bool:
