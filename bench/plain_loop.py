@@ -78,11 +78,12 @@ def main() -> None:
                           "elapsed_seconds": time.perf_counter() - started}), flush=True)
     if Path(f"{args.data}/test").is_dir():  # a held-out split: the final model, scored once
         test = datasets.ImageFolder(f"{args.data}/test", val_tf)
-        correct = 0
+        ok: list[int] = []
         with torch.no_grad():
             for x, y in torch.utils.data.DataLoader(test, args.batch_size, num_workers=args.workers):
-                correct += (model(x).argmax(-1) == y).sum().item()
-        print(json.dumps({"test_acc": correct / len(test)}), flush=True)
+                ok += (model(x).argmax(-1) == y).int().tolist()
+        names = [f"{Path(f).parent.name}/{Path(f).name}" for f, _ in test.samples]  # per image, to pair runs
+        print(json.dumps({"test_acc": sum(ok) / len(ok), "correct": dict(zip(names, ok))}), flush=True)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def variants(quick: bool) -> list[str]:
         # head's only trainable group is the linear layer, which has no BatchNorm: its --bn eval
         # run would repeat its default run exactly, so it is not run twice.
         fixed = [v for s in FIXED for v in (s, f"{s}+bn-eval") if v != "head+bn-eval"]
-    return ["auto", *fixed, "plain", *(["fastai"] if have_fastai else [])]
+    return ["auto", *fixed, "plain", *(["fastai", "fastai-lrfind"] if have_fastai else [])]
 
 
 def budget(data: Path) -> tuple[int, int, int | None, str]:
@@ -135,7 +135,7 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rec = {"curve": [[r["elapsed_seconds"], r["val_acc"]] for r in rows], "wall": wall}
     if (run / "test.json").is_file():  # the best-on-val weights, scored once on the held-out split
-        rec["test"] = json.loads((run / "test.json").read_text())["test_acc"]
+        rec |= test_record(json.loads((run / "test.json").read_text()))
     probe = run / "probe.json"
     if probe.is_file():
         p = json.loads(probe.read_text())
@@ -147,19 +147,30 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
 
 def run_variant(name: str, data: Path, variant: str, seed: int, img: int, b: tuple) -> dict:
     """One run of the suite: a competitor's script or a layerwise variant."""
-    if variant in ("plain", "fastai"):
-        return run_competitor("plain_loop.py" if variant == "plain" else "fastai_loop.py", data, seed, img, b)
+    if variant == "plain":
+        return run_competitor("plain_loop.py", data, seed, img, b)
+    if variant.startswith("fastai"):  # fastai-lrfind: fine_tune at lr_find()'s valley, as its docs also teach
+        return run_competitor("fastai_loop.py", data, seed, img, b, *(["--lr-find"] if variant == "fastai-lrfind" else []))
     return run_layerwise(name, data, variant, seed, img, b)
 
 
-def run_competitor(script: str, data: Path, seed: int, img: int, b: tuple) -> dict:
+def run_competitor(script: str, data: Path, seed: int, img: int, b: tuple, *extra: str) -> dict:
     epochs, batch, _, _ = b
     out, wall, _ = run_child([sys.executable, f"bench/{script}", str(data), "--strategy", "full", "--epochs",
-                              str(epochs), "--img-size", str(img), "--batch-size", str(batch), "--seed", str(seed)])
+                              str(epochs), "--img-size", str(img), "--batch-size", str(batch), "--seed", str(seed),
+                              *extra])
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     rec = {"curve": [[r["elapsed_seconds"], r["val_acc"]] for r in rows if "epoch" in r], "wall": wall}
-    tests = [r["test_acc"] for r in rows if "test_acc" in r]
-    return rec | ({"test": tests[-1]} if tests else {})
+    tests = [r for r in rows if "test_acc" in r]
+    return rec | (test_record(tests[-1]) if tests else {})
+
+
+def test_record(result: dict) -> dict:
+    """A run's test accuracy and its per-image outcomes as one string of 0/1, in the sorted order
+    of the images' class/file names, so runs of any tool pair image for image."""
+    correct = result.get("correct", {})
+    return {"test": result["test_acc"]} | ({"test_correct": "".join(str(correct[k]) for k in sorted(correct))}
+                                           if correct else {})
 
 
 def main() -> None:

@@ -601,6 +601,8 @@ def test_a_test_folder_is_scored_once_at_the_end_apart_from_val(tmp_path, capsys
     test = json.loads((run / "test.json").read_text())
     assert test["images"] == len(list((d / "test").rglob("*.png"))) and "never used for a choice" in test["note"]
     assert test["test_acc"] == pytest.approx(evaluate_run(run, str(d))["accuracy"])  # evaluate scores test/ too
+    files = {f"{f.parent.name}/{f.name}" for f in (d / "test").rglob("*.png")}
+    assert set(test["correct"]) == files and sum(test["correct"].values()) == round(test["test_acc"] * len(files))
     assert all("test_acc" not in r for r in read_jsonl(run / "metrics.jsonl"))  # the epochs saw val only
     assert f"Test accuracy **{test['test_acc']:.4f}**" in (run / "report.md").read_text()
     assert "test accuracy" in capsys.readouterr().out
