@@ -212,7 +212,12 @@ def main() -> None:
                 print(f"  {v:<22} seed {seed}: best {results[key]['best']:.3f}  {rec['wall']:.0f}s", flush=True)
                 save_json(results_path, results)
     out = RESULTS / ("suite-quick.md" if args.quick else "suite-test.md" if args.test_split else "suite.md")
-    out.write_text(report(results, img) + (test_report(results, img) if args.test_split else ""))
+    if args.test_split:
+        from heldout import report as held_out_report
+
+        out.write_text(held_out_report([r for r in results.values() if r["img"] == img], img))
+    else:
+        out.write_text(report(results, img))
     print(f"wrote {out}")
 
 
@@ -231,35 +236,6 @@ def report(results: dict, img: int) -> str:
     path = RESULTS / "evidence.json"
     evidence = json.loads(path.read_text()).get(str(img), {}) if path.is_file() else {}
     return summary_tables([r for r in results.values() if r["img"] == img], img, evidence)
-
-
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t(0.975, n-1) by n-1
-
-
-def test_report(results: dict, img: int) -> str:
-    """The held-out numbers: each variant's test accuracy per seed and its mean, and auto minus
-    each variant paired by seed with a 95 % t-interval over seeds. A difference whose interval
-    holds 0 is no win and no loss."""
-    import statistics
-
-    lines = ["", f"## Held-out test split ({img} px): accuracy on test, which no choice saw", ""]
-    for name in sorted({r["dataset"] for r in results.values() if r["img"] == img and "test" in r}):
-        runs = {(r["variant"], r["seed"]): r["test"] for r in results.values()
-                if r["img"] == img and r["dataset"] == name and "test" in r}
-        names = sorted({v for v, _ in runs}, key=lambda v: (v != "auto", v))
-        lines += [f"### {name}", "", "| variant | test acc per seed | mean | auto − it (95 % t-interval over seeds) |",
-                  "|---|---|---:|---|"]
-        for v in names:
-            seeds = sorted(s for w, s in runs if w == v)
-            per = " / ".join(f"{runs[v, s]:.3f}" for s in seeds)
-            paired = [runs["auto", s] - runs[v, s] for s in seeds if ("auto", s) in runs]
-            cell = "-"
-            if v != "auto" and len(paired) >= 2:
-                m, h = statistics.fmean(paired), T95[len(paired) - 1] * statistics.stdev(paired) / len(paired) ** 0.5
-                cell = f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}]" + (" (inside the noise)" if m - h <= 0 <= m + h else "")
-            lines.append(f"| {v} | {per} | {statistics.fmean(runs[v, s] for s in seeds):.3f} | {cell} |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

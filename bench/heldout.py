@@ -1,0 +1,166 @@
+"""The suite's held-out numbers: test accuracy that no choice saw, and paired differences with
+95 % intervals from a bootstrap over seeds and test images.
+
+Pure functions over the records bench/suite.py stores (``test``, ``test_correct``: a string of
+0/1 per test image in one fixed order, ``best``: best val accuracy, ``chosen`` and the evidence
+for auto), so they are tested on made-up records.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from suite_stats import FIXED_EXCLUDED, by_dataset, loo_threshold_rule
+
+BOOT = 4000  # bootstrap replicates: the interval's ends move by < 0.1 point between resamplings
+
+
+@dataclass(frozen=True)
+class Diff:
+    """A mean paired difference (accuracy points as fractions) and its 95 % interval."""
+
+    mean: float
+    lo: float
+    hi: float
+    same_run: bool = False  # every seed's pair is one computation: identical outcomes, image for image
+
+    @property
+    def inside_noise(self) -> bool:
+        return self.lo <= 0 <= self.hi
+
+    def cell(self) -> str:
+        if self.same_run:
+            return "the same run"
+        text = f"{100 * self.mean:+.1f} [{100 * self.lo:+.1f}, {100 * self.hi:+.1f}]"
+        return text + (" inside the noise" if self.inside_noise else "")
+
+
+def outcomes(runs: Sequence[dict]) -> dict[int, np.ndarray]:
+    """seed -> 0/1 per test image."""
+    return {r["seed"]: np.frombuffer(r["test_correct"].encode(), dtype=np.uint8) - ord("0") for r in runs}
+
+
+def paired_matrix(a: Sequence[dict], b: Sequence[dict]) -> np.ndarray:
+    """a minus b per shared seed (rows) and test image (columns)."""
+    oa, ob = outcomes(a), outcomes(b)
+    seeds = sorted(set(oa) & set(ob))
+    if not seeds:
+        raise ValueError("no seed run by both")
+    return np.stack([oa[s].astype(np.int16) - ob[s] for s in seeds])
+
+
+def bootstrap_means(d: np.ndarray, rng: np.random.Generator, n: int = BOOT) -> np.ndarray:
+    """``n`` resampled means of a seeds x images difference matrix: seeds and images are drawn
+    with replacement, the images once per replicate for every seed (they are one test set)."""
+    s, m = d.shape
+    rows = rng.integers(0, s, size=(n, s))
+    weights = rng.multinomial(m, np.full(m, 1 / m), size=n)  # how often each image is drawn
+    per_seed = (d @ weights.T) / m  # seeds x n: each seed's mean over the resampled images
+    return np.take_along_axis(per_seed.T, rows, axis=1).mean(axis=1)
+
+
+def suite_diff(matrices: Sequence[np.ndarray], seed: int = 0) -> Diff:
+    """The mean over datasets of each dataset's mean paired difference, its bootstrap interval
+    resampling every dataset's seeds and images independently (percentile method)."""
+    rng = np.random.default_rng(seed)
+    boots = np.mean([bootstrap_means(d, rng) for d in matrices], axis=0)
+    mean = float(np.mean([d.mean() for d in matrices]))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    same = all(not d.any() for d in matrices)
+    return Diff(mean, float(lo), float(hi), same_run=same)
+
+
+def complete(records: Sequence[dict]) -> dict[str, dict[str, list[dict]]]:
+    """dataset -> variant -> runs, for the datasets where every variant has every seed with its
+    per-image outcomes (a dataset still running would compare unequal sets)."""
+    data = by_dataset([r for r in records if "test_correct" in r])
+    if not data:
+        return {}
+    variants = set.union(*(set(v) for v in data.values()))
+    seeds = {r["seed"] for r in records if "test_correct" in r}
+    return {d: v for d, v in data.items()
+            if set(v) == variants and all({r["seed"] for r in runs} == seeds for runs in v.values())}
+
+
+def test_mean(runs: Sequence[dict]) -> float:
+    return statistics.fmean(r["test"] for r in runs)
+
+
+def oracle(runs: dict[str, list[dict]]) -> str:
+    """The hindsight-best fixed variant: the highest mean test accuracy (no method can know it)."""
+    fixed = [v for v in runs if v not in FIXED_EXCLUDED]
+    return max(fixed, key=lambda v: test_mean(runs[v]))
+
+
+def loo_rule(data: dict[str, dict[str, list[dict]]], key: str = "bn_shift") -> dict[str, str]:
+    """dataset -> the fixed variant a one-threshold rule on auto's ``key`` evidence picks for it,
+    the rule fitted on the *other* datasets' best val accuracy (bench/suite_stats.py)."""
+    fixed = sorted(set.intersection(*({v for v in runs if v not in FIXED_EXCLUDED} for runs in data.values())))
+    val = {d: {v: statistics.fmean(r["best"] for r in runs[v]) for v in fixed} for d, runs in data.items()}
+    evidence = {d: statistics.fmean(r[key] for r in runs["auto"]) for d, runs in data.items()}
+    return {r["dataset"]: r["choice"] for r in loo_threshold_rule(val, evidence, fixed)}
+
+
+def derived_rows(data: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, list[dict]]]:
+    """Each dataset's runs plus two rows made of fixed runs: the hindsight oracle and the
+    leave-one-dataset-out shift rule (when every auto run recorded a shift)."""
+    loo = loo_rule(data) if len(data) >= 3 and all(
+        r.get("bn_shift") is not None for runs in data.values() for r in runs["auto"]) else {}
+    out = {}
+    for d, runs in data.items():
+        extra = {"oracle": runs[oracle(runs)]} | ({"loo-rule": runs[loo[d]]} if d in loo else {})
+        out[d] = runs | extra
+    return out
+
+
+def summary(records: Sequence[dict], against: str = "auto") -> list[str]:
+    """One row per variant: its mean test accuracy over the complete datasets and
+    ``against`` minus it, with a 95 % interval over datasets, seeds and images."""
+    data = derived_rows(complete(records))
+    if not data:
+        return []
+    names = sorted(set.intersection(*(set(v) for v in data.values())), key=lambda v: (v != against, v))
+    lines = [f"Datasets: {', '.join(sorted(data))}; seeds: "
+             f"{', '.join(str(s) for s in sorted({r['seed'] for r in records if 'test_correct' in r}))}.", "",
+             f"| variant | mean test acc | {against} − it, points [95 % interval] |", "|---|---:|---|"]
+    for v in names:
+        acc = statistics.fmean(test_mean(data[d][v]) for d in data)
+        cell = "" if v == against else suite_diff([paired_matrix(data[d][against], data[d][v]) for d in data]).cell()
+        lines.append(f"| {v} | {acc:.3f} | {cell} |")
+    return lines
+
+
+def per_dataset(records: Sequence[dict], against: str = "auto") -> list[str]:
+    """Per complete dataset: each variant's test accuracy per seed, its mean, and ``against``
+    minus it with a 95 % interval over seeds and images."""
+    out = []
+    for d, runs in sorted(derived_rows(complete(records)).items()):
+        chose = ", ".join(r.get("chosen", "-").removeprefix("auto:") for r in sorted(runs[against], key=lambda r: r["seed"]))
+        out += [f"### {d}", "", f"{against} chose (per seed): {chose}. oracle = {oracle(runs)}.", "",
+                "| variant | test acc per seed | mean | best val (mean) | " + against + " − it [95 %] |",
+                "|---|---|---:|---:|---|"]
+        for v in sorted(runs, key=lambda v: (v != against, v)):
+            rs = sorted(runs[v], key=lambda r: r["seed"])
+            cell = "" if v == against else suite_diff([paired_matrix(runs[against], rs)]).cell()
+            per_seed = " / ".join(format(r["test"], ".3f") for r in rs)
+            out.append(f"| {v} | {per_seed} | {test_mean(rs):.3f} | "
+                       f"{statistics.fmean(r['best'] for r in rs):.3f} | {cell} |")
+        out.append("")
+    return out
+
+
+def report(records: Sequence[dict], img: int) -> str:
+    head = [f"# Transfer suite, held-out test split ({img} px)", "",
+            "Written by `bench/suite.py --test-split` from `bench/results/suite-test.json`. Each val class is split "
+            "in two by the SHA-1 of the file names (`held_out()`): the first half stays val and makes every choice "
+            "(auto's evidence, the probe's C, early stopping, the best epoch), the second half is test and is only "
+            "reported. Differences are paired (same seed, same test images) with a 95 % percentile bootstrap "
+            f"interval ({BOOT} replicates) resampling seeds and test images; a difference whose interval holds 0 is "
+            "no win and no loss. *oracle* is the fixed variant with the best mean test accuracy on each dataset, "
+            "known only in hindsight; *loo-rule* is the fixed variant a threshold on the BatchNorm shift picks "
+            "when the threshold is fitted on the other datasets' val accuracy. *the same run* marks a pair whose "
+            "outcomes agree image for image on every seed.", "", "## Mean over the suite", ""]
+    return "\n".join([*head, *summary(records), "", "## Per dataset", "", *per_dataset(records)]) + "\n"

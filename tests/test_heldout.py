@@ -1,0 +1,107 @@
+"""The suite's held-out report: paired bootstrap intervals, the oracle and the leave-one-out row
+(bench/heldout.py), on made-up records."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from heldout import (  # noqa: E402
+    Diff,
+    complete,
+    loo_rule,
+    oracle,
+    paired_matrix,
+    report,
+    suite_diff,
+)
+
+
+def rec(d: str, v: str, seed: int, bits: str, best: float = 0.5, **extra) -> dict:
+    return {"dataset": d, "variant": v, "seed": seed, "img": 112, "test_correct": bits,
+            "test": bits.count("1") / len(bits), "best": best} | extra
+
+
+def test_a_constant_gap_has_a_point_interval():
+    a = [rec("x", "auto", s, "1111") for s in range(3)]
+    b = [rec("x", "b", s, "0000") for s in range(3)]  # every image, every seed: one more right
+    d = suite_diff([paired_matrix(a, b)])
+    assert (d.mean, d.lo, d.hi) == (1, 1, 1) and not d.inside_noise and d.cell() == "+100.0 [+100.0, +100.0]"
+
+
+def test_one_seed_still_has_an_interval_from_the_test_images():
+    """The images are resampled too: one seed of noisy outcomes is not a sure thing."""
+    rng = np.random.default_rng(1)
+    a = "".join(map(str, rng.integers(0, 2, 200)))
+    b = "".join(map(str, rng.integers(0, 2, 200)))
+    d = suite_diff([paired_matrix([rec("x", "auto", 0, a)], [rec("x", "b", 0, b)])])
+    assert d.hi - d.lo > 0.1 and d.inside_noise and "inside the noise" in d.cell()
+
+
+def test_seed_noise_widens_the_interval():
+    """Two variants that trade places from seed to seed are no win, however many images agree."""
+    n = 400
+    a = [rec("x", "auto", 0, "1" * n), rec("x", "auto", 1, "0" * n), rec("x", "auto", 2, "1" * n)]
+    b = [rec("x", "b", 0, "0" * n), rec("x", "b", 1, "1" * n), rec("x", "b", 2, "0" * n)]
+    d = suite_diff([paired_matrix(a, b)])
+    assert d.mean == pytest.approx(1 / 3) and d.lo < 0 < d.hi
+
+
+def test_a_real_gap_on_many_images_is_found_and_covered():
+    rng = np.random.default_rng(0)
+    n, gap = 3000, 0.1
+    a = [rec("x", "auto", s, "".join(map(str, (rng.random(n) < 0.8).astype(int)))) for s in range(3)]
+    b = [rec("x", "b", s, "".join(map(str, (rng.random(n) < 0.8 - gap).astype(int)))) for s in range(3)]
+    d = suite_diff([paired_matrix(a, b)])
+    assert 0 < d.lo < gap < d.hi
+
+
+def test_identical_outcomes_are_the_same_run_not_a_tie():
+    a = [rec("x", "auto", s, "1010") for s in range(3)]
+    assert suite_diff([paired_matrix(a, a)]).cell() == "the same run"
+    assert Diff(0.0, -0.01, 0.01).cell() == "+0.0 [-1.0, +1.0] inside the noise"
+
+
+def test_pairs_only_shared_seeds():
+    a = [rec("x", "auto", 0, "11"), rec("x", "auto", 1, "11")]
+    b = [rec("x", "b", 1, "00"), rec("x", "b", 2, "11")]
+    assert paired_matrix(a, b).tolist() == [[1, 1]]
+    with pytest.raises(ValueError, match="no seed"):
+        paired_matrix(a[:1], b[:1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.integers(-1, 1), min_size=5, max_size=5), min_size=1, max_size=4), st.integers(0, 9))
+def test_the_interval_holds_the_mean_and_stays_in_range(rows, seed):
+    m = np.array(rows, dtype=np.int16)
+    d = suite_diff([m], seed=seed)
+    assert -1 <= d.lo <= d.hi <= 1 and d.mean == pytest.approx(m.mean())
+    assert d.lo <= m.max() and d.hi >= m.min()
+
+
+def test_a_dataset_missing_a_run_is_left_out():
+    full = [rec(d, v, s, "10") for d in ("x", "y") for v in ("auto", "b") for s in (0, 1)]
+    assert set(complete(full)) == {"x", "y"}
+    assert set(complete(full[:-1])) == {"x"}  # y's b lacks seed 1: it is still running
+
+
+def test_the_oracle_is_best_on_test_and_the_loo_rule_learns_on_val():
+    """Three datasets where val and test disagree: the rule must follow val, the oracle test."""
+    runs = []
+    for d, shift, val_best in (("x", 0.1, "lo"), ("y", 0.2, "lo"), ("z", 0.9, "hi")):
+        runs.append(rec(d, "auto", 0, "11", bn_shift=shift))
+        for v in ("lo", "hi"):
+            bits = "11" if v != val_best else "10"  # the val winner is the test loser
+            runs.append(rec(d, v, 0, bits, best=0.9 if v == val_best else 0.5))
+    data = complete(runs)
+    assert oracle(data["x"]) == "hi" and oracle(data["z"]) == "lo"
+    picks = loo_rule(data)
+    assert picks["x"] == "lo"  # from y (low shift -> lo on val) and z (high shift -> hi)
+    text = report(runs, 112)
+    assert "| oracle |" in text and "| loo-rule |" in text and "Datasets: x, y, z; seeds: 0." in text
