@@ -79,10 +79,13 @@ def test_auto_row_shows_its_choice_evidence_and_probe_time(data, tmp_path):
     row = json.loads((out / "summary.json").read_text())["strategies"][0]
     probe = json.loads((out / "auto" / "probe.json").read_text())
     metrics = read_jsonl(out / "auto" / "metrics.jsonl")
+    race = json.loads((out / "auto" / "race.json").read_text())
     assert row["chosen"] == probe["strategy"] and row["evidence"] == probe["reason"]
-    # From fit's start: set-up and the probe count, not just the epochs.
-    assert row["wall_seconds"] == metrics[-1]["elapsed_seconds"]
-    assert row["wall_seconds"] > sum(m["epoch_seconds"] for m in metrics) + probe["seconds"]
+    assert "won auto's race" in probe["reason"] and probe["race"]["winner"] == race["winner"]
+    # From fit's start: set-up, the probe and every candidate's rung count, not just the winner's epochs.
+    assert row["wall_seconds"] == race["wall_seconds"]
+    rungs = sum(r["epoch_seconds"] for name, r in race["rungs"].items() if name != race["winner"])
+    assert row["wall_seconds"] > sum(m["epoch_seconds"] for m in metrics) + rungs + probe["seconds"]
     assert f"auto chose {probe['strategy']}: {probe['reason']}" in (out / "summary.md").read_text()
     assert "linear-probe skill" in (out / "report.html").read_text()
 

@@ -68,7 +68,7 @@ def test_linear_probe_leaves_model_and_rng_untouched(data, tmp_path):
 
 def test_fit_auto_probes_records_and_resumes_without_probing(data, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
-    assert main(["fit", str(data), *TINY, "--epochs", "2", "--out", str(run)]) == 0
+    assert main(["fit", str(data), *TINY, "--epochs", "2", "--no-race", "--out", str(run)]) == 0
     probe = json.loads((run / "probe.json").read_text())
     plan = json.loads((run / "plan.json").read_text())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -102,7 +102,7 @@ def test_fit_auto_probes_records_and_resumes_without_probing(data, tmp_path, cap
     # a fresh run given the evidence by hand does not probe either, and plans the same way
     monkeypatch.setattr(engine, "run_probe", boom)
     given = tmp_path / "given"
-    assert main(["fit", str(data), *TINY, "--epochs", "2", "--probe-skill", str(cfg["probe_skill"]),
+    assert main(["fit", str(data), *TINY, "--epochs", "2", "--probe-skill", str(cfg["probe_skill"]), "--no-race",
                  "--out", str(given)]) == 0
     assert json.loads((given / "plan.json").read_text())["strategy"] == plan["strategy"]
 
@@ -117,7 +117,7 @@ def test_auto_is_never_worse_than_its_probe_and_the_probe_row_is_the_saved_model
         raise trainer.Interrupted  # killed right after the probe: best.safetensors is the probe model
 
     monkeypatch.setattr(trainer.Trainer, "train_epoch", stop_at_once)
-    assert main(["fit", str(data), *TINY, "--epochs", "2", "--out", str(run)]) == 130
+    assert main(["fit", str(data), *TINY, "--epochs", "2", "--no-race", "--out", str(run)]) == 130
     probe_row = read_jsonl(run / "metrics.jsonl")[0]
     assert probe_row["epoch"] == -1
     # the val split of a train/val folder is what evaluate scores too
@@ -158,7 +158,7 @@ def test_auto_full_keeps_the_probe_row_but_trains_a_fresh_head(data, tmp_path, m
 
     monkeypatch.setattr(BnShiftMeter, "value", lambda self: 0.5)  # random init has no statistics: pretend far data
     auto, full = tmp_path / "auto", tmp_path / "full"
-    assert main(["fit", str(data), *TINY, "--epochs", "2", "--out", str(auto)]) == 0
+    assert main(["fit", str(data), *TINY, "--epochs", "2", "--no-race", "--out", str(auto)]) == 0
     assert main(["fit", str(data), *TINY, "--epochs", "2", "--strategy", "full", "--out", str(full)]) == 0
     probe = json.loads((auto / "probe.json").read_text())
     assert probe["strategy"] == "auto:full" and probe["bn_shift"] == 0.5 and probe["bn"] == "frozen"

@@ -92,7 +92,7 @@ def test_a_fit_stopped_before_its_config_is_written_can_start_again(data, tmp_pa
 
 def test_the_probe_head_is_recorded_relative_to_the_run_so_a_moved_run_resumes(data, tmp_path):
     run = tmp_path / "run"
-    assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "2", "--out", str(run)]) == 0
+    assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "2", "--no-race", "--out", str(run)]) == 0
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["probe_head"] == rundir.PROBE_HEAD  # not an absolute path into this folder
     moved = tmp_path / "elsewhere"

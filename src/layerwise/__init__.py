@@ -1,13 +1,13 @@
 """layerwise: fine-tune pretrained image classifiers with per-layer control."""
 
 from layerwise.config import RunConfig
-from layerwise.engine import fit
 from layerwise.errors import LayerwiseError, UnknownNameError
 from layerwise.freeze import freeze_all_but_head, freeze_until, set_trainable, trainable_summary
 from layerwise.groups import LayerGroup, layer_groups
 from layerwise.models import create_model
 from layerwise.optim import apply_states, build_optimizer, group_lr
 from layerwise.plan import Plan
+from layerwise.race import fit
 from layerwise.resolve import Evidence, Facts, Resolved, resolve
 from layerwise.setup import plan_only
 from layerwise.strategies import (

@@ -94,7 +94,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
         return launch(nproc, _without_nproc(args.argv))
 
-    from layerwise.engine import Interrupted, fit
+    from layerwise.engine import Interrupted
+    from layerwise.race import fit
 
     resume = getattr(args, "resume", None)
     if resume and args.overwrite:

@@ -118,6 +118,8 @@ def add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
                    "(re-estimate on your data first), eval (every group keeps them), train (frozen groups update them)")
     g.add_argument("--no-probe", dest="probe", action="store_false", default=S,
                    help="auto: choose from the images per class alone, without the linear probe")
+    g.add_argument("--no-race", dest="race", action="store_false", default=S,
+                   help="auto: train the strategy the probe's thresholds pick, without racing the candidates")
     g.add_argument("--probe-skill", dest="probe_skill", type=float, default=S,
                    help="auto: the linear probe's skill (0 = majority guess, 1 = perfect) if already known; "
                    "skips the probe")

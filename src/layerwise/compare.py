@@ -32,7 +32,7 @@ def run_all(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: i
             overwrite: bool = False) -> list[Path]:
     """Fit each strategy ``repeats`` times (seeds base.seed, base.seed + 1, ...). A run already
     in ``out`` counts only if its fingerprint (data files, settings) matches this call's."""
-    from layerwise.engine import fit
+    from layerwise.race import fit
 
     twice = sorted({s for s in strategies if list(strategies).count(s) > 1})
     if not strategies or twice:
@@ -87,6 +87,8 @@ def run_row(run: Path) -> dict:
     last = trained[-1]
     probe_file = RunDir(run).probe
     probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
+    race_file = RunDir(run).race
+    race = json.loads(race_file.read_text()) if race_file.is_file() else {}
     return {
         "run": str(run),
         "strategy": plan["strategy"],
@@ -94,8 +96,8 @@ def run_row(run: Path) -> dict:
         "best_epoch": best["epoch"],
         "final_val_acc": last["val_acc"],
         "gap": last["train_acc"] - last["val_acc"],
-        # From the start of fit: data scan, model set-up and auto's probe count too.
-        "wall_seconds": rows[-1]["elapsed_seconds"],
+        # From the start of fit: data scan, model set-up and auto's probe (and race) count too.
+        "wall_seconds": race.get("wall_seconds", rows[-1]["elapsed_seconds"]),
         "probe": probe,
         "images_per_second": statistics.fmean(r["images_per_second"] for r in trained),
         "trainable_params": [r["trainable_params"] for r in trained],

@@ -54,7 +54,7 @@ RESUME_OVERRIDABLE = ("epochs", "lr", "clip_grad", "precision", "nan", "patience
 _RESUME_IGNORED = ("quiet", "workers", "device")  # where the run executes, not what it computes
 
 __all__ = ["RESUME_OVERRIDABLE", "Interrupted", "Prepared", "build", "build_trainer", "decide", "find_lr", "fit",
-           "prepare", "range_test"]
+           "prepare", "probe", "range_test"]
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,7 @@ def decide(cfg: RunConfig, p: Prepared, run: Path, info: DistInfo, *, started: f
     loaded, groups, c = p.model.loaded, p.model.groups, p.resolved.config
     head = head_module(loaded.model, groups)
     if wants_probe(c, head):
-        data = ProbeInputs(with_eval_transform(p.loaders.train.dataset, c.img_size, loaded.mean, loaded.std),
-                           unsharded(p.loaders.val.dataset), c.batch_size, p.loaders.train.num_workers, c.seed)
-        res, earlier = run_probe(loaded.model, groups, data, p.device, p.amp, channels_last=c.channels_last,
-                                 quiet=c.quiet)
-        ev = probe_evidence(res, head, run, info)
-        r = resolve(cfg, p.model.facts, ev)
-        record_probe(run, res, earlier, r, info)
+        r, ev = probe(cfg, p, run, info)
     if r.config.probe_head and not restored:
         row = begin_at_probe(loaded.model, head, run / r.config.probe_head, p.loaders.val, amp=p.amp, device=p.device,
                              channels_last=r.config.channels_last, dist=info,
@@ -139,6 +133,22 @@ def decide(cfg: RunConfig, p: Prepared, run: Path, info: DistInfo, *, started: f
         say(f"lr auto: {found.reason}; base lr {found.suggestion:.2e} (plot: {RunDir(run).lr_find_png})")
         r = resolve(cfg, p.model.facts, dataclasses.replace(ev, lr=found.suggestion))
     return r, row
+
+
+def probe(cfg: RunConfig, p: Prepared, run: Path, info: DistInfo = DistInfo()) -> tuple[Resolved, Evidence]:
+    """auto's linear probe on the frozen model: its evidence (probe.json, the probe's head in
+    ``run``) and the resolution it gives."""
+    loaded, groups, c = p.model.loaded, p.model.groups, p.resolved.config
+    head = head_module(loaded.model, groups)
+    if head is None:
+        raise LayerwiseError(f"auto's probe needs a linear head; {loaded.name} has none")
+    data = ProbeInputs(with_eval_transform(p.loaders.train.dataset, c.img_size, loaded.mean, loaded.std),
+                       unsharded(p.loaders.val.dataset), c.batch_size, p.loaders.train.num_workers, c.seed)
+    res, earlier = run_probe(loaded.model, groups, data, p.device, p.amp, channels_last=c.channels_last, quiet=c.quiet)
+    ev = probe_evidence(res, head, run, info)
+    r = resolve(cfg, p.model.facts, ev)
+    record_probe(run, res, earlier, r, info)
+    return r, ev
 
 
 def _optimizer(p: Prepared, r: Resolved) -> torch.optim.Optimizer:
@@ -165,11 +175,13 @@ def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Tra
     return build(p, p.resolved, run, info)
 
 
-def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, until: int | None = None) -> Path:
     """Train ``cfg`` into its run folder (``cfg.out``); returns the folder.
 
     A folder that already holds a run is refused unless ``resume`` (continue it) or
-    ``overwrite`` (replace it); one process writes a run folder at a time."""
+    ``overwrite`` (replace it); one process writes a run folder at a time. ``until``: stop
+    after that many epochs, checkpointed, as an interruption would (auto's race pauses its
+    candidates this way; a resume continues them exactly)."""
     started = time.perf_counter()
     info = from_env()
     if info.enabled and not cfg.out:
@@ -189,7 +201,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
             # Taken before set-up resolves defaults, so compare can predict it from its inputs.
             fingerprint = None if resume else rundir.run_fingerprint(cfg)
             t = _start(cfg, run, info, started, resume=resume, overwrite=overwrite, fingerprint=fingerprint)
-            return run_epochs(t, info)
+            return run_epochs(t, info, until=until)
     finally:
         shutdown(info)
 

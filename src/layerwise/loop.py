@@ -21,13 +21,16 @@ from layerwise.rng import epoch_seed, seed_everything
 from layerwise.trainer import EpochProgress, Interrupted, StopRequested, Trainer, check_finite
 
 
-def run_epochs(t: Trainer, info: DistInfo) -> Path:
-    """The epochs, then the best weights evaluated and the report written."""
+def run_epochs(t: Trainer, info: DistInfo, until: int | None = None) -> Path:
+    """The epochs, then the best weights evaluated and the report written. ``until``: pause
+    after that many epochs instead (the checkpoint holds the run; a resume continues it)."""
     run = t.run
     writer = _tensorboard(run.root) if info.is_main else None
     with StopRequested(install=not info.enabled) as stop:
         try:
             for epoch in range(t.start_epoch, t.cfg.epochs):
+                if until is not None and epoch >= until:
+                    return run.root
                 row = epoch_row(t, epoch, stop, t.progress if epoch == t.start_epoch else None)
                 if _record(t, row, writer):
                     say(f"early stopping: val accuracy has not improved for {t.cfg.patience} epochs")

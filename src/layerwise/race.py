@@ -1,0 +1,259 @@
+"""auto's race: measure which way of fine-tuning wins on the user's data, then train that way.
+
+The probe's thresholds (strategies.auto_choice) only *order* the candidates, favourite first.
+Each candidate is a complete run folder under ``RUN/race/``, trained by :func:`engine.fit`
+for one rung (:data:`RUNG_EPOCHS`) of its own full plan and paused there, checkpointed. The
+candidates are compared on the same val images; a lead inside the noise keeps the earlier
+(prior) candidate. The winner's run then resumes from its own checkpoint, so no step is
+trained twice and its steps are exactly those of an uninterrupted run; the losers stay paused
+and resumable. At the end the winner's files are the run folder's, with ``race.json`` beside
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layerwise import rundir
+from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
+from layerwise.config import RunConfig, load_yaml
+from layerwise.data import check_images
+from layerwise.groups import head_module
+from layerwise.progress import say
+from layerwise.resolve import Resolved
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # its run folder under RUN/race/
+    strategy: str
+    bn: str | None  # None: the strategy's default
+
+
+# The strategies auto's threshold rule chooses among, each at its recommended --bn.
+CANDIDATES: dict[str, Candidate] = {
+    "discriminative": Candidate("discriminative-bn-eval", "discriminative", "eval"),
+    "full": Candidate("full", "full", None),
+    "lp-ft": Candidate("lp-ft-bn-eval", "lp-ft", "eval"),
+}
+# One epoch of each candidate's own schedule. Set on the suite's 112-px runs (2 seeds x 8
+# datasets, bench/results/suite.json; docs/strategies.md): the leader after epoch 1 of
+# {discriminative --bn eval, full, lp-ft --bn eval} was the final best 10 times in 16, and its
+# final best val accuracy trailed the best by 0.5 points on average (2.8 at most: digits, where
+# full starts slowest); after epoch 2, 0.3; after epoch 3, 0.04. The threshold rule, fitted on
+# the other seven datasets each time, trailed by 1.3.
+RUNG_EPOCHS = 1
+# The race costs at most this many runs' epochs: each candidate beyond the first costs a rung.
+RACE_COST = 1.5
+Z95 = 1.96  # a lead smaller than this many standard errors of the paired difference is noise
+
+
+def race_size(epochs: int, available: int = len(CANDIDATES)) -> int:
+    """How many candidates a run of ``epochs`` can race within :data:`RACE_COST` (< 2: none)."""
+    return min(available, 1 + int((RACE_COST - 1) * epochs // RUNG_EPOCHS))
+
+
+def ordered(favourite: str) -> list[Candidate]:
+    """The candidates, the threshold rule's favourite (``auto:X`` or ``X``) first."""
+    fav = favourite.removeprefix("auto:")
+    first = [CANDIDATES[fav]] if fav in CANDIDATES else []
+    return first + [c for k, c in CANDIDATES.items() if k != fav]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    winner: str
+    reason: str
+
+
+def pick(outcomes: dict[str, torch.Tensor], order: Sequence[str]) -> Verdict:
+    """The winner from each candidate's right/wrong on the same val images. The leader wins
+    unless some candidate earlier in ``order`` trails it by no more than the noise of the
+    paired difference; then the earliest such candidate stays."""
+    acc = {k: outcomes[k].float().mean().item() for k in order}
+    leader = max(order, key=lambda k: (acc[k], -order.index(k)))
+    for k in order[:order.index(leader)]:
+        diff = outcomes[leader].float() - outcomes[k].float()
+        se = diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        if diff.mean().item() <= Z95 * se:
+            return Verdict(k, f"{leader} led {k} by {100 * diff.mean().item():.1f} points on the same val images, "
+                              f"inside the noise (±{100 * Z95 * se:.1f}): {k}, earlier in the order, stays")
+    runner = max((k for k in order if k != leader), key=lambda k: acc[k])
+    return Verdict(leader, f"{leader} led on val ({acc[leader]:.3f}, next {runner} {acc[runner]:.3f})")
+
+
+def wants_race(cfg: RunConfig) -> bool:
+    return cfg.strategy == "auto" and cfg.race and cfg.probe
+
+
+def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """``layerwise fit``: auto races its candidates where it can; any other run is engine.fit's."""
+    from layerwise import engine
+    from layerwise.distributed import from_env
+
+    run = Path(cfg.out or rundir.default_run_dir())
+    cfg = dataclasses.replace(cfg, out=str(run))
+    racing = resume and rundir.RunDir(run).race.is_file() and not _promoted(run)
+    if not racing and (resume or not wants_race(cfg) or from_env().enabled):
+        return engine.fit(cfg, resume=resume, overwrite=overwrite)
+    return _race(cfg, run, resume=resume, overwrite=overwrite)
+
+
+def _promoted(run: Path) -> bool:
+    return bool(json.loads(rundir.RunDir(run).race.read_text()).get("promoted"))
+
+
+def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
+    from layerwise import engine
+    from layerwise.setup import load_data
+
+    rd = rundir.RunDir(run)
+    started = time.perf_counter()
+    with rundir.writer_lock(run):
+        if not resume and not overwrite:
+            rundir.refuse_existing(run)
+        if resume:
+            state = json.loads(rd.race.read_text())
+        else:
+            p = engine.prepare(cfg)
+            epochs = p.resolved.config.epochs
+            head = head_module(p.model.loaded.model, p.model.groups)
+            if race_size(epochs) < 2 or head is None:
+                why = f"{epochs} epochs afford no race" if head is not None else "the model has no linear head"
+                say(f"auto: {why}; the probe's thresholds choose")
+                state = None
+            else:
+                if overwrite:
+                    rundir.clear(run)
+                # evidence given by hand (--probe-skill) orders the race without a probe
+                r = p.resolved if cfg.probe_skill is not None else engine.probe(cfg, p, run)[0]
+                state = _new_state(r, race_size(epochs))
+                write_json(rd.race, state)
+                write_json(rd.fingerprint, rundir.run_fingerprint(cfg))  # what compare predicts for auto
+                atomic_write_text(rd.config, r.config.to_yaml())  # a run is here: --resume finds it
+            del p
+    if state is None:
+        return engine.fit(cfg, resume=False, overwrite=overwrite)
+    before = state.get("wall_seconds", 0.0)  # earlier sittings of this race
+
+    def save() -> None:  # the whole race's wall time so far (probe and every candidate), each time
+        state["wall_seconds"] = before + time.perf_counter() - started
+        write_json(rd.race, state)
+
+    val = check_images(load_data(cfg).val)[0]
+    settings = state["settings"]
+    runs = {c["name"]: _candidate_config(cfg, settings, c, run) for c in state["candidates"]}
+    say(f"auto: racing {', '.join(runs)} for {state['rung_epochs']} epoch(s) each (favourite first: "
+        f"{state['favourite']}); then the winner continues from its checkpoint")
+    for name, sub in runs.items():
+        if name not in state["rungs"]:
+            _rung(sub, state["rung_epochs"])
+            state["rungs"][name] = _rung_result(Path(sub.out), val)
+            save()
+        say(f"race: {name}: val acc {state['rungs'][name]['val_acc']:.4f} after {state['rung_epochs']} epoch(s)")
+    if state["winner"] is None:
+        outcomes = {k: _bits(v["correct"]) for k, v in state["rungs"].items()}
+        verdict = pick(outcomes, list(runs))
+        state |= {"winner": verdict.winner, "reason": verdict.reason,
+                  "stopped": {k: f"paused after the rung: {verdict.winner} won" for k in runs if k != verdict.winner}}
+        save()
+    say(f"race: {state['winner']} wins ({state['reason']}); it continues from its epoch-{state['rung_epochs']} checkpoint")
+    engine.fit(runs[state["winner"]], resume=True)
+    state["promoted"] = True
+    _promote(run, Path(runs[state["winner"]].out), state)
+    save()
+    return run
+
+
+def _new_state(r: Resolved, size: int) -> dict:
+    """race.json as the race starts: the evidence, the order, the settings every candidate shares."""
+    c = r.config
+    return {"favourite": r.strategy.name, "rule": r.strategy.reason, "probe_skill": c.probe_skill,
+            "bn_shift": c.bn_shift, "rung_epochs": RUNG_EPOCHS,
+            "settings": {"epochs": c.epochs, "batch_size": c.batch_size, "patience": c.patience,
+                         "img_size": c.img_size},
+            "candidates": [dataclasses.asdict(k) for k in ordered(r.strategy.name)[:size]],
+            "rungs": {}, "winner": None, "reason": None, "stopped": {}, "promoted": False}
+
+
+def _candidate_config(cfg: RunConfig, settings: dict, c: dict, run: Path) -> RunConfig:
+    """A fixed-strategy run with auto's budget (epochs, batch, patience, size): the user's
+    other settings, including a --bn they gave, hold for every candidate."""
+    return dataclasses.replace(cfg, strategy=c["strategy"], bn=cfg.bn or c["bn"], **settings, race=False,
+                               probe_skill=None, bn_shift=None, probe_head=None,
+                               out=str(run / rundir.RACE_DIR / c["name"]))
+
+
+def _rung(sub: RunConfig, epochs: int) -> None:
+    """Train a candidate to the end of its rung (or on from where a kill left it)."""
+    from layerwise import engine
+
+    started = rundir.holds_run(Path(sub.out))
+    engine.fit(sub, resume=started, overwrite=not started, until=epochs)
+
+
+def _rung_result(run: Path, val: Sequence[tuple]) -> dict:
+    """A paused candidate: its val accuracy per epoch, and its best weights' right/wrong on
+    each val image (the same images for every candidate: the comparison is paired)."""
+    from layerwise.evaluation import evaluate_images
+    from layerwise.hardware import Amp, pick_device
+    from layerwise.inference import eval_batch_size, load_run
+
+    rd = rundir.RunDir(run)
+    rows, saved = read_jsonl(rd.metrics), load_yaml(rd.config)
+    rm = load_run(run)
+    dev = pick_device(saved["device"])
+    # the numerics the run validated with, so the rung's accuracy is its metrics row's
+    ev = evaluate_images(rm.model.to(dev), val, rm.transform(), Amp(saved["precision"], dev), dev,
+                         batch_size=eval_batch_size(rm.img_size), channels_last=saved["channels_last"])
+    return {"val_acc": ev.acc, "curve": [r["val_acc"] for r in rows],
+            "epoch_seconds": sum(r["epoch_seconds"] for r in rows),
+            "correct": "".join("1" if ok else "0" for ok in (ev.preds == ev.labels).tolist())}
+
+
+def _bits(text: str) -> torch.Tensor:
+    return torch.tensor([ch == "1" for ch in text])
+
+
+def _promote(run: Path, winner: Path, state: dict) -> None:
+    """The winner's finished run becomes the run folder's (config, plan, metrics, weights,
+    checkpoint, report), with the race appended to report.md; race.json says it is done."""
+    rd = rundir.RunDir(run)
+    keep = {rundir.RACE, rundir.PROBE, rundir.PROBE_HEAD, rundir.FINGERPRINT}
+    for name in rundir.RUN_FILES:
+        if name not in keep and (winner / name).is_file():
+            shutil.copy2(winner / name, run / name)
+    if (winner / "last").is_dir():
+        shutil.rmtree(run / "last", ignore_errors=True)
+        shutil.copytree(winner / "last", run / "last")
+    report = rd.report.read_text() if rd.report.is_file() else ""
+    atomic_write_text(rd.report, report + race_section(state))
+    if rd.probe.is_file():  # probe.json shows the race beside the evidence that ordered it
+        probe = json.loads(rd.probe.read_text())
+        race = {k: state[k] for k in ("favourite", "winner", "reason", "stopped")}
+        write_json(rd.probe, probe | {
+            "race": race | {"rungs": {k: v["curve"] for k, v in state["rungs"].items()}},
+            "strategy": json.loads(rd.plan.read_text())["strategy"],
+            "reason": f"{state['winner']} won auto's race ({state['reason']}); the thresholds' favourite was "
+                      f"{state['favourite']}: {probe['reason']}"})
+
+
+def race_section(state: dict) -> str:
+    """report.md's account of the race."""
+    lines = ["", "## auto's race", "",
+             f"The probe's thresholds ordered the candidates ({state['favourite']} first: {state['rule']}). Each "
+             f"trained {state['rung_epochs']} epoch(s) of its own plan; the winner continued from its checkpoint.", "",
+             "| candidate | val acc per epoch | at the rung | outcome |", "|---|---|---:|---|"]
+    for name, res in state["rungs"].items():
+        outcome = "won" if name == state["winner"] else state["stopped"].get(name, "")
+        lines.append(f"| {name} | {' / '.join(f'{a:.4f}' for a in res['curve'])} | {res['val_acc']:.4f} | {outcome} |")
+    return "\n".join([*lines, "", f"Verdict: {state['reason']}.", ""])

@@ -1,0 +1,141 @@
+"""auto's race (race.py): its size within the cost bound, the order, the paired verdict, and a
+real race on tiny images: the winner's steps are an uninterrupted run's, and a race stopped
+part-way resumes into the same race."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from conftest import TINY
+from layerwise import race
+from layerwise.checkpoint import read_jsonl
+from layerwise.cli import main
+
+
+@given(st.integers(1, 200))
+def test_a_race_costs_at_most_half_a_run_more(epochs):
+    k = race.race_size(epochs)
+    assert 1 <= k <= len(race.CANDIDATES)
+    if k >= 2:  # each candidate beyond the first trains one extra rung
+        assert epochs + (k - 1) * race.RUNG_EPOCHS <= race.RACE_COST * epochs
+    assert [race.race_size(e) for e in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
+
+
+def test_the_rules_favourite_runs_first():
+    assert [c.strategy for c in race.ordered("auto:full")] == ["full", "discriminative", "lp-ft"]
+    assert [c.strategy for c in race.ordered("auto:lp-ft")] == ["lp-ft", "discriminative", "full"]
+    assert [c.strategy for c in race.ordered("auto:gradual")] == ["discriminative", "full", "lp-ft"]
+
+
+def _bits(text: str) -> torch.Tensor:
+    return torch.tensor([c == "1" for c in text])
+
+
+def test_a_clear_lead_wins_and_a_lead_inside_the_noise_keeps_the_prior():
+    n = 100
+    clear = {"a": _bits("1" * 50 + "0" * 50), "b": _bits("1" * 90 + "0" * 10)}
+    assert race.pick(clear, ["a", "b"]).winner == "b"
+    close = {"a": _bits("1" * 50 + "0" * 50), "b": _bits("1" * 53 + "0" * 47)}  # 3 images of 100
+    v = race.pick(close, ["a", "b"])
+    assert v.winner == "a" and "inside the noise" in v.reason
+    assert race.pick(close, ["b", "a"]).winner == "b"  # the leader first in the order simply wins
+    tie = {"a": _bits("10" * (n // 2)), "b": _bits("10" * (n // 2))}
+    assert race.pick(tie, ["b", "a"]).winner == "b"
+
+
+def _race(data, run, *extra):
+    return main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "3", "--out", str(run), *extra])
+
+
+@pytest.fixture(scope="module")
+def raced(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("race") / "run"
+    assert _race(data, run) == 0
+    return run
+
+
+def test_the_race_pauses_the_losers_and_the_winner_becomes_the_run(raced):
+    state = json.loads((raced / "race.json").read_text())
+    names = [c["name"] for c in state["candidates"]]
+    assert len(names) == race.race_size(3) == 2 and state["promoted"] and state["winner"] in names
+    for name in names:
+        rows = read_jsonl(raced / "race" / name / "metrics.jsonl")
+        assert len(rows) == (3 if name == state["winner"] else race.RUNG_EPOCHS)  # losers stopped at the rung
+        assert state["rungs"][name]["curve"] == [r["val_acc"] for r in rows[:race.RUNG_EPOCHS]]
+        assert state["rungs"][name]["val_acc"] == pytest.approx(max(state["rungs"][name]["curve"]))  # same numerics
+    winner = raced / "race" / state["winner"]
+    rung = read_jsonl(winner / "metrics.jsonl")[:race.RUNG_EPOCHS]  # the rung's epochs were kept, not trained again
+    assert sum(r["epoch_seconds"] for r in rung) == state["rungs"][state["winner"]]["epoch_seconds"]
+    assert (raced / "best.safetensors").read_bytes() == (winner / "best.safetensors").read_bytes()
+    assert read_jsonl(raced / "metrics.jsonl") == read_jsonl(winner / "metrics.jsonl")
+    assert "## auto's race" in (raced / "report.md").read_text()
+    assert json.loads((raced / "probe.json").read_text())["race"]["winner"] == state["winner"]
+
+
+def test_the_winner_trains_exactly_the_steps_of_an_uninterrupted_run(raced, tmp_path):
+    """Paused at the rung and resumed from its checkpoint, the winner ends bit for bit where
+    its config run straight through ends: no step trained twice or differently."""
+    winner = raced / "race" / json.loads((raced / "race.json").read_text())["winner"]
+    straight = tmp_path / "straight"
+    assert main(["fit", "--config", str(winner / "config.yaml"), "--out", str(straight), "--quiet"]) == 0
+    a, b = load_file(winner / "best.safetensors"), load_file(straight / "best.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["val_acc"] for r in read_jsonl(winner / "metrics.jsonl")] == \
+        [r["val_acc"] for r in read_jsonl(straight / "metrics.jsonl")]
+
+
+def test_a_race_stopped_part_way_resumes_into_the_same_race(raced, data, tmp_path, monkeypatch):
+    calls = []
+    real = race._rung_result
+
+    def second_stops(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a kill between the second candidate's rung and its result
+        return real(*args)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(race, "_rung_result", second_stops)
+    assert _race(data, run) == 130
+    state = json.loads((run / "race.json").read_text())
+    assert len(state["rungs"]) == 1 and state["winner"] is None
+    monkeypatch.setattr(race, "_rung_result", real)
+    assert main(["fit", "--resume", str(run)]) == 0
+    done, ref = json.loads((run / "race.json").read_text()), json.loads((raced / "race.json").read_text())
+    def outcomes(state):  # everything but the wall times
+        return {k: {f: v for f, v in r.items() if f != "epoch_seconds"} for k, r in state["rungs"].items()}
+
+    assert done["winner"] == ref["winner"] and outcomes(done) == outcomes(ref)
+    assert (run / "best.safetensors").read_bytes() == (raced / "best.safetensors").read_bytes()
+
+
+def test_no_race_keeps_the_thresholds_choice(data, tmp_path):
+    run = tmp_path / "run"
+    assert _race(data, run, "--no-race") == 0
+    assert not (run / "race.json").exists() and not (run / "race").exists()
+    assert json.loads((run / "probe.json").read_text())["strategy"].startswith("auto:")
+
+
+def test_one_epoch_affords_no_race(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "1", "--out", str(run)]) == 0
+    assert not (run / "race.json").exists() and "afford no race" in capsys.readouterr().out
+
+
+def test_evidence_given_by_hand_orders_the_race_without_a_probe(data, tmp_path, monkeypatch):
+    from layerwise import engine
+
+    def boom(*a, **k):
+        raise AssertionError("--probe-skill was given: no probe")
+
+    monkeypatch.setattr(engine, "run_probe", boom)
+    run = tmp_path / "run"
+    assert _race(data, run, "--probe-skill", "0.5") == 0
+    state = json.loads((run / "race.json").read_text())
+    assert state["favourite"] == "auto:discriminative" and state["candidates"][0]["strategy"] == "discriminative"
