@@ -89,3 +89,32 @@ def test_the_readme_suite_table_is_recomputed_from_suite_json():
     assert len(names) == len(quoted) == len(HEADERS)
     for name, value in zip(names, quoted):
         assert round(means[HEADERS[name]], 3) == value, name
+
+
+def test_rung_regret_on_made_up_curves():
+    from suite_stats import rung_regret
+
+    def rec(v, curve):
+        return {"dataset": "x", "seed": 0, "img": 112, "variant": v, "curve": [[i, a] for i, a in enumerate(curve)]}
+
+    records = [rec("a", [0.5, 0.9]), rec("b", [0.6, 0.7]), rec("c", [0.1, 0.2])]
+    assert rung_regret(records, 1, candidates=("a", "b", "c")) == (0, 1, pytest.approx(0.2), pytest.approx(0.2))
+    assert rung_regret(records, 2, candidates=("a", "b", "c")) == (1, 1, 0.0, 0.0)
+
+
+def test_the_race_rung_figures_in_the_docs_are_the_suites():
+    """docs/strategies.md and race.py quote how the epoch-1 (and 2, 3) leader fared on the
+    suite's 112-px runs: recomputed here from bench/results/suite.json."""
+    import json
+
+    from suite_stats import rung_regret
+
+    root = Path(__file__).resolve().parents[1]
+    records = list(json.loads((root / "bench/results/suite.json").read_text()).values())
+    (hits, n, mean1, max1), (_, _, mean2, _), (_, _, mean3, _) = (rung_regret(records, k) for k in (1, 2, 3))
+    docs = (root / "docs/strategies.md").read_text()
+    assert (hits, n) == (10, 16)
+    quoted = (f"final best {hits} times in {n} and trailed the final best by {100 * mean1:.1f}", f"({100 * max1:.1f} at most",
+              f"after epoch 2 by {100 * mean2:.1f}, after epoch 3 by {100 * mean3:.2f}")
+    for text in quoted:
+        assert text in " ".join(docs.split()), text
