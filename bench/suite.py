@@ -107,7 +107,8 @@ def variants(quick: bool) -> list[str]:
         # head's only trainable group is the linear layer, which has no BatchNorm: its --bn eval
         # run would repeat its default run exactly, so it is not run twice.
         fixed = [v for s in FIXED for v in (s, f"{s}+bn-eval") if v != "head+bn-eval"]
-    return ["auto", *fixed, "plain", *(["fastai", "fastai-lrfind"] if have_fastai else [])]
+    # auto races its candidates (race.py); auto+no-race is the threshold rule alone, as before the race
+    return ["auto", "auto+no-race", *fixed, "plain", *(["fastai", "fastai-lrfind"] if have_fastai else [])]
 
 
 def budget(data: Path) -> tuple[int, int, int | None, str]:
@@ -121,7 +122,7 @@ def budget(data: Path) -> tuple[int, int, int | None, str]:
 
 
 def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: tuple) -> dict:
-    strategy, _, bn = variant.partition("+bn-")
+    strategy, _, bn = variant.removesuffix("+no-race").partition("+bn-")
     epochs, batch, patience, _ = b
     run = ROOT / "runs" / "suite" / name / f"{variant}-{img}px-seed{seed}"
     cmd = [sys.executable, "-m", "layerwise", "fit", str(data), "--model", "efficientnet_lite0", "--strategy", strategy,
@@ -129,6 +130,8 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
            "--workers", "1", "--quiet", "--out", str(run), "--overwrite"]
     if bn:
         cmd += ["--bn", bn]
+    if variant.endswith("+no-race"):
+        cmd.append("--no-race")
     if patience:
         cmd += ["--patience", str(patience)]
     _, wall, _ = run_child(cmd)
@@ -136,6 +139,10 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
     rec = {"curve": [[r["elapsed_seconds"], r["val_acc"]] for r in rows], "wall": wall}
     if (run / "test.json").is_file():  # the best-on-val weights, scored once on the held-out split
         rec |= test_record(json.loads((run / "test.json").read_text()))
+    if (run / "race.json").is_file():  # auto's race: what it ordered, what won
+        race = json.loads((run / "race.json").read_text())
+        rec["race"] = {k: race[k] for k in ("favourite", "winner", "reason")} | {
+            "rungs": {k: v["val_acc"] for k, v in race["rungs"].items()}}
     probe = run / "probe.json"
     if probe.is_file():
         p = json.loads(probe.read_text())
