@@ -177,7 +177,7 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
 def _new_state(r: Resolved, size: int) -> dict:
     """race.json as the race starts: the evidence, the order, the settings every candidate shares."""
     c = r.config
-    return {"favourite": r.strategy.name, "rule": r.strategy.reason, "probe_skill": c.probe_skill,
+    return {"favourite": r.strategy.name, "rule": r.strategy.reason, "budget": r.budget, "probe_skill": c.probe_skill,
             "bn_shift": c.bn_shift, "rung_epochs": RUNG_EPOCHS,
             "settings": {"epochs": c.epochs, "batch_size": c.batch_size, "patience": c.patience,
                          "img_size": c.img_size},
@@ -228,10 +228,15 @@ def _promote(run: Path, winner: Path, state: dict) -> None:
     """The winner's finished run becomes the run folder's (config, plan, metrics, weights,
     checkpoint, report), with the race appended to report.md; race.json says it is done."""
     rd = rundir.RunDir(run)
-    keep = {rundir.RACE, rundir.PROBE, rundir.PROBE_HEAD, rundir.FINGERPRINT}
+    keep = {rundir.RACE, rundir.PROBE, rundir.PROBE_HEAD, rundir.FINGERPRINT, rundir.CONFIG}
     for name in rundir.RUN_FILES:
         if name not in keep and (winner / name).is_file():
             shutil.copy2(winner / name, run / name)
+    # config.yaml: the winner's settings under auto's own budget line (the candidate's says its
+    # epochs were given, which is how the race passed auto's budget on)
+    settings = [line for line in (winner / rundir.CONFIG).read_text().splitlines(keepends=True) if not line.startswith("#")]
+    header = [f"# {state['budget']}\n"] * bool(state.get("budget")) + [f"# auto's race: {state['winner']} won (race.json)\n"]
+    atomic_write_text(rd.config, "".join(header + settings))
     if (winner / "last").is_dir():
         shutil.rmtree(run / "last", ignore_errors=True)
         shutil.copytree(winner / "last", run / "last")
