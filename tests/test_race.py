@@ -50,7 +50,8 @@ def test_a_clear_lead_wins_and_a_lead_inside_the_noise_keeps_the_prior():
 
 
 def _race(data, run, *extra):
-    return main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "3", "--out", str(run), *extra])
+    """The race alone (WiSE-FT after it has its own test)."""
+    return main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "3", "--no-wise", "--out", str(run), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,17 @@ def test_evidence_given_by_hand_orders_the_race_without_a_probe(data, tmp_path, 
     assert _race(data, run, "--probe-skill", "0.5") == 0
     state = json.loads((run / "race.json").read_text())
     assert state["favourite"] == "auto:discriminative" and state["candidates"][0]["strategy"] == "discriminative"
+
+
+def test_wise_ft_after_the_race_keeps_the_best_mix_on_val(data, tmp_path):
+    from layerwise.inference import evaluate_run
+    from layerwise.wise import ALPHAS
+
+    run = tmp_path / "run"
+    assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "2", "--out", str(run)]) == 0
+    wise = json.loads((run / "wise.json").read_text())
+    assert wise["alphas"] == list(ALPHAS) and wise["val_acc"][wise["alphas"].index(wise["alpha"])] == max(wise["val_acc"])
+    assert json.loads((run / "race.json").read_text())["wise"]["alpha"] == wise["alpha"]
+    # best.safetensors holds the kept mix: evaluate (val of a train/val folder) scores what WiSE-FT chose
+    assert evaluate_run(run, str(data))["accuracy"] == pytest.approx(max(wise["val_acc"]))
+    assert "## WiSE-FT" in (run / "report.md").read_text()

@@ -120,6 +120,8 @@ def add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
                    help="auto: choose from the images per class alone, without the linear probe")
     g.add_argument("--no-race", dest="race", action="store_false", default=S,
                    help="auto: train the strategy the probe's thresholds pick, without racing the candidates")
+    g.add_argument("--no-wise", dest="wise", action="store_false", default=S,
+                   help="auto's race: keep the winner as trained, without WiSE-FT's weight-space mix with the probe")
     g.add_argument("--probe-skill", dest="probe_skill", type=float, default=S,
                    help="auto: the linear probe's skill (0 = majority guess, 1 = perfect) if already known; "
                    "skips the probe")

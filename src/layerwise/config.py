@@ -86,6 +86,7 @@ class RunConfig:
     bn: str | None = None  # None: frozen, or what the strategy implies (auto: eval)
     probe: bool = True  # auto: run the linear probe before training
     race: bool = True  # auto: race the candidate strategies for an epoch and keep the winner (race.py)
+    wise: bool = True  # auto's race: then WiSE-FT between the probe model and the winner (wise.py)
     probe_skill: float | None = None  # auto: the probe's measured skill (set by the probe, or by you to skip it)
     bn_shift: float | None = None  # auto: the data's BatchNorm statistics shift (shift.py), measured with the skill
     probe_head: str | None = None  # auto: the probe's fitted head (safetensors, in the run folder), the fine-tune's start

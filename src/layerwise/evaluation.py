@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +90,16 @@ def evaluate_images(model: nn.Module, items: Sequence[tuple], transform: Callabl
 
     loader = DataLoader(ImageDataset(items, transform), batch_size=batch_size, collate_fn=collate_skipping)
     return evaluate(model, loader, amp, device, views=views, channels_last=channels_last)
+
+
+def test_result(ev: EvalResult, items: Sequence[tuple], skipped: list[dict], views: Sequence[str]) -> dict:
+    """test.json: a score on DATA/test, and each image's right/wrong (``class/file`` keys), so
+    that two runs can be compared pairwise on the same images."""
+    return {"test_acc": ev.acc, "test_loss": ev.loss, "images": len(items), "skipped": skipped,
+            "views": list(views), "note": "DATA/test, never used for a choice (strategy, epoch, threshold)",
+            "correct": {image_key(src): int(ok) for (src, _), ok in zip(items, (ev.preds == ev.labels).tolist())}}
+
+
+def image_key(src: object) -> str:
+    """``class/file`` for an image file; the index for an in-memory image."""
+    return f"{Path(src).parent.name}/{Path(src).name}" if isinstance(src, (str, Path)) else str(src)

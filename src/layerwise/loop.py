@@ -135,7 +135,7 @@ def _test_eval(t: Trainer) -> dict | None:
     recorded apart from val, which made every choice (strategy, epoch, threshold)."""
     from layerwise.augment import eval_transform
     from layerwise.data import check_images
-    from layerwise.evaluation import evaluate_images
+    from layerwise.evaluation import evaluate_images, test_result
 
     items, skipped = check_images(t.splits.test)
     if not items:
@@ -144,19 +144,11 @@ def _test_eval(t: Trainer) -> dict | None:
     loaded = t.kit.loaded
     ev = evaluate_images(t.kit.eval_model(), items, eval_transform(t.cfg.img_size, loaded.mean, loaded.std), t.kit.amp,
                          t.kit.device, batch_size=t.cfg.batch_size, views=t.cfg.tta, channels_last=t.cfg.channels_last)
-    result = {"test_acc": ev.acc, "test_loss": ev.loss, "images": len(items), "skipped": skipped,
-              "views": t.cfg.tta, "note": "DATA/test, never used for a choice (strategy, epoch, threshold)",
-              # per image, so that two runs can be compared pairwise on the same images
-              "correct": {_image_key(src): int(ok) for (src, _), ok in zip(items, (ev.preds == ev.labels).tolist())}}
+    result = test_result(ev, items, skipped, t.cfg.tta)
     say(f"test accuracy {ev.acc:.4f} on {len(items)} images of DATA/test (never used for a choice)")
     if t.kit.dist.is_main:
         write_json(t.run.test, result)
     return result
-
-
-def _image_key(src: Any) -> str:
-    """``class/file`` for a file of DATA/test; the index for an in-memory image."""
-    return f"{Path(src).parent.name}/{Path(src).name}" if isinstance(src, (str, Path)) else str(src)
 
 
 def _progress(batches: Iterator, epoch: int, epochs: int, quiet: bool, total: int | None = None) -> Iterator:

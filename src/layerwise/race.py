@@ -26,7 +26,7 @@ import torch
 from layerwise import rundir
 from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
 from layerwise.config import RunConfig, load_yaml
-from layerwise.data import check_images
+from layerwise.data import Splits, check_images
 from layerwise.groups import head_module
 from layerwise.progress import say
 from layerwise.resolve import Resolved
@@ -54,6 +54,8 @@ CANDIDATES: dict[str, Candidate] = {
 RUNG_EPOCHS = 1
 # The race costs at most this many runs' epochs: each candidate beyond the first costs a rung.
 RACE_COST = 1.5
+WISE_NORM_IMAGES = 2048  # training images for a mix's BatchNorm statistics, as --bn adapt uses
+
 Z95 = 1.96  # a lead smaller than this many standard errors of the paired difference is noise
 
 
@@ -149,7 +151,8 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
         state["wall_seconds"] = before + time.perf_counter() - started
         write_json(rd.race, state)
 
-    val = check_images(load_data(cfg).val)[0]
+    splits = load_data(cfg)
+    val = check_images(splits.val)[0]
     settings = state["settings"]
     runs = {c["name"]: _candidate_config(cfg, settings, c, run) for c in state["candidates"]}
     say(f"auto: racing {', '.join(runs)} for {state['rung_epochs']} epoch(s) each (favourite first: "
@@ -170,6 +173,8 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     engine.fit(runs[state["winner"]], resume=True)
     state["promoted"] = True
     _promote(run, Path(runs[state["winner"]].out), state)
+    if cfg.wise and rd.probe_head.is_file() and "wise" not in state:
+        state["wise"] = _wise(cfg, run, Path(runs[state["winner"]].out), val, splits)
     save()
     return run
 
@@ -262,3 +267,67 @@ def race_section(state: dict) -> str:
         outcome = "won" if name == state["winner"] else state["stopped"].get(name, "")
         lines.append(f"| {name} | {' / '.join(f'{a:.4f}' for a in res['curve'])} | {res['val_acc']:.4f} | {outcome} |")
     return "\n".join([*lines, "", f"Verdict: {state['reason']}.", ""])
+
+
+def _wise(cfg: RunConfig, run: Path, winner: Path, val: Sequence[tuple], splits: Splits) -> dict:
+    """WiSE-FT between the probe model and the winner (wise.py), on val. A mix better than
+    the winner becomes best.safetensors and is scored on DATA/test in its place (the winner's
+    own weights stay in its race folder, so a repeat after a kill starts from them again);
+    wise.json and report.md say what was tried."""
+    from layerwise.checkpoint import load_weights, save_weights
+    from layerwise.evaluation import evaluate_images, test_result
+    from layerwise.groups import head_module
+    from layerwise.hardware import Amp, pick_device
+    from layerwise.inference import eval_batch_size, load_run
+    from layerwise.loaders import ordered_loader
+    from layerwise.setup import set_up_model
+    from layerwise.wise import wise_ft
+
+    rd = rundir.RunDir(run)
+    saved = load_yaml(rd.config)
+    dev, rm = pick_device(saved["device"]), load_run(winner)
+    amp = Amp(saved["precision"], dev)
+    probe = set_up_model(cfg, len(splits.classes), n_train=None, images_per_class=None, embedded=cfg.data is None)
+    head = head_module(probe.loaded.model, probe.groups)
+    if head is None:
+        return {"skipped": "no linear head"}
+    load_weights(rd.probe_head, head)
+    model, batch = rm.model.to(dev), eval_batch_size(rm.img_size)
+
+    def score(m: torch.nn.Module) -> float:
+        return evaluate_images(m, val, rm.transform(), amp, dev, batch_size=batch).acc
+
+    def norm_batches():  # training images through the eval transform, in a fixed order
+        from layerwise.data import ImageDataset
+
+        step = max(1, len(splits.train) // WISE_NORM_IMAGES)  # every class, not the first ones in order
+        ds = ImageDataset(check_images(splits.train[::step][:WISE_NORM_IMAGES])[0], rm.transform())
+        for x, _ in ordered_loader(ds, batch, 0):
+            yield x.to(dev)
+
+    res, best = wise_ft(model, probe.loaded.model.to(dev).state_dict(), model.state_dict(), score, norm_batches)
+    say("wise-ft: val acc " + ", ".join(f"alpha {a:g} {acc:.4f}" for a, acc in zip(res.alphas, res.val_acc))
+        + f" -> alpha {res.alpha:g}")
+    out = res.to_dict()
+    if res.alpha < 1.0:
+        save_weights(rd.best, model)
+        test = check_images(splits.test)
+        if test[0]:
+            ev = evaluate_images(model, test[0], rm.transform(), amp, dev, batch_size=batch)
+            write_json(rd.test, test_result(ev, test[0], test[1], ()) | {"wise_alpha": res.alpha})
+            out["test_acc"] = ev.acc
+    write_json(rd.wise, out)
+    report = rd.report.read_text() if rd.report.is_file() else ""
+    atomic_write_text(rd.report, report + wise_section(out))
+    return out
+
+
+def wise_section(res: dict) -> str:
+    cells = " | ".join(f"{a:.4f}" for a in res["val_acc"])
+    kept = ("the fine-tuned winner, unchanged" if res["alpha"] == 1.0 else
+            f"alpha {res['alpha']:g}: best.safetensors holds this mix; the winner's own weights stay in race/")
+    return "\n".join(["", "## WiSE-FT: the probe model and the winner, averaged in weight space", "",
+                      "| alpha | " + " | ".join(f"{a:g}" for a in res["alphas"]) + " |",
+                      "|---|" + "---:|" * len(res["alphas"]), f"| val acc | {cells} |", "",
+                      f"Kept: {kept}" + (" (BatchNorm statistics re-estimated between the endpoints)."
+                                         if res["recalibrated"] else "."), ""])
