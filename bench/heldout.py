@@ -112,6 +112,9 @@ def derived_rows(data: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, 
     out = {}
     for d, runs in data.items():
         extra = {"oracle": runs[oracle(runs)]} | ({"loo-rule": runs[loo[d]]} if d in loo else {})
+        before = [r | r["race"]["winner_test"] for r in runs["auto"] if "winner_test" in r.get("race", {})]
+        if before and len(before) == len(runs["auto"]):  # the race's winner before WiSE-FT mixed it
+            extra["auto-before-wise"] = before
         out[d] = runs | extra
     return out
 
@@ -161,6 +164,7 @@ def report(records: Sequence[dict], img: int) -> str:
             f"interval ({BOOT} replicates) resampling seeds and test images; a difference whose interval holds 0 is "
             "no win and no loss. *oracle* is the fixed variant with the best mean test accuracy on each dataset, "
             "known only in hindsight; *loo-rule* is the fixed variant a threshold on the BatchNorm shift picks "
-            "when the threshold is fitted on the other datasets' val accuracy. *the same run* marks a pair whose "
+            "when the threshold is fitted on the other datasets' val accuracy; *auto-before-wise* is the race's winner "
+            "before WiSE-FT (so auto − it is WiSE-FT's gain). *the same run* marks a pair whose "
             "outcomes agree image for image on every seed.", "", "## Mean over the suite", ""]
     return "\n".join([*head, *summary(records), "", "## Per dataset", "", *per_dataset(records)]) + "\n"

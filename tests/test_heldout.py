@@ -105,3 +105,12 @@ def test_the_oracle_is_best_on_test_and_the_loo_rule_learns_on_val():
     assert picks["x"] == "lo"  # from y (low shift -> lo on val) and z (high shift -> hi)
     text = report(runs, 112)
     assert "| oracle |" in text and "| loo-rule |" in text and "Datasets: x, y, z; seeds: 0." in text
+
+
+def test_wise_gain_is_paired_against_the_winner_before_the_mix():
+    runs = []
+    for d in ("x", "y", "z"):
+        runs.append(rec(d, "auto", 0, "1110", bn_shift=0.1, race={"winner_test": {"test": 0.5, "test_correct": "1100"}}))
+        runs.append(rec(d, "a", 0, "1100"))
+    text = report(runs, 112)
+    assert "| auto-before-wise | 0.500 | +25.0 [" in text  # one more image right on each dataset
