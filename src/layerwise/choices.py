@@ -36,6 +36,10 @@ def check_choices(cfg: RunConfig) -> None:
     for v in cfg.tta:
         if v not in VIEWS:
             raise UnknownNameError("TTA view", v, VIEWS)
+    if cfg.reg is not None:
+        from layerwise.regularise import parse_reg
+
+        parse_reg(cfg.reg)
 
 
 def config_from(values: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:

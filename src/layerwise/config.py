@@ -87,6 +87,7 @@ class RunConfig:
     probe: bool = True  # auto: run the linear probe before training
     race: bool = True  # auto: race the candidate strategies for an epoch and keep the winner (race.py)
     wise: bool = True  # auto's race: then WiSE-FT between the probe model and the winner (wise.py)
+    reg: str | None = None  # NAME:STRENGTH, a pull towards the pretrained weights (regularise.py), e.g. l2sp:0.01
     probe_skill: float | None = None  # auto: the probe's measured skill (set by the probe, or by you to skip it)
     bn_shift: float | None = None  # auto: the data's BatchNorm statistics shift (shift.py), measured with the skill
     probe_head: str | None = None  # auto: the probe's fitted head (safetensors, in the run folder), the fine-tune's start

@@ -40,6 +40,7 @@ from layerwise.numerics import fastest_numerics
 from layerwise.optim import apply_states, build_optimizer
 from layerwise.plan import Plan
 from layerwise.progress import say
+from layerwise.regularise import make_penalty
 from layerwise.resolution import describe as describe_sizes
 from layerwise.resolve import Evidence, Resolved, resolve
 from layerwise.rundir import RunDir
@@ -165,7 +166,8 @@ def build(p: Prepared, r: Resolved, run: Path, info: DistInfo = DistInfo()) -> T
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(r.config.ema), use_buffers=True)
-    kit = Kit(p.model.loaded, p.model.groups, _optimizer(p, r), p.amp, p.device, p.loaders, ema, info)
+    penalty = make_penalty(r.config.reg, model, p.model.groups)  # before a resume loads its checkpoint
+    kit = Kit(p.model.loaded, p.model.groups, _optimizer(p, r), p.amp, p.device, p.loaders, ema, info, penalty)
     return Trainer(r.config, r.plan, kit, p.splits, RunDir(run), budget=r.budget)
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +103,7 @@ class Kit:
     loaders: Loaders
     ema: torch.optim.swa_utils.AveragedModel | None = None
     dist: DistInfo = DistInfo()
+    penalty: Callable[[], torch.Tensor] | None = None  # --reg: added to every step's loss
 
     @property
     def model(self) -> nn.Module:
@@ -257,7 +258,7 @@ class Trainer:
         # --nan skip: a skipped batch's forward pass has already moved the running statistics
         stats = [(b, b.clone()) for b in self.kit.model.buffers()] if cfg.nan == "skip" else []
         r = train_step(model, batch, self.kit.optimizer, self.kit.amp, self.kit.device, channels_last=cfg.channels_last,
-                       label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad, mix=mix)
+                       label_smoothing=cfg.label_smoothing, clip_grad=cfg.clip_grad, mix=mix, penalty=self.kit.penalty)
         if r is None:  # a batch whose images were all unreadable
             return
         if not r.finite:
