@@ -204,15 +204,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from layerwise.compare import best_acc_text, compare
     from layerwise.rundir import CompareDir
 
-    cfg = _config_from(args, skip=("strategies", "repeats", "budget", "resume", "overwrite"))
+    cfg = _config_from(args, skip=("strategies", "repeats", "budget", "resume", "overwrite", "soup"))
     if not cfg.out:
         raise LayerwiseError("compare needs --out CMP, the folder that holds one run per strategy")
     if args.budget:
         cfg = dataclasses.replace(cfg, time_budget=args.budget)
-    summary = compare(cfg, args.strategies, Path(cfg.out), repeats=args.repeats, overwrite=args.overwrite)
+    summary = compare(cfg, args.strategies, Path(cfg.out), repeats=args.repeats, overwrite=args.overwrite,
+                      soup=args.soup)
     rec = summary["recommendation"]
     for r in summary["strategies"]:
         print(f"  {r['strategy']:<15} best val acc {best_acc_text(r)}  {r['wall_seconds']:.0f}s")
+    if "soup" in summary:
+        s = summary["soup"]
+        print(f"  soup of {len(s['members'])} run(s): val acc {s['val_acc']:.3f} (fp32), in "
+              f"{CompareDir(Path(cfg.out)).soup}")
     print(f"recommendation: {rec['strategy']} — {rec['reason']}\nsummary: {CompareDir(Path(cfg.out)).summary_md}")
     return 0
 
@@ -311,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--strategies", type=strategy_list, default=list(DEFAULT_STRATEGIES),
                     help=f"comma-separated, from: {', '.join(STRATEGIES)} (default {','.join(DEFAULT_STRATEGIES)})")
     co.add_argument("--repeats", type=int, default=1, help="seeds per strategy, for mean ± std")
+    co.add_argument("--soup", action="store_true", help="also average the runs' weights into a greedy soup "
+                    "(kept only where it helps on val), written to CMP/soup/ as a run folder")
     co.add_argument("--budget", type=budget, default=None, help="time:SECONDS per run instead of equal epochs "
                     "(--epochs is then the maximum)")
     add_model_args(co)

@@ -179,6 +179,11 @@ def write_summary(out: Path, summary: dict, rows: Sequence[dict]) -> None:
         lines.append(f"| {name} | {best_acc_text(r)} (epoch {r['best_epoch']}) | {r['final_val_acc']:.3f} | "
                      f"{r['gap']:+.3f} | {r['wall_seconds']:.0f} | {r['images_per_second']:.0f} | {params} |")
     lines += [f"\n{r['strategy']} chose {r['chosen']}: {r['evidence']}." for r in summary["strategies"] if r["evidence"]]
+    if "soup" in summary:
+        s = summary["soup"]
+        lines.append(f"\nGreedy soup (`soup/`, a run folder): {len(s['members'])} of {len(s['tried'])} run(s) averaged, "
+                     f"val acc {s['val_acc']:.3f} (fp32; the best single run first, each next one kept only if the "
+                     "average scored at least as well)" + (f"; test acc {s['test_acc']:.3f}" if "test_acc" in s else "") + ".")
     lines += ["", *(f"![{p}]({p})" for p in pngs)]
     atomic_write_text(CompareDir(out).summary_md, "\n".join(lines) + "\n")
     atomic_write_text(CompareDir(out).report_html, html_report(summary, [out / p for p in pngs]))
@@ -234,11 +239,16 @@ def equal_budget(base: RunConfig) -> RunConfig:
 
 
 def compare(base: RunConfig, strategies: Sequence[str], out: Path, *, repeats: int = 1,
-            overwrite: bool = False) -> dict:
-    """Run (or resume, or skip) every strategy, then write summary.json/.md and plots."""
+            overwrite: bool = False, soup: bool = False) -> dict:
+    """Run (or resume, or skip) every strategy, then write summary.json/.md and plots;
+    ``soup``: also a greedy soup of the runs (soup.py) in CMP/soup/."""
     runs = run_all(equal_budget(base), strategies, out, repeats=repeats, overwrite=overwrite)
     n_val = rundir.read_model_info(runs[0])["val_images"]
     rows = [run_row(r) for r in runs]  # each run's metrics read once, for table and plots
     summary = summarise(rows, strategies, n_val)
+    if soup:
+        from layerwise.soup import cook
+
+        summary["soup"] = cook(runs, [r["best_val_acc"] for r in rows], base, CompareDir(out).soup)
     write_summary(out, summary, rows)
     return summary

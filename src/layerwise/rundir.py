@@ -382,6 +382,11 @@ class CompareDir:
         return self.root / "summary.md"
 
     @property
+    def soup(self) -> Path:
+        """``compare --soup``'s run folder: the greedy soup of the runs."""
+        return self.root / "soup"
+
+    @property
     def report_html(self) -> Path:
         return self.root / "report.html"
 

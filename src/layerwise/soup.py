@@ -1,0 +1,102 @@
+"""Model soups (Wortsman et al., 2022): average the weights of runs that share their
+pretrained start, and keep an ingredient only when the average scores better on val.
+
+``layerwise compare --soup`` cooks one from the runs it made (users already paid for them);
+the soup is written as a run folder (``model.json`` and ``best.safetensors``), so
+``evaluate``, ``predict`` and ``export`` take it like any run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layerwise import rundir
+from layerwise.config import RunConfig
+
+State = Mapping[str, torch.Tensor]
+SOUP = "soup.json"
+SAME_MODEL = ("source", "arch", "head", "hidden", "num_classes", "classes", "img_size")  # what ingredients share
+
+
+def average(states: Sequence[State]) -> dict[str, torch.Tensor]:
+    """The mean of each floating tensor (counters come from the first state)."""
+    if not states:
+        raise ValueError("a soup needs at least one ingredient")
+    keys = states[0].keys()
+    if any(s.keys() != keys for s in states):
+        raise ValueError("a soup needs one architecture: the runs' tensors differ")
+    return {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone()
+            for k, v in states[0].items()}
+
+
+@dataclass(frozen=True)
+class Soup:
+    members: tuple[int, ...]  # indices into the runs, best single run first
+    val_acc: float
+    tried: tuple[tuple[int, float, bool], ...]  # (run, the soup's val acc with it, kept)
+    state: dict[str, torch.Tensor]
+
+
+def greedy_soup(states: Sequence[State], val_accs: Sequence[float], score: Callable[[State], float]) -> Soup:
+    """Start from the best run on val; add each next-best run if the average with it scores at
+    least as well on val (the paper's greedy recipe). Never below the best single run on val."""
+    order = sorted(range(len(states)), key=lambda i: -val_accs[i])
+    members, best = [order[0]], score(states[order[0]])
+    tried = [(order[0], best, True)]
+    for i in order[1:]:
+        acc = score(average([states[j] for j in [*members, i]]))
+        keep = acc >= best
+        tried.append((i, acc, keep))
+        if keep:
+            members.append(i)
+            best = acc
+    return Soup(tuple(members), best, tuple(tried), average([states[j] for j in members]))
+
+
+def cook(runs: Sequence[Path], val_accs: Sequence[float], cfg: RunConfig, dest: Path) -> dict:
+    """A greedy soup of ``runs`` (those of the best run's architecture and head), scored on
+    ``cfg``'s val split, written to ``dest`` as a run folder with ``soup.json`` (and
+    ``test.json`` when DATA has test/). Returns soup.json's record."""
+    from safetensors.torch import load_file
+
+    from layerwise.checkpoint import save_weights, write_json
+    from layerwise.data import check_images
+    from layerwise.evaluation import evaluate_images, test_result
+    from layerwise.hardware import Amp, pick_device
+    from layerwise.inference import eval_batch_size, load_run
+    from layerwise.setup import load_data
+
+    top = max(range(len(runs)), key=lambda i: val_accs[i])
+    shape = {k: rundir.read_model_info(runs[top])[k] for k in SAME_MODEL}
+    kin = [i for i, r in enumerate(runs) if all(rundir.read_model_info(r)[k] == v for k, v in shape.items())]
+    rm, splits = load_run(runs[top]), load_data(cfg)
+    val = check_images(splits.val)[0]
+    dev = pick_device(cfg.device or "auto")
+    model, amp, batch = rm.model.to(dev), Amp("fp32", dev), eval_batch_size(rm.img_size)
+
+    def score(state: State) -> float:
+        model.load_state_dict(state)
+        return evaluate_images(model, val, rm.transform(), amp, dev, batch_size=batch).acc
+
+    states = [load_file(rundir.RunDir(runs[i]).best) for i in kin]
+    soup = greedy_soup(states, [val_accs[i] for i in kin], score)
+    model.load_state_dict(soup.state)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(rundir.RunDir(runs[top]).model, rundir.RunDir(dest).model)
+    save_weights(rundir.RunDir(dest).best, model)
+    record = {"members": [str(runs[kin[i]]) for i in soup.members], "val_acc": soup.val_acc,
+              "tried": [{"run": str(runs[kin[i]]), "val_acc": acc, "kept": kept} for i, acc, kept in soup.tried],
+              "left_out": [str(r) for i, r in enumerate(runs) if i not in kin],
+              "note": "greedy soup (Wortsman et al. 2022): val accuracy scored in fp32, ingredients best first"}
+    test = check_images(splits.test)
+    if test[0]:
+        ev = evaluate_images(model, test[0], rm.transform(), amp, dev, batch_size=batch)
+        write_json(rundir.RunDir(dest).test, test_result(ev, test[0], test[1], ()))
+        record["test_acc"] = ev.acc
+    write_json(dest / SOUP, record)
+    return record
