@@ -47,12 +47,14 @@ def knobs() -> list[dataclasses.Field]:
     return [f for f in fields(RunConfig) if "knob" in f.metadata]
 
 
+AUTO_MODEL = "auto"  # --model auto: the backbone is chosen on the user's images when fit starts
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs; ``config.yaml`` is this, resolved."""
 
     data: str | None = None
-    model: str = "efficientnet_lite0"
+    model: str = "efficientnet_lite0"  # AUTO_MODEL: chosen on the data (backbones.py)
     weights: str = "default"
     strategy: str = "auto"
     epochs: int | None = None  # None: 4, or for auto a budget from the data size (layerwise.budget)

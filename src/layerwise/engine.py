@@ -55,7 +55,7 @@ RESUME_OVERRIDABLE = ("epochs", "lr", "clip_grad", "precision", "nan", "patience
 _RESUME_IGNORED = ("quiet", "workers", "device")  # where the run executes, not what it computes
 
 __all__ = ["RESUME_OVERRIDABLE", "Interrupted", "Prepared", "build", "build_trainer", "decide", "find_lr", "fit",
-           "prepare", "probe", "range_test"]
+           "prepare", "probe", "probe_inputs", "range_test"]
 
 
 @dataclass(frozen=True)
@@ -143,13 +143,19 @@ def probe(cfg: RunConfig, p: Prepared, run: Path, info: DistInfo = DistInfo()) -
     head = head_module(loaded.model, groups)
     if head is None:
         raise LayerwiseError(f"auto's probe needs a linear head; {loaded.name} has none")
-    data = ProbeInputs(with_eval_transform(p.loaders.train.dataset, c.img_size, loaded.mean, loaded.std),
-                       unsharded(p.loaders.val.dataset), c.batch_size, p.loaders.train.num_workers, c.seed)
-    res, earlier = run_probe(loaded.model, groups, data, p.device, p.amp, channels_last=c.channels_last, quiet=c.quiet)
+    res, earlier = run_probe(loaded.model, groups, probe_inputs(p), p.device, p.amp, channels_last=c.channels_last,
+                             quiet=c.quiet)
     ev = probe_evidence(res, head, run, info)
     r = resolve(cfg, p.model.facts, ev)
     record_probe(run, res, earlier, r, info)
     return r, ev
+
+
+def probe_inputs(p: Prepared) -> ProbeInputs:
+    """The probe's data: the training images through the eval transform, and val."""
+    c, loaded = p.resolved.config, p.model.loaded
+    return ProbeInputs(with_eval_transform(p.loaders.train.dataset, c.img_size, loaded.mean, loaded.std),
+                       unsharded(p.loaders.val.dataset), c.batch_size, p.loaders.train.num_workers, c.seed)
 
 
 def _optimizer(p: Prepared, r: Resolved) -> torch.optim.Optimizer:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from layerwise import rundir
+from layerwise import backbones, rundir
 from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
-from layerwise.config import RunConfig, load_yaml
+from layerwise.config import AUTO_MODEL, RunConfig, load_yaml
 from layerwise.data import Splits, check_images
 from layerwise.groups import head_module
 from layerwise.progress import say
@@ -104,6 +104,15 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
 
     run = Path(cfg.out or rundir.default_run_dir())
     cfg = dataclasses.replace(cfg, out=str(run))
+    if cfg.model == AUTO_MODEL:  # a resume reads the chosen model from config.yaml
+        if not overwrite:
+            rundir.refuse_existing(run)
+        cfg, record = backbones.choose_backbone(cfg)
+        if overwrite:  # only now: an error in the choice must not cost the old run
+            rundir.clear(run)
+            overwrite = False
+        run.mkdir(parents=True, exist_ok=True)
+        write_json(rundir.RunDir(run).backbone, record)
     racing = resume and rundir.RunDir(run).race.is_file() and not _promoted(run)
     if not racing and (resume or not wants_race(cfg) or from_env().enabled):
         return engine.fit(cfg, resume=resume, overwrite=overwrite)

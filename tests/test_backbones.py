@@ -1,0 +1,52 @@
+"""--model auto (backbones.py): the rule, and a real choice recorded in backbone.json."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from layerwise.backbones import Candidate, available, choose, forward_gflops
+from layerwise.cli import main
+
+
+def _row(name, acc, gflops):
+    return Candidate(name, acc, acc, None, 224, gflops, 1.0)
+
+
+def test_the_clearly_best_probe_wins_whatever_it_costs():
+    name, why = choose([_row("small", 0.70, 0.5), _row("big", 0.90, 1.7)], n_val=500)
+    assert name == "big" and "best probe" in why
+
+
+def test_within_the_noise_the_cheapest_wins():
+    rows = [_row("small", 0.88, 0.5), _row("big", 0.90, 1.7), _row("mid", 0.60, 0.1)]
+    name, why = choose(rows, n_val=100)  # 2 points on 100 images is noise (s.e. 3 points)
+    assert name == "small" and "within the noise" in why
+    assert choose(rows, n_val=100_000)[0] == "big"  # on enough images the same gap is real
+
+
+def test_flops_are_counted_not_timed():
+    from layerwise.models import create_model
+
+    lite0 = create_model("efficientnet_lite0", 3, weights="none").model
+    assert 0.7 < forward_gflops(lite0, 224) < 0.85  # Lite0: 0.39 G multiply-adds
+    assert forward_gflops(lite0, 112) < forward_gflops(lite0, 224) / 3
+
+
+def test_fit_model_auto_probes_each_offline_backbone_and_records_the_choice(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["fit", str(data), "--model", "auto", "--img-size", "32", "--batch-size", "8", "--workers", "0",
+                 "--epochs", "1", "--quiet", "--out", str(run)]) == 0
+    record = json.loads((run / "backbone.json").read_text())
+    assert [c["name"] for c in record["candidates"]] == available() and len(available()) == 4
+    assert record["chosen"] in available() and record["reason"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"] == record["chosen"]
+    assert json.loads((run / "model.json").read_text())["name"] == record["chosen"]
+
+
+def test_model_auto_is_refused_where_it_cannot_be_chosen(data, tmp_path, capsys):
+    assert main(["plan", "--model", "auto", "--num-classes", "3"]) == 2
+    assert main(["fit", str(data), "--model", "auto", "--weights", "none", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "chosen on your images when fit starts" in err and "drop --weights" in err
