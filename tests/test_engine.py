@@ -503,12 +503,12 @@ def test_unwritable_report_is_a_clear_error_and_leaves_no_empty_png(data, tmp_pa
     assert not list(run.glob("*.png")) and not list(run.glob(".*.tmp"))
 
 
-def test_sigkill_at_random_moments_then_resume_ends_with_the_same_weights(bigger, tmp_path):
-    """Kills land anywhere: during set-up, before the first checkpoint, mid-epoch (between
-    the per-2-step checkpoints), between a checkpoint and its log row, inside a write.
-    Every run then finishes with `fit --resume` (or a plain re-run, if killed before
-    config.yaml existed) and ends where an uninterrupted run ends."""
-    import random
+def test_sigkill_at_each_observed_moment_then_resume_ends_with_the_same_weights(bigger, tmp_path):
+    """Kills keyed to events the test observes, not to fractions of a timed run: as the run
+    folder appears (set-up), as config.yaml appears (before any checkpoint), as the first
+    mid-epoch checkpoint appears, and as an epoch-end checkpoint appears (before or after its
+    log row). Every run then finishes with `fit --resume` (or a plain re-run, if killed
+    before config.yaml existed) and ends where an uninterrupted run ends."""
     import signal
     import time
 
@@ -517,45 +517,38 @@ def test_sigkill_at_random_moments_then_resume_ends_with_the_same_weights(bigger
     common = [str(bigger), *TINY, "--img-size", "64", "--strategy", "gradual", "--every", "1", "--seed", "7",
               "--epochs", "8", "--checkpoint-every", "2"]
     ref = tmp_path / "ref"
-    tic = time.time()
     proc = _spawn_fit([*common, "--out", str(ref)])
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
-    total = time.time() - tic
     ref_w = load_state(ref / "last" / "state.pt")["model"]
     ref_acc = [r["val_acc"] for r in read_jsonl(ref / "metrics.jsonl")]
-    rng, kinds = random.Random(13), []
 
     def kind(state: Path) -> str:
         return "no checkpoint" if not state.is_file() else "mid-epoch" if load_state(state)["progress"] else "epoch end"
 
-    # Four kills at random moments; then, if none of them landed between the periodic
-    # checkpoints (the window's share of the run depends on the machine's speed), one kill
-    # right after a mid-epoch checkpoint appears, so that path is always exercised.
-    for trial in range(5):
-        if trial == 4 and "mid-epoch" in kinds:
-            break
-        run = tmp_path / f"t{trial}"
+    events = {
+        "set-up": lambda run, state: run.is_dir(),
+        "no checkpoint": lambda run, state: (run / "config.yaml").is_file(),
+        "mid-epoch": lambda run, state: kind(state) == "mid-epoch",
+        "epoch end": lambda run, state: kind(state) == "epoch end" and load_state(state)["epoch"] >= 1,
+    }
+    for name, happened in events.items():
+        run = tmp_path / name.replace(" ", "-")
         state = run / "last" / "state.pt"
         proc = _spawn_fit([*common, "--out", str(run)])
-        if trial < 4:
-            time.sleep(rng.uniform(0.3, 0.95) * total)
-        else:
-            while proc.poll() is None and kind(state) != "mid-epoch":
-                time.sleep(0.02)
-            assert proc.poll() is None, "the run ended without a mid-epoch checkpoint"
+        while proc.poll() is None and not happened(run, state):
+            time.sleep(0.01)
+        assert proc.poll() is None, f"{name}: the run ended before the event"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kinds.append(kind(state))
         if (run / "config.yaml").is_file():
-            assert _fit("--resume", str(run), "--quiet") == 0, trial
+            assert _fit("--resume", str(run), "--quiet") == 0, name
         else:
-            assert _fit(*common, "--out", str(run)) == 0, trial
+            assert _fit(*common, "--out", str(run)) == 0, name
         w = load_state(run / "last" / "state.pt")["model"]
         for k in ref_w:
-            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-6, atol=1e-7, msg=f"trial {trial}: {k}")
-        assert [r["val_acc"] for r in read_jsonl(run / "metrics.jsonl")] == ref_acc, trial
-        assert not list(run.rglob(".*.tmp")), trial  # a write cut short left nothing behind
-    assert "mid-epoch" in kinds, kinds  # the periodic checkpoints were really exercised
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-6, atol=1e-7, msg=f"{name}: {k}")
+        assert [r["val_acc"] for r in read_jsonl(run / "metrics.jsonl")] == ref_acc, name
+        assert not list(run.rglob(".*.tmp")), name  # a write cut short left nothing behind
 
 
 def test_batch_of_one_with_batch_statistics_is_a_clear_error(data, tmp_path, capsys):
