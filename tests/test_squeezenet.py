@@ -3,6 +3,7 @@ running pickle code, mapped exactly onto torchvision's network."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -75,3 +76,19 @@ def test_torchvisions_own_squeezenet_gets_a_linear_head_too():
     loaded = create_model("torchvision/squeezenet1_1", 4, weights="none")
     assert loaded.arch == "squeezenet1_1" and isinstance(loaded.model.classifier[-1], torch.nn.Linear)
     assert loaded.model(torch.zeros(2, 3, 64, 64)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_squeezenet_run_exports_with_parity(data, tmp_path, fmt):
+    """The TF-same first convolution and the linear head survive export: max |Δlogit| <= 1e-3."""
+    from layerwise.cli import main
+    from layerwise.inference import evaluate_run, export_run
+
+    run = tmp_path / "run"
+    assert main(["fit", str(data), "--model", "squeezenet1_1", "--img-size", "64", "--batch-size", "8", "--workers", "0",
+                 "--strategy", "head", "--epochs", "1", "--quiet", "--out", str(run)]) == 0
+    e = export_run(run, fmt, tmp_path / f"m.{fmt}")
+    assert e.max_abs_diff is not None and e.max_abs_diff <= 1e-3
+    # evaluate rebuilds the same network and preprocessing from model.json: the fit's own val score
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert evaluate_run(run, str(data))["accuracy"] == pytest.approx(max(r["val_acc"] for r in rows))
