@@ -123,6 +123,12 @@ def test_no_race_keeps_the_thresholds_choice(data, tmp_path):
     assert json.loads((run / "probe.json").read_text())["strategy"].startswith("auto:")
 
 
+def test_the_last_word_names_the_run_folder_not_the_race_folder(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _race(data, run) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-2].startswith(f"run folder: {run} (auto's race:")
+
+
 def test_one_epoch_affords_no_race(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "1", "--out", str(run)]) == 0

@@ -185,6 +185,8 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     if cfg.wise and rd.probe_head.is_file() and "wise" not in state:
         state["wise"] = _wise(cfg, run, Path(runs[state["winner"]].out), val, splits)
     save()
+    # the winner's own fit named its race folder last; the run is this one
+    say(f"run folder: {run} (auto's race: {state['winner']} won; race.json)\nreport: {rd.report}")
     return run
 
 
