@@ -36,7 +36,7 @@ def evidence_of(data: Path, img_size: int) -> dict:
     data = ProbeInputs(with_eval_transform(p.loaders.train.dataset, c.img_size, loaded.mean, loaded.std),
                        p.loaders.val.dataset, c.batch_size, p.loaders.train.num_workers, c.seed)
     res, earlier = run_probe(loaded.model, p.model.groups, data, p.device, p.amp, channels_last=c.channels_last,
-                             quiet=True)
+                             quiet=True, earlier_depth_too=True)
     return {"skill": res.skill, "earlier_skill": res.earlier_skill, "earlier_group": earlier and earlier[0],
             "depth_gain": None if res.earlier_skill is None else res.earlier_skill - res.skill,
             "bn_shift": res.bn_shift, "knn_acc": res.knn_acc, "hscore": res.hscore, "seconds": res.seconds}

@@ -67,6 +67,31 @@ def test_decoded_images_store_uint8_at_eval_resolution(tmp_path):
     torch.testing.assert_close(x[0], torch.full((32, 32), 200 / 255 * 2 - 1), atol=0.02, rtol=0)
 
 
+def test_a_second_store_over_the_same_files_decodes_nothing(tmp_path, monkeypatch):
+    """auto's race builds each candidate's loaders in one process: the images are decoded once,
+    and a changed file is decoded again."""
+    import os
+
+    from layerwise import cache
+
+    for i in range(3):
+        Image.new("RGB", (40, 40), (60 * i, 10, 10)).save(tmp_path / f"{i}.png")
+    items = [(str(tmp_path / f"{i}.png"), i) for i in range(3)]
+    tf = eval_transform(32, (0.5,) * 3, (0.5,) * 3)
+    calls = []
+    real = cache._decode
+    monkeypatch.setattr(cache, "_decode", lambda *a: calls.append(1) or real(*a))
+    first = DecodedImages(items, 32, tf)
+    second = DecodedImages(items, 32, lambda x: x)
+    assert len(calls) == 1 and second.images is first.images and second.transform is not first.transform
+    DecodedImages(items, 48, tf)  # another stored size is another store
+    assert len(calls) == 2
+    Image.new("RGB", (40, 40), (0, 200, 0)).save(tmp_path / "1.png")
+    os.utime(tmp_path / "1.png", ns=(1, 10**18))
+    changed = DecodedImages(items, 32, tf)
+    assert len(calls) == 3 and changed.images[1][1, 0, 0] == 200
+
+
 @pytest.mark.parametrize("mode,kind", [("ram", "DecodedImages"), ("off", "ImageDataset"), ("auto", "DecodedImages"),
                                        ("disk", "DiskImages")])
 def test_cache_mode_picks_the_dataset(data, tmp_path, mode, kind):

@@ -80,10 +80,7 @@ def test_fit_auto_probes_records_and_resumes_without_probing(data, tmp_path, cap
     assert probe["c"] in (0.01, 0.1, 1.0, 10.0) and (run / "probe_head.safetensors").is_file()
     assert 0 <= probe["knn_acc"] <= 1 and probe["hscore"] > 0  # more evidence from the same features
     assert probe["bn_shift"] is None and cfg["bn_shift"] is None  # random init: no pretraining statistics
-    # the earlier depth: the output of every group before the body's last one
-    groups = [g["name"] for g in plan["groups"]]
-    assert probe["earlier"]["group"] == groups[-3] and 0 <= probe["earlier"]["val_acc"] <= 1
-    assert probe["earlier"]["skill"] == pytest.approx((probe["earlier"]["val_acc"] - probe["chance"]) / (1 - probe["chance"]))
+    assert probe["earlier"] is None  # research evidence no choice reads (bench/evidence.py): a fit skips its fit
     assert plan["strategy"] == "auto:lp-ft"  # coloured squares: the features fit (skill 1.0)
     # the probe is LP-FT's linear-probing stage: fine-tuning starts at once
     assert cfg["probe_epochs"] == 0 and len(plan["epochs"][0]["trainable_groups"]) == len(plan["groups"])
@@ -294,3 +291,24 @@ def test_the_earlier_probe_sees_features_that_separate_what_the_last_cannot(data
     res = linear_probe(model, model.fc, train, val, torch.device("cpu"), Amp("fp32", torch.device("cpu")),
                        earlier=model.early)
     assert res.earlier_skill is not None and res.earlier_skill > 0.8 > 0.2 > res.skill
+
+
+def test_the_earlier_depth_is_the_output_of_every_group_before_the_bodys_last(data):
+    """What bench/evidence.py asks for: the probe at the stage before the last, from the same passes."""
+    from layerwise.engine import prepare
+    from layerwise.evidence import ProbeInputs, run_probe
+    from layerwise.loaders import with_eval_transform
+
+    cfg = RunConfig(data=str(data), model="timm/test_efficientnet", weights="none", img_size=32, batch_size=16,
+                    epochs=2, workers=0, quiet=True, strategy="auto")
+    p = prepare(cfg)
+    loaded = p.model.loaded
+    inputs = ProbeInputs(with_eval_transform(p.loaders.train.dataset, 32, loaded.mean, loaded.std),
+                         p.loaders.val.dataset, 16, 0, 0)
+    res, earlier = run_probe(loaded.model, p.model.groups, inputs, p.device, p.amp, channels_last=False, quiet=True,
+                             earlier_depth_too=True)
+    assert earlier is not None and earlier[0] == [g.name for g in p.model.groups][-3]
+    assert res.earlier_acc is not None and 0 <= res.earlier_acc <= 1
+    assert res.earlier_skill == pytest.approx((res.earlier_acc - res.chance) / (1 - res.chance))
+    assert run_probe(loaded.model, p.model.groups, inputs, p.device, p.amp, channels_last=False,
+                     quiet=True)[0].earlier_acc is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -39,30 +40,49 @@ def fits_in_ram(n_images: int, img_size: int) -> bool:
     return n_images * 3 * side * side * 4 // 3 < RAM_BUDGET * total_ram()  # 4/3: non-square images
 
 
+# Decoded stores kept in this process: a run's train and val. The next run over the same files
+# in the same process (each candidate of auto's race, each strategy of compare) takes them
+# instead of decoding again: on a 2-core CPU decoding was a tenth of a 4-epoch race.
+MEMO_STORES = 2
+_memo: OrderedDict[str, tuple[list[torch.Tensor], list[int]]] = OrderedDict()
+
+
 class DecodedImages(Dataset):
     """Items decoded once to uint8 CHW tensors (short side ``stored_side``), then passed
-    through ``transform`` as ``tv_tensors.Image`` on every access."""
+    through ``transform`` as ``tv_tensors.Image`` on every access. The store is shared with
+    a later one over the same files (:func:`cache_key`) in this process; it is never written."""
 
     def __init__(self, items: Sequence[Item], img_size: int, transform: Callable, *, workers: int = 0,
                  progress: bool = False) -> None:
         self.transform = transform
-        decode = v2.Compose([v2.PILToTensor(), v2.Resize(stored_side(img_size), antialias=True)])
-        loader = DataLoader(ImageDataset(items, decode), batch_size=None, num_workers=workers)
-        it: Iterator = iter(loader)
-        if progress:
-            it = bar(it, "decoding images once", total=len(items), unit="img")
-        self.images: list[torch.Tensor] = []
-        self.labels: list[int] = []
-        for sample in it:
-            if sample is not None:
-                self.images.append(sample[0].clone())
-                self.labels.append(int(sample[1]))
+        key = cache_key(items, stored_side(img_size))
+        if key not in _memo:
+            _memo[key] = _decode(items, img_size, workers, progress)
+            while len(_memo) > MEMO_STORES:
+                _memo.popitem(last=False)
+        _memo.move_to_end(key)
+        self.images, self.labels = _memo[key]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(tv_tensors.Image(self.images[i])), self.labels[i]
+
+
+def _decode(items: Sequence[Item], img_size: int, workers: int, progress: bool) -> tuple[list[torch.Tensor], list[int]]:
+    decode = v2.Compose([v2.PILToTensor(), v2.Resize(stored_side(img_size), antialias=True)])
+    loader = DataLoader(ImageDataset(items, decode), batch_size=None, num_workers=workers)
+    it: Iterator = iter(loader)
+    if progress:
+        it = bar(it, "decoding images once", total=len(items), unit="img")
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    for sample in it:
+        if sample is not None:
+            images.append(sample[0].clone())
+            labels.append(int(sample[1]))
+    return images, labels
 
 
 def cache_key(items: Sequence[Item], side: int) -> str:
@@ -98,12 +118,12 @@ class DiskImages(Dataset):
     def _build(items: Sequence[Item], img_size: int, base: Path, workers: int, progress: bool) -> None:
         from layerwise.checkpoint import atomic_write_text
 
-        store = DecodedImages(items, img_size, lambda x: x, workers=workers, progress=progress)
+        images, labels = _decode(items, img_size, workers, progress)
         base.parent.mkdir(parents=True, exist_ok=True)
         offsets, shapes, pos = [], [], 0
         tmp = base.with_suffix(".u8.tmp")
         with open(tmp, "wb") as f:
-            for img in store.images:
+            for img in images:
                 offsets.append(pos)
                 shapes.append(list(img.shape))
                 f.write(img.numpy().tobytes())
@@ -112,7 +132,7 @@ class DiskImages(Dataset):
             os.fsync(f.fileno())
         os.replace(tmp, base.with_suffix(".u8"))  # data first: the index marks the store complete
         atomic_write_text(base.with_suffix(".json"),
-                          json.dumps({"offsets": offsets, "shapes": shapes, "labels": store.labels}))
+                          json.dumps({"offsets": offsets, "shapes": shapes, "labels": labels}))
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -58,13 +58,16 @@ def sample_batch(ds: Dataset, batch_size: int, device: torch.device, channels_la
 
 
 def run_probe(model: nn.Module, groups: Sequence[LayerGroup], data: ProbeInputs, device: torch.device, amp: Amp, *,
-              channels_last: bool, quiet: bool,
-              max_images: int = PROBE_MAX_IMAGES) -> tuple[ProbeResult, tuple[str, str] | None]:
-    """The linear probe on the frozen model (plus the BatchNorm shift and the earlier depth's
-    probe, read from the same forward passes), and that earlier depth's (group, module)."""
+              channels_last: bool, quiet: bool, max_images: int = PROBE_MAX_IMAGES,
+              earlier_depth_too: bool = False) -> tuple[ProbeResult, tuple[str, str] | None]:
+    """The linear probe on the frozen model (plus the BatchNorm shift, and with
+    ``earlier_depth_too`` a second probe on an earlier depth, read from the same forward
+    passes), and that earlier depth's (group, module). The earlier depth is research evidence
+    (bench/evidence.py) that no choice reads: a fit does not pay its second fit."""
     train, val = probe_loaders(data.train, data.val, batch_size=data.batch_size, workers=data.workers, seed=data.seed,
                                max_images=max_images)
-    earlier = earlier_depth(model, groups, sample_batch(data.train, data.batch_size, device, channels_last))
+    earlier = (earlier_depth(model, groups, sample_batch(data.train, data.batch_size, device, channels_last))
+               if earlier_depth_too else None)
     res = linear_probe(model, head_module(model, groups), train, val, device, amp, channels_last=channels_last,
                        quiet=quiet, seed=data.seed, earlier=model.get_submodule(earlier[1]) if earlier else None)
     return res, earlier
