@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import SHARED_DATA, make_image_folder
-from layerwise.data import class_counts, digits, eval_items, load_splits, stratified_split
+from layerwise.data import class_counts, digits, eval_items, load_splits, spread, stratified_split
 from layerwise.errors import DataError, LayerwiseError, MissingPathError
 
 
@@ -228,3 +228,14 @@ def test_class_folder_with_a_non_utf8_name_is_refused_before_training(tmp_path):
     os.rename(tmp_path / "d" / "class_1", os.path.join(bytes(tmp_path / "d"), b"caf\xe9"))
     with pytest.raises(LayerwiseError, match=r"class folder name\(s\) 'caf\\xe9'.*not printable UTF-8"):
         load_splits(str(tmp_path / "d"))
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=12), st.integers(1, 300))
+def test_spread_keeps_every_class_a_first_k_would_drop(sizes, k):
+    """BatchNorm re-estimation (--bn adapt, WiSE-FT) reads k of a class-ordered training list."""
+    labels = [c for c, n in enumerate(sizes) for _ in range(n)]
+    idx = spread(len(labels), k)
+    assert len(idx) == min(k, len(labels)) and idx == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < len(labels)
+    # a class at least as long as the gap between picks is always picked
+    gap = -(-len(labels) // k)
+    assert {labels[i] for i in idx} >= {c for c, n in enumerate(sizes) if n >= gap}

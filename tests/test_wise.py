@@ -89,12 +89,36 @@ def test_equal_statistics_are_kept_as_they_are():
 
 def test_the_choice_is_never_below_either_endpoint_and_ties_go_to_the_fine_tune():
     zero, one = _endpoints()
-    accs = iter([0.70, 0.80, 0.75, 0.80, 0.78])
+    accs = iter([0.80, 0.70, 0.80, 0.82, 0.78])  # in the order scored: 1, 0, .75, .5, .25
     res, best = wise_ft(_net(2), zero, one, lambda m: next(accs), lambda: [X])
-    assert res.alpha == 0.75 and res.val_acc[res.alphas.index(res.alpha)] >= max(res.val_acc[0], res.val_acc[-1])
-    accs = iter([0.9, 0.8, 0.8, 0.8, 0.9])
+    assert res.alphas == (0.0, 0.25, 0.5, 0.75, 1.0) and res.val_acc == (0.70, 0.78, 0.82, 0.80, 0.80)
+    assert res.alpha == 0.5 and max(res.val_acc) == 0.82
+    accs = iter([0.9, 0.9, 0.9, 0.8])
     res, best = wise_ft(_net(2), zero, one, lambda m: next(accs), lambda: [X])
     assert res.alpha == 1.0 and all(torch.equal(best[k], one[k]) for k in one)
+
+
+def test_the_walk_stops_at_the_first_mix_that_loses():
+    """A fine-tune that left the probe's basin (full on gtsrb: 0.82, then 0.58 at 0.75) costs
+    one mix and one re-estimation, not three."""
+    zero, one = _endpoints()
+    accs = iter([0.82, 0.62, 0.58])
+    recals = []
+    res, _ = wise_ft(_net(2), zero, one, lambda m: next(accs), lambda: recals.append(1) or [X])
+    assert res.alphas == (0.0, 0.75, 1.0) and res.alpha == 1.0 and len(recals) == 1
+    # the probe endpoint wins: kept, still only one mix tried
+    accs = iter([0.60, 0.70, 0.50])
+    res, _ = wise_ft(_net(2), zero, one, lambda m: next(accs), lambda: [X])
+    assert res.alphas == (0.0, 0.75, 1.0) and res.alpha == 0.0
+
+
+@given(st.lists(st.floats(0, 1), min_size=5, max_size=5))
+def test_the_walk_never_scores_twice_and_always_scores_both_endpoints(values):
+    zero, one = _endpoints()
+    accs = iter(values)
+    res, _ = wise_ft(_net(2), zero, one, lambda m: next(accs), lambda: [X])
+    assert res.alphas[0] == 0.0 and res.alphas[-1] == 1.0 and len(set(res.alphas)) == len(res.alphas)
+    assert res.val_acc[res.alphas.index(res.alpha)] == max(res.val_acc)
 
 
 def test_the_models_own_state_dict_may_be_an_endpoint():

@@ -318,6 +318,12 @@ def eval_items(data: str, classes: Sequence[str]) -> tuple[str, list[Item]]:
     return str(root), _matching(root, classes, "the run's classes")
 
 
+def spread(n: int, k: int) -> list[int]:
+    """``k`` indices evenly spread over ``range(n)`` (all of them when ``k >= n``): a subset of
+    a class-ordered list that keeps every class, where its first ``k`` would not."""
+    return list(range(n)) if k >= n else [i * n // k for i in range(k)]
+
+
 def class_counts(items: Sequence[Item], classes: Sequence[str]) -> dict[str, int]:
     counts = Counter(label for _, label in items)
     return {c: counts.get(i, 0) for i, c in enumerate(classes)}

@@ -26,7 +26,7 @@ from layerwise import rundir
 from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
 from layerwise.choices import config_from
 from layerwise.config import RunConfig, load_yaml
-from layerwise.data import Splits, write_skipped
+from layerwise.data import Splits, spread, write_skipped
 from layerwise.distributed import DistInfo, from_env, shutdown
 from layerwise.errors import LayerwiseError
 from layerwise.evidence import ProbeInputs, begin_at_probe, probe_evidence, record_probe, run_probe
@@ -308,11 +308,8 @@ def find_lr(cfg: RunConfig, out: Path, **kw: Any) -> tuple[LRFind, dict[str, flo
 def _adapt_batches(t: Trainer, max_images: int = 2048) -> Iterator[torch.Tensor]:
     """Training images through the deterministic eval transform, for BN re-estimation."""
     ds = with_eval_transform(t.kit.loaders.train.dataset, t.cfg.img_size, t.kit.loaded.mean, t.kit.loaded.std)
-    seen = 0
+    ds = torch.utils.data.Subset(ds, spread(len(ds), max_images))  # every class: the list is in class order
     for x, _ in ordered_loader(ds, t.cfg.batch_size, t.kit.loaders.train.num_workers):
-        if seen >= max_images:
-            break
-        seen += x.shape[0]
         yield to_device(x, t.kit.device, t.cfg.channels_last)
 
 

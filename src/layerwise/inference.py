@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,7 +23,11 @@ from layerwise.data import (
     open_image,
 )
 from layerwise.errors import DataError, LayerwiseError, MissingPathError
+from layerwise.hardware import Amp
 from layerwise.models import create_model
+
+if TYPE_CHECKING:
+    from layerwise.evaluation import EvalResult
 
 
 @dataclass
@@ -56,6 +61,44 @@ def load_run(run: str | Path) -> RunModel:
     load_weights(wpath, loaded.model)
     loaded.model.eval()
     return RunModel(loaded.model, info["classes"], tuple(info["mean"]), tuple(info["std"]), info["img_size"])
+
+
+@dataclass
+class Scorer:
+    """A run's model on a device with fixed numerics: what evaluate, auto's race, WiSE-FT and
+    soups score image lists with. Loading other weights into ``run.model`` (a mix, a soup)
+    scores those."""
+
+    run: RunModel
+    device: torch.device
+    amp: Amp
+    batch_size: int
+    channels_last: bool = False
+
+    def __call__(self, items: Sequence[tuple], *, views: Sequence[str] = ()) -> EvalResult:
+        from layerwise.evaluation import evaluate_images
+
+        return evaluate_images(self.run.model, items, self.run.transform(), self.amp, self.device,
+                               batch_size=self.batch_size, views=views, channels_last=self.channels_last)
+
+
+def scorer(run: str | Path, *, precision: str = "fp32", device: str = "auto", batch_size: int | None = None,
+           channels_last: bool = False) -> Scorer:
+    """RUN's best weights, ready to score images."""
+    from layerwise.hardware import pick_device
+
+    rm, dev = load_run(run), pick_device(device)
+    rm.model.to(dev)
+    return Scorer(rm, dev, Amp(precision, dev), batch_size or eval_batch_size(rm.img_size), channels_last)
+
+
+def validated_scorer(run: str | Path) -> Scorer:
+    """RUN's best weights with the numerics the run validated with (config.yaml's device,
+    precision and memory format), so a score on val is its metrics row's."""
+    from layerwise.config import load_yaml
+
+    saved = load_yaml(rundir.RunDir(Path(run)).config)
+    return scorer(run, precision=saved["precision"], device=saved["device"], channels_last=saved["channels_last"])
 
 
 def _check_shapes(wpath: Path, build: dict) -> None:
@@ -95,18 +138,14 @@ def eval_batch_size(img_size: int, *, ram: int | None = None, most: int = 64) ->
 def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] = (), batch_size: int | None = None,
                  precision: str = "fp32", device: str = "auto") -> dict:
     """Accuracy, per-class accuracy and confusion matrix of RUN's best weights on DATA."""
-    from layerwise.evaluation import evaluate_images
-    from layerwise.hardware import Amp, pick_device
-
-    rm = load_run(run)
+    score = scorer(run, precision=precision, device=device, batch_size=batch_size)
+    rm = score.run
     scored, items = eval_items(data, rm.classes)
     items, skipped = check_images(items)  # unreadable files are listed, as fit does, not a crash
     if not items:
         raise DataError(f"no readable images in {scored}: all {len(skipped)} failed to decode, "
                         f"e.g. {skipped[0]['path']} ({skipped[0]['reason']})")
-    dev = pick_device(device)
-    res = evaluate_images(rm.model.to(dev), items, rm.transform(), Amp(precision, dev), dev,
-                          batch_size=batch_size or eval_batch_size(rm.img_size), views=views)
+    res = score(items, views=views)
     k = len(rm.classes)
     return {
         "data": data, "scored": scored, "images": len(items), "skipped": skipped,

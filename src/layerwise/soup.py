@@ -66,25 +66,22 @@ def cook(runs: Sequence[Path], val_accs: Sequence[float], cfg: RunConfig, dest: 
 
     from layerwise.checkpoint import save_weights, write_json
     from layerwise.data import check_images
-    from layerwise.evaluation import evaluate_images, test_result
-    from layerwise.hardware import Amp, pick_device
-    from layerwise.inference import eval_batch_size, load_run
+    from layerwise.evaluation import test_result
+    from layerwise.inference import scorer
     from layerwise.setup import load_data
 
     top = max(range(len(runs)), key=lambda i: val_accs[i])
     shape = {k: rundir.read_model_info(runs[top])[k] for k in SAME_MODEL}
     kin = [i for i, r in enumerate(runs) if all(rundir.read_model_info(r)[k] == v for k, v in shape.items())]
-    rm, splits = load_run(runs[top]), load_data(cfg)
-    val = check_images(splits.val)[0]
-    dev = pick_device(cfg.device or "auto")
-    model, amp, batch = rm.model.to(dev), Amp("fp32", dev), eval_batch_size(rm.img_size)
+    score, splits = scorer(runs[top], device=cfg.device or "auto"), load_data(cfg)  # fp32: the soup's own numerics
+    val, model = check_images(splits.val)[0], score.run.model
 
-    def score(state: State) -> float:
+    def score_state(state: State) -> float:
         model.load_state_dict(state)
-        return evaluate_images(model, val, rm.transform(), amp, dev, batch_size=batch).acc
+        return score(val).acc
 
     states = [load_file(rundir.RunDir(runs[i]).best) for i in kin]
-    soup = greedy_soup(states, [val_accs[i] for i in kin], score)
+    soup = greedy_soup(states, [val_accs[i] for i in kin], score_state)
     model.load_state_dict(soup.state)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(rundir.RunDir(runs[top]).model, rundir.RunDir(dest).model)
@@ -95,7 +92,7 @@ def cook(runs: Sequence[Path], val_accs: Sequence[float], cfg: RunConfig, dest: 
               "note": "greedy soup (Wortsman et al. 2022): val accuracy scored in fp32, ingredients best first"}
     test = check_images(splits.test)
     if test[0]:
-        ev = evaluate_images(model, test[0], rm.transform(), amp, dev, batch_size=batch)
+        ev = score(test[0])
         write_json(rundir.RunDir(dest).test, test_result(ev, test[0], test[1], ()))
         record["test_acc"] = ev.acc
     write_json(dest / SOUP, record)
