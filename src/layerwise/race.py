@@ -61,45 +61,56 @@ RACE_COST = 1.5
 # full's winner on gtsrb's held-out split (112 px) scored 0.264 / 0.296 / 0.304 on val after
 # 32 / 256 / all 1,000; each image is a forward pass, paid once per mix.
 WISE_NORM_IMAGES = 512
-# One image's forward pass, in training steps (forward and backward) of the same image: a
-# frozen-backbone epoch runs 2.6x faster (README), and lp-ft's head-only rung took 0.35 of
-# discriminative's on gtsrb's held-out split (bench/results/race-cost.md).
-FORWARD_COST = 0.4
+@dataclass(frozen=True)
+class Costs:
+    """The race's parts in training steps of one image (forward and backward)."""
+
+    forward: float  # an image's forward pass alone
+    probe: float  # per image the probe reads: forward, BatchNorm-shift hooks and its C search's fits
+    setup: float  # a candidate's set-up beyond the first (model, loaders), and WiSE-FT's probe model
+
+
+# Measured on gtsrb's held-out split (1,000 training and 250 val images, Lite0, 112 px, 2-core
+# CPU, 2 runs each; bench/results/race-cost.md), where one step took 11.5 ms: lp-ft's head-only
+# rung took 0.40 of full's; the probe 18 s; a set-up about 1.7 s (decoded images are shared).
+COSTS = Costs(forward=0.4, probe=1.25, setup=150)
 
 Z95 = 1.96  # a lead smaller than this many standard errors of the paired difference is noise
 
 
-def rung_cost(c: Candidate, n_train: int, n_val: int) -> float:
+def _epoch(n_train: int, n_val: int, costs: Costs) -> float:
+    """One epoch in steps: every training image, then val's forward passes."""
+    return n_train + costs.forward * n_val
+
+
+def rung_cost(c: Candidate, n_train: int, n_val: int, costs: Costs = COSTS, *, first: bool = False) -> float:
     """A candidate's rung in epochs of one run: lp-ft's first epoch trains only the head (a
-    forward pass per image), the others train everything; and the rung's paired val pass."""
-    train = FORWARD_COST if c.strategy == "lp-ft" else 1.0
-    return RUNG_EPOCHS * train + FORWARD_COST * n_val / _epoch(n_train, n_val)
+    forward pass per image), the others train everything; its paired val pass; and, after the
+    first candidate, its set-up."""
+    train = costs.forward * n_train if c.strategy == "lp-ft" else n_train
+    steps = RUNG_EPOCHS * train + costs.forward * n_val + (0 if first else costs.setup)
+    return steps / _epoch(n_train, n_val, costs)
 
 
-def _epoch(n_train: int, n_val: int) -> float:
-    """One epoch in training steps: every training image, then val's forward passes."""
-    return n_train + FORWARD_COST * n_val
+def overhead(n_train: int, n_val: int, costs: Costs = COSTS, *, probe: bool, wise: bool) -> float:
+    """The probe and WiSE-FT in epochs of one run: the probe reads the training images and val;
+    WiSE-FT builds the probe model, scores val for each endpoint and one mix, and re-estimates
+    BatchNorm once (its usual walk: wise.walk)."""
+    probe_steps = costs.probe * (min(n_train, PROBE_MAX_IMAGES) + min(n_val, PROBE_MAX_IMAGES)) if probe else 0.0
+    wise_steps = costs.forward * (3 * n_val + min(n_train, WISE_NORM_IMAGES)) + costs.setup if wise else 0.0
+    return (probe_steps + wise_steps) / _epoch(n_train, n_val, costs)
 
 
-def overhead(n_train: int, n_val: int, *, probe: bool, wise: bool) -> float:
-    """The probe and WiSE-FT, in epochs of one run, from the images they pass forward: the
-    probe, the training images it sees and val; WiSE-FT, val for each endpoint and a mix, and
-    one BatchNorm re-estimation (its usual walk: wise.walk)."""
-    probe_images = min(n_train, PROBE_MAX_IMAGES) + min(n_val, PROBE_MAX_IMAGES) if probe else 0
-    wise_images = 3 * n_val + min(n_train, WISE_NORM_IMAGES) if wise else 0
-    return FORWARD_COST * (probe_images + wise_images) / _epoch(n_train, n_val)
-
-
-def affordable(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int, *, probe: bool,
-               wise: bool) -> list[Candidate]:
+def affordable(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *,
+               probe: bool, wise: bool) -> list[Candidate]:
     """The candidates raced within RACE_COST runs: the favourite, then each next one whose
     rung still fits ([] when fewer than two do). The whole race costs the overhead, every
-    rung, and the winner's epochs after its rung (about ``epochs - RUNG_EPOCHS`` of training
-    whoever wins: lp-ft's cheaper first epoch was its rung)."""
-    left = RACE_COST * epochs - overhead(n_train, n_val, probe=probe, wise=wise) - (epochs - RUNG_EPOCHS)
+    rung, and the winner's epochs after its rung (``epochs - RUNG_EPOCHS`` of training whoever
+    wins: lp-ft's cheaper first epoch was its rung)."""
+    left = RACE_COST * epochs - overhead(n_train, n_val, costs, probe=probe, wise=wise) - (epochs - RUNG_EPOCHS)
     raced: list[Candidate] = []
     for c in order:
-        cost = rung_cost(c, n_train, n_val)
+        cost = rung_cost(c, n_train, n_val, costs, first=not raced)
         if cost <= left or not raced:
             raced.append(c)
             left -= cost
@@ -182,7 +193,7 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
             n_train, n_val = len(p.splits.train), len(p.splits.val)
 
             def afford(favourite: str) -> list[Candidate]:
-                return affordable(ordered(favourite), epochs, n_train, n_val, probe=cfg.probe_skill is None,
+                return affordable(ordered(favourite), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
                                   wise=cfg.wise)
 
             # any favourite affords a race exactly when another does (each pair holds lp-ft's cheap
