@@ -3,6 +3,7 @@ then the best weights evaluated and the report written. Reads the run's fixed pl
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,8 @@ def run_epochs(t: Trainer, info: DistInfo, until: int | None = None) -> Path:
     after that many epochs instead (the checkpoint holds the run; a resume continues it)."""
     run = t.run
     writer = _tensorboard(run.root) if info.is_main else None
-    with StopRequested(install=not info.enabled) as stop:
+    with contextlib.closing(writer) if writer is not None else contextlib.nullcontext(), \
+            StopRequested(install=not info.enabled) as stop:  # closed: its events flushed however the loop ends
         try:
             for epoch in range(t.start_epoch, t.cfg.epochs):
                 if until is not None and epoch >= until:
