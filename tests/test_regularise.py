@@ -69,3 +69,71 @@ def test_a_strength_keeps_the_body_nearer_its_start_at_equal_steps(data, tmp_pat
         return sum(((w[k].float() - start[k].float()) ** 2).sum().item() for k in body if k in w)
 
     assert distance("held") < 0.5 * distance("free")
+
+
+def test_lwf_is_zero_at_the_start_and_grows_as_the_old_outputs_drift():
+    """The teacher is the model as built with its original classifier: before any step the
+    student's old-task outputs are the teacher's (KL 0); moving the body moves them."""
+    from layerwise.regularise import lwf
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    groups = (LayerGroup("body", ("0.weight", "0.bias"), (), ("0",)), LayerGroup("head", ("2.weight", "2.bias"), (), ("2",)))
+    imagenet = torch.nn.Linear(5, 7)  # the classifier the weights came with
+    penalty = lwf(model, groups, 3.0, imagenet)
+    x = torch.randn(16, 3)
+    model(x)  # the step's forward pass, which the penalty reads
+    assert penalty(x).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model[0].weight.mul_(-2.0)
+    model(x)
+    drift = penalty(x)
+    assert drift.item() > 0 and drift.requires_grad  # it trains the body
+    drift.backward()
+    assert model[0].weight.grad is not None and imagenet.weight.grad is None  # the old classifier stays as it was
+
+
+def test_lwf_without_an_original_classifier_is_a_user_error_naming_the_alternative():
+    model, groups = _model_and_groups()
+    with pytest.raises(LayerwiseError, match="l2sp"):
+        make_penalty("lwf:1", model, groups, None)
+
+
+def test_lwf_strength_zero_is_no_regulariser_bit_for_bit_and_a_strength_holds_the_old_outputs(data, tmp_path):
+    from layerwise.config import RunConfig
+    from layerwise.setup import set_up_model
+
+    assert _fit(data, tmp_path / "a") == 0 and _fit(data, tmp_path / "b", "--reg", "lwf:0") == 0
+    wa, wb = (torch.load(tmp_path / r / "last" / "state.pt", weights_only=False)["model"] for r in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # --bn eval: the student's BatchNorm reads the statistics the (eval-mode) teacher reads, so
+    # the penalty measures drift, not batch-statistics noise on a random-init model
+    assert _fit(data, tmp_path / "free", "--bn", "eval") == 0
+    assert _fit(data, tmp_path / "held", "--bn", "eval", "--reg", "lwf:100000") == 0
+    cfg = RunConfig(model="timm/test_efficientnet", weights="none", seed=0)
+    built = set_up_model(cfg, 3, n_train=None, images_per_class=None).loaded  # every run's start
+    old, teacher = built.pretrained_head, built.model.eval()
+    assert old is not None
+    head_path = set_up_model(cfg, 3, n_train=None, images_per_class=None).groups[-1].modules[0]
+    from layerwise.augment import eval_transform
+    from layerwise.data import load_splits, open_image
+
+    tf = eval_transform(32, built.mean, built.std)
+    x = torch.stack([tf(open_image(src)) for src, _ in load_splits(str(data)).train])  # the images LwF saw
+
+    def old_outputs(model):
+        seen = {}
+        handle = model.get_submodule(head_path).register_forward_pre_hook(lambda m, a: seen.__setitem__("f", a[0]))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        return torch.log_softmax(old(seen["f"]) / 2, -1)
+
+    want = old_outputs(teacher)
+
+    def drift(run):
+        m = set_up_model(cfg, 3, n_train=None, images_per_class=None).loaded.model.eval()
+        m.load_state_dict(torch.load(tmp_path / run / "last" / "state.pt", weights_only=False)["model"])
+        return torch.nn.functional.kl_div(old_outputs(m), want, log_target=True, reduction="batchmean").item()
+
+    assert drift("held") < 0.5 * drift("free")

@@ -172,7 +172,8 @@ def build(p: Prepared, r: Resolved, run: Path, info: DistInfo = DistInfo()) -> T
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(r.config.ema), use_buffers=True)
-    penalty = make_penalty(r.config.reg, model, p.model.groups)  # before a resume loads its checkpoint
+    # before a resume loads its checkpoint: the penalty's starting point is the model as built
+    penalty = make_penalty(r.config.reg, model, p.model.groups, p.model.loaded.pretrained_head)
     kit = Kit(p.model.loaded, p.model.groups, _optimizer(p, r), p.amp, p.device, p.loaders, ema, info, penalty)
     return Trainer(r.config, r.plan, kit, p.splits, RunDir(run), budget=r.budget)
 

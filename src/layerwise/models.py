@@ -56,6 +56,9 @@ class LoadedModel:
     std: tuple[float, float, float] = IMAGENET_STD
     img_size: int = 224
     notes: list[str] = field(default_factory=list)
+    # the classifier the weights came with (e.g. ImageNet's 1000 classes), kept out of the model
+    # for --reg lwf; None when the weights came from a file or had no linear classifier
+    pretrained_head: nn.Linear | None = None
 
 
 def mlp_head(in_features: int, num_classes: int, hidden: int = 512) -> nn.Sequential:
@@ -367,10 +370,14 @@ def create_model(
         raise UnknownNameError("head", head, HEADS)
     is_file = _is_weights_file(weights)
     model, meta, source, built = load_pretrained(name, "file" if is_file else weights)
+    pretrained_head = None
     if is_file:
         _load_file_into(model, load_state_file(weights), num_classes, head, hidden)
     else:
+        old = model.get_submodule(classifier_path(model))
+        pretrained_head = old if isinstance(old, nn.Linear) else None
         replace_head(model, num_classes, head, hidden)
     notes = ([f"{name} built as {source} {built} with the preprocessing its offline weights expect"]
              if built != name.rpartition("/")[2] else [])
-    return LoadedModel(model, name, source, built, weights, num_classes, notes=notes, **meta)
+    return LoadedModel(model, name, source, built, weights, num_classes, notes=notes, pretrained_head=pretrained_head,
+                       **meta)
