@@ -155,8 +155,26 @@ def per_dataset(records: Sequence[dict], against: str = "auto") -> list[str]:
     return out
 
 
-def report(records: Sequence[dict], img: int) -> str:
+SEEDS_LINE = "Seeds reported: "
+
+
+def report_seeds(text: str) -> list[int] | None:
+    """The seeds a written report was restricted to (None: all), read back from its own line."""
+    for line in text.splitlines():
+        if line.startswith(SEEDS_LINE):
+            rest = line.removeprefix(SEEDS_LINE).split(" ")[0].rstrip(".")
+            return None if rest == "all" else [int(s) for s in rest.split(",")]
+    return None
+
+
+def report(records: Sequence[dict], img: int, seeds: Sequence[int] | None = None) -> str:
+    """suite-test.md: the records at ``img`` px (of ``seeds`` only, when given: a seed every
+    dataset has finished, while the others are still running)."""
+    records = [r for r in records if r["img"] == img and (seeds is None or r["seed"] in seeds)]
+    chosen = "all" if seeds is None else ",".join(str(s) for s in seeds)
     head = [f"# Transfer suite, held-out test split ({img} px)", "",
+            f"{SEEDS_LINE}{chosen} (`bench/suite.py --test-split --report-only --img-size {img}"
+            + ("" if seeds is None else f" --seeds {chosen}") + "`).", "",
             "Written by `bench/suite.py --test-split` from `bench/results/suite-test.json`. Each val class is split "
             "in two by the SHA-1 of the file names (`held_out()`): the first half stays val and makes every choice "
             "(auto's evidence, the probe's C, early stopping, the best epoch), the second half is test and is only "
@@ -167,4 +185,5 @@ def report(records: Sequence[dict], img: int) -> str:
             "when the threshold is fitted on the other datasets' val accuracy; *auto-before-wise* is the race's winner "
             "before WiSE-FT (so auto − it is WiSE-FT's gain). *the same run* marks a pair whose "
             "outcomes agree image for image on every seed.", "", "## Mean over the suite", ""]
-    return "\n".join([*head, *summary(records), "", "## Per dataset", "", *per_dataset(records)]) + "\n"
+    rows = summary(records) or ["No dataset has every variant at every reported seed yet."]
+    return "\n".join([*head, *rows, "", "## Per dataset", "", *per_dataset(records)]) + "\n"

@@ -228,7 +228,8 @@ def main() -> None:
     if args.test_split:
         from heldout import report as held_out_report
 
-        out.write_text(held_out_report([r for r in results.values() if r["img"] == img], img))
+        # --seeds restricts the report to seeds every dataset has finished (the default: all recorded)
+        out.write_text(held_out_report(list(results.values()), img, seeds if args.seeds else None))
     else:
         out.write_text(report(results, img))
     print(f"wrote {out}")

@@ -114,3 +114,15 @@ def test_wise_gain_is_paired_against_the_winner_before_the_mix():
         runs.append(rec(d, "a", 0, "1100"))
     text = report(runs, 112)
     assert "| auto-before-wise | 0.500 | +25.0 [" in text  # one more image right on each dataset
+
+
+def test_the_committed_held_out_report_is_recomputed_from_suite_test_json():
+    """Every figure of bench/results/suite-test.md, recomputed from the recorded runs."""
+    import json
+
+    from heldout import report, report_seeds
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    text = (results / "suite-test.md").read_text()
+    records = list(json.loads((results / "suite-test.json").read_text()).values())
+    assert report(records, 112, report_seeds(text)) == text
