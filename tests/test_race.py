@@ -21,18 +21,21 @@ MEASURED = race.COSTS  # before the fixture below prices the runs as for large d
 
 
 @given(st.integers(1, 60), st.integers(2, 100_000), st.integers(1, 20_000), st.booleans(), st.booleans(),
-       st.sampled_from(["discriminative", "full", "lp-ft"]))
-def test_a_race_costs_at_most_half_a_run_more_probe_and_wise_ft_included(epochs, n_train, n_val, probe, wise, fav):
+       st.sampled_from(["discriminative", "full", "lp-ft"]), st.floats(1, 4))
+def test_a_race_costs_at_most_its_limit_probe_and_wise_ft_included(epochs, n_train, n_val, probe, wise, fav, limit):
     order, costs = race.ordered(fav), MEASURED
-    raced = race.affordable(order, epochs, n_train, n_val, costs, probe=probe, wise=wise)
+    raced = race.affordable(order, epochs, n_train, n_val, costs, probe=probe, wise=wise, limit=limit)
     if raced:
         assert raced[0] == order[0] and len(raced) >= 2 and all(c in order for c in raced)
         cost = (race.overhead(n_train, n_val, costs, probe=probe, wise=wise) + (epochs - race.RUNG_EPOCHS)
                 + sum(race.rung_cost(c, n_train, n_val, costs, first=i == 0) for i, c in enumerate(raced)))
-        assert cost <= race.RACE_COST * epochs + 1e-9
+        assert cost <= limit * epochs + 1e-9
     # whether a race happens does not depend on the favourite: it can be known before the probe
-    assert all(bool(race.affordable(race.ordered(f), epochs, n_train, n_val, costs, probe=probe, wise=wise))
-               == bool(raced) for f in ("discriminative", "full", "lp-ft"))
+    assert all(bool(race.affordable(race.ordered(f), epochs, n_train, n_val, costs, probe=probe, wise=wise,
+                                    limit=limit)) == bool(raced) for f in ("discriminative", "full", "lp-ft"))
+    # a higher limit never races fewer
+    more = race.affordable(order, epochs, n_train, n_val, costs, probe=probe, wise=wise, limit=limit + 0.5)
+    assert len(more) >= len(raced)
 
 
 def test_what_gtsrbs_held_out_split_affords():
@@ -41,8 +44,10 @@ def test_what_gtsrbs_held_out_split_affords():
     two full rungs, 8 all three."""
     def names(epochs):
         return [c.strategy for c in race.affordable(race.ordered("full"), epochs, 1000, 250, MEASURED, probe=True,
-                                                    wise=True)]
+                                                    wise=True, limit=1.5)]
     assert MEASURED == race.Costs(forward=0.4, probe=1.25, setup=150)
+    # --race-cost 2.5: a user who would rather measure than save time races all three at 4 epochs
+    assert len(race.affordable(race.ordered("full"), 4, 1000, 250, MEASURED, probe=True, wise=True, limit=2.5)) == 3
     assert [names(e) for e in (4, 5, 6, 7, 8)] == [[], [], ["full", "lp-ft"], ["full", "discriminative"],
                                                    ["full", "discriminative", "lp-ft"]]
     assert race.overhead(1000, 250, MEASURED, probe=False, wise=False) == 0.0
@@ -157,6 +162,14 @@ def test_the_last_word_names_the_run_folder_not_the_race_folder(data, tmp_path, 
     run = tmp_path / "run"
     assert _race(data, run) == 0
     assert capsys.readouterr().out.rstrip().splitlines()[-2].startswith(f"run folder: {run} (auto's race:")
+
+
+def test_a_race_cost_of_one_run_affords_no_race(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _race(data, run, "--race-cost", "1") == 0
+    assert "afford no race within 1x one run (--race-cost)" in capsys.readouterr().out
+    assert not (run / "race.json").exists() and (run / "best.safetensors").is_file()
+    assert main(["fit", str(data), *TINY, "--race-cost", "0.5", "--out", str(tmp_path / "bad")]) == 2
 
 
 def test_one_epoch_affords_no_race(data, tmp_path, capsys):

@@ -88,6 +88,9 @@ class RunConfig:
     bn: str | None = None  # None: frozen, or what the strategy implies (auto: eval)
     probe: bool = True  # auto: run the linear probe before training
     race: bool = True  # auto: race the candidate strategies for an epoch and keep the winner (race.py)
+    # the most auto's whole run may cost, probe and WiSE-FT included, in runs of one fixed strategy at the
+    # same budget: it decides whether and how many candidates race (race.affordable; issue 22's bound)
+    race_cost: float = 1.5
     wise: bool = True  # auto's race: then WiSE-FT between the probe model and the winner (wise.py)
     reg: str | None = None  # NAME:STRENGTH, a pull towards the pretrained weights (regularise.py), e.g. l2sp:0.01
     probe_skill: float | None = None  # auto: the probe's measured skill (set by the probe, or by you to skip it)
@@ -232,6 +235,7 @@ RANGES: dict[str, Bound] = {
     "decay": Bound(1, 1000, note="the head gets the base LR, each earlier group decay times less"),
     "every": Bound(1, note="epochs between unfreezes"),
     "probe_epochs": Bound(0, note="head-only epochs"),
+    "race_cost": Bound(1, 100, note="runs of one fixed strategy"),
     "ft_lr_mult": Bound(0, 100, lo_open=True, note="the LR multiplier after the probe"),
     "layer_decay": Bound(0, 1, lo_open=True, note="timm uses 0.65-0.9"),
     "probe_skill": Bound(-1, 1),

@@ -55,8 +55,6 @@ CANDIDATES: dict[str, Candidate] = {
 # The threshold rule, fitted on the other seven datasets each time, trailed the best of all nine
 # fixed variants (a wider field than these three) by 1.3.
 RUNG_EPOCHS = 1
-# The race costs at most this many runs' wall time, probe and WiSE-FT included (issue 22's bound).
-RACE_COST = 1.5
 # Training images for a mix's BatchNorm statistics, spread over the classes. The 0.5 mix of
 # full's winner on gtsrb's held-out split (112 px) scored 0.264 / 0.296 / 0.304 on val after
 # 32 / 256 / all 1,000; each image is a forward pass, paid once per mix.
@@ -102,12 +100,12 @@ def overhead(n_train: int, n_val: int, costs: Costs = COSTS, *, probe: bool, wis
 
 
 def affordable(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *,
-               probe: bool, wise: bool) -> list[Candidate]:
-    """The candidates raced within RACE_COST runs: the favourite, then each next one whose
+               probe: bool, wise: bool, limit: float) -> list[Candidate]:
+    """The candidates raced within ``limit`` runs (--race-cost): the favourite, then each next one whose
     rung still fits ([] when fewer than two do). The whole race costs the overhead, every
     rung, and the winner's epochs after its rung (``epochs - RUNG_EPOCHS`` of training whoever
     wins: lp-ft's cheaper first epoch was its rung)."""
-    left = RACE_COST * epochs - overhead(n_train, n_val, costs, probe=probe, wise=wise) - (epochs - RUNG_EPOCHS)
+    left = limit * epochs - overhead(n_train, n_val, costs, probe=probe, wise=wise) - (epochs - RUNG_EPOCHS)
     raced: list[Candidate] = []
     for c in order:
         cost = rung_cost(c, n_train, n_val, costs, first=not raced)
@@ -194,13 +192,14 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
 
             def afford(favourite: str) -> list[Candidate]:
                 return affordable(ordered(favourite), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
-                                  wise=cfg.wise)
+                                  wise=cfg.wise, limit=cfg.race_cost)
 
             # any favourite affords a race exactly when another does (each pair holds lp-ft's cheap
             # rung or two full ones; the cheap pair is always tried), so this can be known before the probe
             head = head_module(p.model.loaded.model, p.model.groups)
             if not afford("discriminative") or head is None:
-                why = (f"{epochs} epochs of {n_train} images afford no race within {RACE_COST}x one run"
+                why = (f"{epochs} epochs of {n_train} images afford no race within {cfg.race_cost:g}x one run "
+                       "(--race-cost)"
                        if head is not None else "the model has no linear head")
                 say(f"auto: {why}; the probe's thresholds choose")
                 state = None
