@@ -120,7 +120,7 @@ def summary_tables(records: Sequence[dict], img: int, evidence: dict[str, dict] 
     return "\n".join(lines) + "\n"
 
 
-FIXED_EXCLUDED = ("auto", "auto+no-race", "plain", "fastai", "fastai-lrfind")
+FIXED_EXCLUDED = ("auto", "auto+no-race", "auto+race-2.5", "plain", "fastai", "fastai-lrfind")
 EVIDENCE = {"bn_shift": "the BatchNorm shift", "skill": "the probe's skill", "knn_acc": "10-NN accuracy",
             "hscore": "the H-score",
             "depth_gain": "the depth gain (the earlier depth's probe skill minus the last's; bench/evidence.py)"}

@@ -29,3 +29,33 @@ def test_held_out_halves_each_val_class_deterministically_and_keeps_train(tmp_pa
         assert len(list((a / "val" / cls.name).iterdir())) == n // 2
         assert len(list((a / "test" / cls.name).iterdir())) == n - n // 2
     assert held_out("x", data, tmp_path / "a") == a  # written once, then reused
+
+
+def test_each_layerwise_variant_runs_the_command_its_name_says(tmp_path, monkeypatch):
+    import json
+
+    import suite
+
+    seen = {}
+
+    def fake_child(cmd):
+        run = Path(cmd[cmd.index("--out") + 1])
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"elapsed_seconds": 1.0, "val_acc": 0.5, "epoch": 0}) + "\n")
+        seen[run.name.split("-112px")[0]] = cmd
+        return "", 1.0, None
+
+    monkeypatch.setattr(suite, "ROOT", tmp_path)
+    monkeypatch.setattr(suite, "run_child", fake_child)
+    for v in ("auto", "auto+no-race", "auto+race-2.5", "full+bn-eval", "gradual"):
+        suite.run_layerwise("ds", tmp_path, v, 0, 112, (4, 32, 2, ""))
+
+    def flags(cmd):
+        return cmd[cmd.index("--strategy") + 1], cmd[cmd.index("--overwrite") + 1:]
+
+    assert flags(seen["auto"]) == ("auto", ["--patience", "2"])
+    assert flags(seen["auto+no-race"]) == ("auto", ["--no-race", "--patience", "2"])
+    assert flags(seen["auto+race-2.5"]) == ("auto", ["--race-cost", "2.5", "--patience", "2"])
+    assert flags(seen["full+bn-eval"]) == ("full", ["--bn", "eval", "--patience", "2"])
+    assert flags(seen["gradual"]) == ("gradual", ["--patience", "2"])
+    assert set(suite.AUTO_VARIANTS) <= set(suite.variants(quick=False))
