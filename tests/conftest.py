@@ -93,3 +93,13 @@ TINY = ["--model", "timm/test_efficientnet", "--weights", "none", "--img-size", 
 def data(tmp_path_factory):
     """Three classes of eight coloured squares each, train/ and val/ (shared by a test module)."""
     return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=8)
+
+
+@pytest.fixture(autouse=True)
+def _no_probe_from_another_test():
+    """engine keeps probe results for the process (by what the probe reads); a test that patches
+    the probe's internals must not be handed another test's result."""
+    from layerwise import engine
+
+    engine._probed.clear()
+    yield

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -646,3 +647,23 @@ def test_fp16_trains_through_the_grad_scaler_and_saves_its_state(data, tmp_path,
     state = load_state(run / "last" / "state.pt")
     assert "scaler" in state and state["scaler"]["scale"] > 0
     assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == "fp16"
+
+
+def test_a_probe_on_the_same_inputs_runs_once_per_process(tmp_path, monkeypatch):
+    """--model auto probes each backbone, then auto probes the chosen one again: the result is
+    reused, and any change of what the probe reads runs it anew."""
+    from layerwise import engine
+    from layerwise.config import RunConfig
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    calls = []
+    real = engine.run_probe
+    monkeypatch.setattr(engine, "run_probe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = RunConfig(data=str(data), model="timm/test_efficientnet", weights="none", img_size=32, batch_size=4,
+                    workers=0, quiet=True, strategy="auto", epochs=2)
+    first = engine.probe_result(engine.prepare(cfg))
+    again = engine.probe_result(engine.prepare(cfg))
+    assert len(calls) == 1 and again is first
+    engine.probe_result(engine.prepare(dataclasses.replace(cfg, seed=1)))
+    engine.probe_result(engine.prepare(dataclasses.replace(cfg, img_size=48)))
+    assert len(calls) == 3

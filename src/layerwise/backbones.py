@@ -70,7 +70,6 @@ def choose(rows: list[Candidate], n_val: int) -> tuple[str, str]:
 def choose_backbone(cfg: RunConfig) -> tuple[RunConfig, dict]:
     """``cfg`` with ``model`` chosen by :func:`choose`, and the record for backbone.json."""
     from layerwise import engine
-    from layerwise.evidence import run_probe
     from layerwise.progress import say
 
     if cfg.weights != "default":
@@ -81,8 +80,7 @@ def choose_backbone(cfg: RunConfig) -> tuple[RunConfig, dict]:
     for name in names:
         p = engine.prepare(dataclasses.replace(cfg, model=name))
         c = p.resolved.config
-        res, _ = run_probe(p.model.loaded.model, p.model.groups, engine.probe_inputs(p), p.device, p.amp,
-                           channels_last=c.channels_last, quiet=c.quiet)
+        res, _ = engine.probe_result(p)  # the chosen backbone's is reused by auto's own probe
         n_val = len(p.splits.val)
         side = c.img_size or p.model.loaded.img_size
         rows.append(Candidate(name, res.acc, res.skill, res.knn_acc, side, forward_gflops(p.model.loaded.model, side),

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from layerwise.lrfind import LRFind, lr_find
 from layerwise.numerics import fastest_numerics
 from layerwise.optim import apply_states, build_optimizer
 from layerwise.plan import Plan
+from layerwise.probe import ProbeResult
 from layerwise.progress import say
 from layerwise.regularise import make_penalty
 from layerwise.resolution import describe as describe_sizes
@@ -139,16 +141,38 @@ def decide(cfg: RunConfig, p: Prepared, run: Path, info: DistInfo, *, started: f
 def probe(cfg: RunConfig, p: Prepared, run: Path, info: DistInfo = DistInfo()) -> tuple[Resolved, Evidence]:
     """auto's linear probe on the frozen model: its evidence (probe.json, the probe's head in
     ``run``) and the resolution it gives."""
-    loaded, groups, c = p.model.loaded, p.model.groups, p.resolved.config
+    loaded, groups = p.model.loaded, p.model.groups
     head = head_module(loaded.model, groups)
     if head is None:
         raise LayerwiseError(f"auto's probe needs a linear head; {loaded.name} has none")
-    res, earlier = run_probe(loaded.model, groups, probe_inputs(p), p.device, p.amp, channels_last=c.channels_last,
-                             quiet=c.quiet)
+    res, earlier = probe_result(p)
     ev = probe_evidence(res, head, run, info)
     r = resolve(cfg, p.model.facts, ev)
     record_probe(run, res, earlier, r, info)
     return r, ev
+
+
+# Probes already run in this process, by everything they read. --model auto probes each
+# backbone, then auto probes the chosen one again on the same inputs: the second is the first.
+PROBES_KEPT = 8
+_probed: OrderedDict[tuple, tuple[ProbeResult, tuple[str, str] | None]] = OrderedDict()
+
+
+def probe_result(p: Prepared) -> tuple[ProbeResult, tuple[str, str] | None]:
+    """The linear probe on ``p``'s freshly built model (run_probe), once per inputs per process."""
+    from layerwise.cache import cache_key
+
+    c, loaded = p.resolved.config, p.model.loaded
+    key = (loaded.name, loaded.weights, loaded.arch, c.img_size, c.seed, c.batch_size, c.precision, c.channels_last,
+           str(p.device), cache_key(p.splits.train, 0), cache_key(p.splits.val, 0))
+    if key not in _probed:
+        _probed[key] = run_probe(loaded.model, p.model.groups, probe_inputs(p), p.device, p.amp,
+                                 channels_last=c.channels_last, quiet=c.quiet)
+        while len(_probed) > PROBES_KEPT:
+            _probed.popitem(last=False)
+    else:
+        say(f"auto: {loaded.name}'s probe was already run on these images in this process; its result is reused")
+    return _probed[key]
 
 
 def probe_inputs(p: Prepared) -> ProbeInputs:
