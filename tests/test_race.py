@@ -30,6 +30,7 @@ def test_a_race_costs_at_most_its_limit_probe_and_wise_ft_included(epochs, n_tra
         cost = (race.overhead(n_train, n_val, costs, probe=probe, wise=wise) + (epochs - race.RUNG_EPOCHS)
                 + sum(race.rung_cost(c, n_train, n_val, costs, first=i == 0) for i, c in enumerate(raced)))
         assert cost <= limit * epochs + 1e-9
+        assert race.estimate(raced, epochs, n_train, n_val, costs, probe=probe, wise=wise) * epochs == pytest.approx(cost)
     # whether a race happens does not depend on the favourite: it can be known before the probe
     assert all(bool(race.affordable(race.ordered(f), epochs, n_train, n_val, costs, probe=probe, wise=wise,
                                     limit=limit)) == bool(raced) for f in ("discriminative", "full", "lp-ft"))
@@ -99,6 +100,7 @@ def raced(data, tmp_path_factory):
 def test_the_race_pauses_the_losers_and_the_winner_becomes_the_run(raced):
     state = json.loads((raced / "race.json").read_text())
     names = [c["name"] for c in state["candidates"]]
+    assert state["cost"]["limit"] == 1.5 and 1.0 < state["cost"]["estimate"] <= 1.5  # priced, within its bound
     assert len(names) == 2 and state["promoted"] and state["winner"] in names
     for name in names:
         rows = read_jsonl(raced / "race" / name / "metrics.jsonl")
@@ -167,7 +169,7 @@ def test_the_last_word_names_the_run_folder_not_the_race_folder(data, tmp_path, 
 def test_a_race_cost_of_one_run_affords_no_race(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert _race(data, run, "--race-cost", "1") == 0
-    assert "afford no race within 1x one run (--race-cost)" in capsys.readouterr().out
+    assert "afford no race within 1x one run (--race-cost; the cheapest race" in capsys.readouterr().out
     assert not (run / "race.json").exists() and (run / "best.safetensors").is_file()
     assert main(["fit", str(data), *TINY, "--race-cost", "0.5", "--out", str(tmp_path / "bad")]) == 2
 

@@ -115,6 +115,14 @@ def affordable(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int
     return raced if len(raced) > 1 else []
 
 
+def estimate(raced: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *,
+             probe: bool, wise: bool) -> float:
+    """What auto's whole run costs with ``raced``, in runs of one fixed strategy (what
+    ``--race-cost`` bounds): the overhead, every rung, the winner's remaining epochs."""
+    rungs = sum(rung_cost(c, n_train, n_val, costs, first=i == 0) for i, c in enumerate(raced))
+    return (overhead(n_train, n_val, costs, probe=probe, wise=wise) + rungs + epochs - RUNG_EPOCHS) / epochs
+
+
 def ordered(favourite: str) -> list[Candidate]:
     """The candidates, the threshold rule's favourite (``auto:X`` or ``X``) first."""
     fav = favourite.removeprefix("auto:")
@@ -194,12 +202,16 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
                 return affordable(ordered(favourite), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
                                   wise=cfg.wise, limit=cfg.race_cost)
 
+            def cost(raced: list[Candidate]) -> float:
+                return estimate(raced, epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None, wise=cfg.wise)
+
             # any favourite affords a race exactly when another does (each pair holds lp-ft's cheap
             # rung or two full ones; the cheap pair is always tried), so this can be known before the probe
             head = head_module(p.model.loaded.model, p.model.groups)
             if not afford("discriminative") or head is None:
+                cheapest = ordered("discriminative")[:1] + [CANDIDATES["lp-ft"]]
                 why = (f"{epochs} epochs of {n_train} images afford no race within {cfg.race_cost:g}x one run "
-                       "(--race-cost)"
+                       f"(--race-cost; the cheapest race, probe and WiSE-FT included, costs about {cost(cheapest):.2f}x)"
                        if head is not None else "the model has no linear head")
                 say(f"auto: {why}; the probe's thresholds choose")
                 state = None
@@ -208,7 +220,8 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
                     rundir.clear(run)
                 # evidence given by hand (--probe-skill) orders the race without a probe
                 r = p.resolved if cfg.probe_skill is not None else engine.probe(cfg, p, run)[0]
-                state = _new_state(r, afford(r.strategy.name))
+                raced = afford(r.strategy.name)
+                state = _new_state(r, raced) | {"cost": {"limit": cfg.race_cost, "estimate": round(cost(raced), 3)}}
                 write_json(rd.race, state)
                 write_json(rd.fingerprint, rundir.run_fingerprint(cfg))  # what compare predicts for auto
                 atomic_write_text(rd.config, r.config.to_yaml())  # a run is here: --resume finds it
@@ -225,8 +238,10 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     val = check_images(splits.val)[0]
     settings = state["settings"]
     runs = {c["name"]: _candidate_config(cfg, settings, c, run) for c in state["candidates"]}
+    priced = (f", about {state['cost']['estimate']:.2f}x one run in all (limit {state['cost']['limit']:g}x)"
+              if "cost" in state else "")
     say(f"auto: racing {', '.join(runs)} for {state['rung_epochs']} epoch(s) each (favourite first: "
-        f"{state['favourite']}); then the winner continues from its checkpoint")
+        f"{state['favourite']}{priced}); then the winner continues from its checkpoint")
     for name, sub in runs.items():
         if name not in state["rungs"]:
             _rung(sub, state["rung_epochs"])
