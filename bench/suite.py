@@ -110,7 +110,7 @@ def variants(quick: bool) -> list[str]:
     return [*AUTO_VARIANTS, *fixed, "plain", *(["fastai", "fastai-lrfind"] if have_fastai else [])]
 
 
-# auto as users run it (it races where the 1.5x cost bound affords it: race.affordable); the
+# auto as users run it (it races where the 1.5x cost bound affords it: racecost.affordable); the
 # threshold rule alone; and a race the suite's small budgets (4-7 epochs) cannot afford at 1.5x,
 # to measure what racing itself is worth on held-out data
 AUTO_VARIANTS = {"auto": [], "auto+no-race": ["--no-race"], "auto+race-2.5": ["--race-cost", "2.5"]}

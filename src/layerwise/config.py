@@ -89,7 +89,7 @@ class RunConfig:
     probe: bool = True  # auto: run the linear probe before training
     race: bool = True  # auto: race the candidate strategies for an epoch and keep the winner (race.py)
     # the most auto's whole run may cost, probe and WiSE-FT included, in runs of one fixed strategy at the
-    # same budget: it decides whether and how many candidates race (race.affordable; issue 22's bound)
+    # same budget: it decides whether and how many candidates race (racecost.affordable; issue 22's bound)
     race_cost: float = 1.5
     wise: bool = True  # auto's race: then WiSE-FT between the probe model and the winner (wise.py)
     reg: str | None = None  # NAME:STRENGTH, a pull towards the pretrained weights (regularise.py), e.g. l2sp:0.01

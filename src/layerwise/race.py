@@ -28,17 +28,9 @@ from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
 from layerwise.config import AUTO_MODEL, RunConfig
 from layerwise.data import Splits, check_images
 from layerwise.groups import head_module
-from layerwise.probe import PROBE_MAX_IMAGES
 from layerwise.progress import say
+from layerwise.racecost import COSTS, RUNG_EPOCHS, WISE_NORM_IMAGES, Candidate, affordable, estimate
 from layerwise.resolve import Resolved
-
-
-@dataclass(frozen=True)
-class Candidate:
-    name: str  # its run folder under RUN/race/
-    strategy: str
-    bn: str | None  # None: the strategy's default
-
 
 # The strategies auto's threshold rule chooses among, each at its recommended --bn.
 CANDIDATES: dict[str, Candidate] = {
@@ -46,81 +38,7 @@ CANDIDATES: dict[str, Candidate] = {
     "full": Candidate("full", "full", None),
     "lp-ft": Candidate("lp-ft-bn-eval", "lp-ft", "eval"),
 }
-# One epoch of each candidate's own schedule. Set on the suite's 112-px runs (2 seeds x 8
-# datasets, bench/results/suite.json; docs/strategies.md): the leader after epoch 1 of
-# {discriminative --bn eval, full, lp-ft --bn eval} was the final best 10 times in 16, and its
-# final best val accuracy trailed the best by 0.5 points on average (2.8 at most: digits, where
-# full starts slowest); after epoch 2, 0.3; after epoch 3, 0.04 (best val accuracy on the split
-# that picked the epoch: development figures, inside one val set's 1.5-2.3-point standard error).
-# The threshold rule, fitted on the other seven datasets each time, trailed the best of all nine
-# fixed variants (a wider field than these three) by 1.3.
-RUNG_EPOCHS = 1
-# Training images for a mix's BatchNorm statistics, spread over the classes. The 0.5 mix of
-# full's winner on gtsrb's held-out split (112 px) scored 0.264 / 0.296 / 0.304 on val after
-# 32 / 256 / all 1,000; each image is a forward pass, paid once per mix.
-WISE_NORM_IMAGES = 512
-@dataclass(frozen=True)
-class Costs:
-    """The race's parts in training steps of one image (forward and backward)."""
-
-    forward: float  # an image's forward pass alone
-    probe: float  # per image the probe reads: forward, BatchNorm-shift hooks and its C search's fits
-    setup: float  # a candidate's set-up beyond the first (model, loaders), and WiSE-FT's probe model
-
-
-# Measured on gtsrb's held-out split (1,000 training and 250 val images, Lite0, 112 px, 2-core
-# CPU, 2 runs each; bench/results/race-cost.md), where one step took 11.5 ms: lp-ft's head-only
-# rung took 0.40 of full's; the probe 18 s; a set-up about 1.7 s (decoded images are shared).
-COSTS = Costs(forward=0.4, probe=1.25, setup=150)
-
 Z95 = 1.96  # a lead smaller than this many standard errors of the paired difference is noise
-
-
-def _epoch(n_train: int, n_val: int, costs: Costs) -> float:
-    """One epoch in steps: every training image, then val's forward passes."""
-    return n_train + costs.forward * n_val
-
-
-def rung_cost(c: Candidate, n_train: int, n_val: int, costs: Costs = COSTS, *, first: bool = False) -> float:
-    """A candidate's rung in epochs of one run: lp-ft's first epoch trains only the head (a
-    forward pass per image), the others train everything; its paired val pass; and, after the
-    first candidate, its set-up."""
-    train = costs.forward * n_train if c.strategy == "lp-ft" else n_train
-    steps = RUNG_EPOCHS * train + costs.forward * n_val + (0 if first else costs.setup)
-    return steps / _epoch(n_train, n_val, costs)
-
-
-def overhead(n_train: int, n_val: int, costs: Costs = COSTS, *, probe: bool, wise: bool) -> float:
-    """The probe and WiSE-FT in epochs of one run: the probe reads the training images and val;
-    WiSE-FT builds the probe model, scores val for each endpoint and one mix, and re-estimates
-    BatchNorm once (its usual walk: wise.walk)."""
-    probe_steps = costs.probe * (min(n_train, PROBE_MAX_IMAGES) + min(n_val, PROBE_MAX_IMAGES)) if probe else 0.0
-    wise_steps = costs.forward * (3 * n_val + min(n_train, WISE_NORM_IMAGES)) + costs.setup if wise else 0.0
-    return (probe_steps + wise_steps) / _epoch(n_train, n_val, costs)
-
-
-def affordable(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *,
-               probe: bool, wise: bool, limit: float) -> list[Candidate]:
-    """The candidates raced within ``limit`` runs (--race-cost): the favourite, then each next one whose
-    rung still fits ([] when fewer than two do). The whole race costs the overhead, every
-    rung, and the winner's epochs after its rung (``epochs - RUNG_EPOCHS`` of training whoever
-    wins: lp-ft's cheaper first epoch was its rung)."""
-    left = limit * epochs - overhead(n_train, n_val, costs, probe=probe, wise=wise) - (epochs - RUNG_EPOCHS)
-    raced: list[Candidate] = []
-    for c in order:
-        cost = rung_cost(c, n_train, n_val, costs, first=not raced)
-        if cost <= left or not raced:
-            raced.append(c)
-            left -= cost
-    return raced if len(raced) > 1 else []
-
-
-def estimate(raced: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *,
-             probe: bool, wise: bool) -> float:
-    """What auto's whole run costs with ``raced``, in runs of one fixed strategy (what
-    ``--race-cost`` bounds): the overhead, every rung, the winner's remaining epochs."""
-    rungs = sum(rung_cost(c, n_train, n_val, costs, first=i == 0) for i, c in enumerate(raced))
-    return (overhead(n_train, n_val, costs, probe=probe, wise=wise) + rungs + epochs - RUNG_EPOCHS) / epochs
 
 
 def ordered(favourite: str) -> list[Candidate]:

@@ -1,0 +1,44 @@
+"""What the race costs (racecost.py): the bound at any sizes and limit, and what gtsrb's
+held-out split affords with the costs measured there."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from layerwise import race, racecost
+
+
+@given(st.integers(1, 60), st.integers(2, 100_000), st.integers(1, 20_000), st.booleans(), st.booleans(),
+       st.sampled_from(["discriminative", "full", "lp-ft"]), st.floats(1, 4))
+def test_a_race_costs_at_most_its_limit_probe_and_wise_ft_included(epochs, n_train, n_val, probe, wise, fav, limit):
+    order, costs = race.ordered(fav), racecost.COSTS
+    raced = racecost.affordable(order, epochs, n_train, n_val, costs, probe=probe, wise=wise, limit=limit)
+    if raced:
+        assert raced[0] == order[0] and len(raced) >= 2 and all(c in order for c in raced)
+        cost = (racecost.overhead(n_train, n_val, costs, probe=probe, wise=wise) + (epochs - racecost.RUNG_EPOCHS)
+                + sum(racecost.rung_cost(c, n_train, n_val, costs, first=i == 0) for i, c in enumerate(raced)))
+        assert cost <= limit * epochs + 1e-9
+        assert racecost.estimate(raced, epochs, n_train, n_val, costs, probe=probe, wise=wise) * epochs == pytest.approx(cost)
+    # whether a race happens does not depend on the favourite: it can be known before the probe
+    assert all(bool(racecost.affordable(race.ordered(f), epochs, n_train, n_val, costs, probe=probe, wise=wise,
+                                    limit=limit)) == bool(raced) for f in ("discriminative", "full", "lp-ft"))
+    # a higher limit never races fewer
+    more = racecost.affordable(order, epochs, n_train, n_val, costs, probe=probe, wise=wise, limit=limit + 0.5)
+    assert len(more) >= len(raced)
+
+
+def test_what_gtsrbs_held_out_split_affords():
+    """1,000 training and 250 val images, the costs measured there (race-cost.md): up to 5
+    epochs, no race (the probe alone is 1.4 epochs); 6 race full against lp-ft's cheap rung, 7
+    two full rungs, 8 all three."""
+    def names(epochs):
+        return [c.strategy for c in racecost.affordable(race.ordered("full"), epochs, 1000, 250, racecost.COSTS, probe=True,
+                                                    wise=True, limit=1.5)]
+    assert racecost.COSTS == racecost.Costs(forward=0.4, probe=1.25, setup=150)
+    # --race-cost 2.5: a user who would rather measure than save time races all three at 4 epochs
+    assert len(racecost.affordable(race.ordered("full"), 4, 1000, 250, racecost.COSTS, probe=True, wise=True, limit=2.5)) == 3
+    assert [names(e) for e in (4, 5, 6, 7, 8)] == [[], [], ["full", "lp-ft"], ["full", "discriminative"],
+                                                   ["full", "discriminative", "lp-ft"]]
+    assert racecost.overhead(1000, 250, racecost.COSTS, probe=False, wise=False) == 0.0
