@@ -46,6 +46,7 @@ class Costs:
 # rung took 0.40 of full's; the probe 18 s; a set-up about 1.7 s (decoded images are shared).
 COSTS = Costs(forward=0.4, probe=1.25, setup=150)
 
+
 def _epoch(n_train: int, n_val: int, costs: Costs) -> float:
     """One epoch in steps: every training image, then val's forward passes."""
     return n_train + costs.forward * n_val
@@ -75,13 +76,10 @@ def affordable(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int
     rung still fits ([] when fewer than two do). The whole race costs the overhead, every
     rung, and the winner's epochs after its rung (``epochs - RUNG_EPOCHS`` of training whoever
     wins: lp-ft's cheaper first epoch was its rung)."""
-    left = limit * epochs - overhead(n_train, n_val, costs, probe=probe, wise=wise) - (epochs - RUNG_EPOCHS)
-    raced: list[Candidate] = []
-    for c in order:
-        cost = rung_cost(c, n_train, n_val, costs, first=not raced)
-        if cost <= left or not raced:
+    raced = list(order[:1])
+    for c in order[1:]:
+        if estimate([*raced, c], epochs, n_train, n_val, costs, probe=probe, wise=wise) <= limit:
             raced.append(c)
-            left -= cost
     return raced if len(raced) > 1 else []
 
 

@@ -62,11 +62,10 @@ def walk(accs: dict[float, float], step: float = STEP) -> float | None:
     if 1.0 not in accs or 0.0 not in accs:
         return 1.0 if 1.0 not in accs else 0.0
     a = 1.0
-    while round(a - step, 6) > 0.0 and round(a - step, 6) in accs:
-        if accs[round(a - step, 6)] < accs[a]:
+    while (nxt := round(a - step, 6)) > 0.0 and nxt in accs:
+        if accs[nxt] < accs[a]:
             return None
-        a = round(a - step, 6)
-    nxt = round(a - step, 6)
+        a = nxt
     return nxt if nxt > 0.0 else None
 
 
