@@ -49,8 +49,9 @@ def test_a_clear_lead_wins_and_a_lead_inside_the_noise_keeps_the_prior():
 
 
 def _race(data, run, *extra):
-    """The race alone (WiSE-FT after it has its own test)."""
-    return main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "3", "--no-wise", "--out", str(run), *extra])
+    """The race alone (the soup and WiSE-FT after it have their own tests)."""
+    return main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "3", "--no-wise", "--no-soup", "--out",
+                 str(run), *extra])
 
 
 @pytest.fixture(scope="module")

@@ -10,35 +10,49 @@ from hypothesis import strategies as st
 from layerwise import race, racecost
 
 
-@given(st.integers(1, 60), st.integers(2, 100_000), st.integers(1, 20_000), st.booleans(), st.booleans(),
+@given(st.integers(1, 60), st.integers(2, 100_000), st.integers(1, 20_000), st.booleans(), st.booleans(), st.booleans(),
        st.sampled_from(["discriminative", "full", "lp-ft"]), st.floats(1, 4))
-def test_a_race_costs_at_most_its_limit_probe_and_wise_ft_included(epochs, n_train, n_val, probe, wise, fav, limit):
-    order, costs = race.ordered(fav), racecost.COSTS
-    raced = racecost.affordable(order, epochs, n_train, n_val, costs, probe=probe, wise=wise, limit=limit)
+def test_a_race_costs_at_most_its_limit_probe_soup_and_wise_ft_included(epochs, n_train, n_val, probe, wise, soup, fav,
+                                                                         limit):
+    order, costs, parts = race.ordered(fav), racecost.COSTS, {"probe": probe, "wise": wise, "soup": soup}
+    raced = racecost.affordable(order, epochs, n_train, n_val, costs, **parts, limit=limit)
     if raced:
         assert raced[0] == order[0] and len(raced) >= 2 and all(c in order for c in raced)
-        cost = (racecost.overhead(n_train, n_val, costs, probe=probe, wise=wise) + (epochs - racecost.RUNG_EPOCHS)
+        losers = len(raced) - 1 if soup else 0
+        cost = (racecost.overhead(n_train, n_val, costs, probe=probe, wise=wise, soup_losers=losers)
+                + (epochs - racecost.RUNG_EPOCHS)
                 + sum(racecost.rung_cost(c, n_train, n_val, costs, first=i == 0) for i, c in enumerate(raced)))
         assert cost <= limit * epochs + 1e-9
-        assert racecost.estimate(raced, epochs, n_train, n_val, costs, probe=probe, wise=wise) * epochs == pytest.approx(cost)
+        assert racecost.estimate(raced, epochs, n_train, n_val, costs, **parts) * epochs == pytest.approx(cost)
     # whether a race happens does not depend on the favourite: it can be known before the probe
-    assert all(bool(racecost.affordable(race.ordered(f), epochs, n_train, n_val, costs, probe=probe, wise=wise,
-                                    limit=limit)) == bool(raced) for f in ("discriminative", "full", "lp-ft"))
+    assert all(bool(racecost.affordable(race.ordered(f), epochs, n_train, n_val, costs, **parts,
+                                        limit=limit)) == bool(raced) for f in ("discriminative", "full", "lp-ft"))
     # a higher limit never races fewer
-    more = racecost.affordable(order, epochs, n_train, n_val, costs, probe=probe, wise=wise, limit=limit + 0.5)
+    more = racecost.affordable(order, epochs, n_train, n_val, costs, **parts, limit=limit + 0.5)
     assert len(more) >= len(raced)
+
+
+def test_each_loser_in_the_soup_costs_a_val_pass_and_a_re_estimation():
+    """A soup of k racers scores k - 1 averages on val (250 images), each after BatchNorm
+    re-estimation on 512 training images: 0.4 of a step per image passed forward."""
+    one = racecost.overhead(1000, 250, racecost.COSTS, probe=False, wise=False, soup_losers=1)
+    two = racecost.overhead(1000, 250, racecost.COSTS, probe=False, wise=False, soup_losers=2)
+    epoch = 1000 + 0.4 * 250
+    assert two - one == pytest.approx(0.4 * (250 + 512) / epoch)
+    assert one == pytest.approx(0.4 * (250 + 250 + 512) / epoch)  # the winner's own val score, then one average
 
 
 def test_what_gtsrbs_held_out_split_affords():
     """1,000 training and 250 val images, the costs measured there (race-cost.md): up to 5
     epochs, no race (the probe alone is 1.4 epochs); 6 race full against lp-ft's cheap rung, 7
-    two full rungs, 8 all three."""
+    and 8 two full rungs (a third racer's rung and its place in the soup do not fit), 9 all three."""
     def names(epochs):
         return [c.strategy for c in racecost.affordable(race.ordered("full"), epochs, 1000, 250, racecost.COSTS, probe=True,
-                                                    wise=True, limit=1.5)]
+                                                        wise=True, soup=True, limit=1.5)]
     assert racecost.COSTS == racecost.Costs(forward=0.4, probe=1.25, setup=150)
     # --race-cost 2.5: a user who would rather measure than save time races all three at 4 epochs
-    assert len(racecost.affordable(race.ordered("full"), 4, 1000, 250, racecost.COSTS, probe=True, wise=True, limit=2.5)) == 3
-    assert [names(e) for e in (4, 5, 6, 7, 8)] == [[], [], ["full", "lp-ft"], ["full", "discriminative"],
-                                                   ["full", "discriminative", "lp-ft"]]
+    assert len(racecost.affordable(race.ordered("full"), 4, 1000, 250, racecost.COSTS, probe=True, wise=True,
+                                  soup=True, limit=2.5)) == 3
+    two = ["full", "discriminative"]
+    assert [names(e) for e in (4, 5, 6, 7, 8, 9)] == [[], [], ["full", "lp-ft"], two, two, [*two, "lp-ft"]]
     assert racecost.overhead(1000, 250, racecost.COSTS, probe=False, wise=False) == 0.0

@@ -48,3 +48,17 @@ def test_compare_soup_writes_a_run_folder_that_evaluates_like_a_run(data, tmp_pa
     assert evaluate_run(out / "soup", str(data), precision="fp32")["accuracy"] == pytest.approx(record["val_acc"])
     assert json.loads((out / "summary.json").read_text())["soup"]["val_acc"] == record["val_acc"]
     assert "Greedy soup" in (out / "summary.md").read_text()
+
+
+def test_what_settle_returns_is_scored_and_kept_and_a_known_start_is_not_scored_again():
+    states = [{"w": torch.tensor([float(i)])} for i in range(3)]
+    seen = []
+
+    def score(s):
+        seen.append(s["w"].item())
+        return 0.9
+
+    soup = greedy_soup(states, [0.1, 0.2, 0.3], score, settle=lambda s: {"w": s["w"] + 10}, start=(0, 0.9))
+    # the start (index 0, not the best on val) is not scored; each average is scored after settle
+    assert seen == [11.0, 11.0] and soup.members == (0, 2, 1)
+    assert torch.equal(soup.state["w"], torch.tensor([11.0]))  # settle's state of the last average kept

@@ -133,3 +133,13 @@ def test_the_models_own_state_dict_may_be_an_endpoint():
     ref = _net(5)
     ref.load_state_dict(want)
     assert torch.equal(logits[1], ref(X))
+
+
+def test_a_known_fine_tune_score_is_not_scored_again():
+    model = nn.Linear(2, 2)
+    zero, one = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}, model.state_dict()
+    scored = []
+    res, _ = wise_ft(model, zero, one, lambda m: scored.append(m.weight.abs().sum().item()) or 0.5, lambda: [],
+                     one_acc=0.7)
+    assert res.val_acc[res.alphas.index(1.0)] == 0.7 and res.alpha == 1.0
+    assert len(scored) == len(res.alphas) - 1  # alpha 0 and the walk's one mix, not alpha 1

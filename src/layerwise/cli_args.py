@@ -125,9 +125,11 @@ def add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
                    help="auto: train the strategy the probe's thresholds pick, without racing the candidates")
     g.add_argument("--race-cost", dest="race_cost", type=float, default=S, metavar="X",
                    help="auto: the most its whole run may cost, probe and WiSE-FT included, in runs of one fixed "
-                   "strategy at the same budget (default 1.5); more lets more candidates race")
+                   "strategy at the same budget (default 1.5; probe, soup and WiSE-FT included); more lets more candidates race")
     g.add_argument("--no-wise", dest="wise", action="store_false", default=S,
                    help="auto's race: keep the winner as trained, without WiSE-FT's weight-space mix with the probe")
+    g.add_argument("--no-soup", dest="soup", action="store_false", default=S,
+                   help="auto's race: keep the winner as trained, without averaging the losers' rung weights into it")
     g.add_argument("--probe-skill", dest="probe_skill", type=float, default=S,
                    help="auto: the linear probe's skill (0 = majority guess, 1 = perfect) if already known; "
                    "skips the probe")

@@ -91,6 +91,7 @@ class RunConfig:
     # the most auto's whole run may cost, probe and WiSE-FT included, in runs of one fixed strategy at the
     # same budget: it decides whether and how many candidates race (racecost.affordable; issue 22's bound)
     race_cost: float = 1.5
+    soup: bool = True  # auto's race: then a greedy soup of the winner and the losers' rung weights (averaging.py)
     wise: bool = True  # auto's race: then WiSE-FT between the probe model and the winner (wise.py)
     reg: str | None = None  # NAME:STRENGTH, a pull towards the pretrained weights (regularise.py), e.g. l2sp:0.01
     probe_skill: float | None = None  # auto: the probe's measured skill (set by the probe, or by you to skip it)

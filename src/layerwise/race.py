@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from layerwise import backbones, rundir
+from layerwise.averaging import finish
 from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
 from layerwise.config import AUTO_MODEL, RunConfig
-from layerwise.data import Splits, check_images
+from layerwise.data import check_images
 from layerwise.groups import head_module
 from layerwise.progress import say
-from layerwise.racecost import COSTS, RUNG_EPOCHS, WISE_NORM_IMAGES, Candidate, affordable, estimate
+from layerwise.racecost import COSTS, RUNG_EPOCHS, Candidate, affordable, estimate
 from layerwise.resolve import Resolved
 
 # The strategies auto's threshold rule chooses among, each at its recommended --bn.
@@ -118,10 +119,11 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
 
             def afford(favourite: str) -> list[Candidate]:
                 return affordable(ordered(favourite), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
-                                  wise=cfg.wise, limit=cfg.race_cost)
+                                  wise=cfg.wise, soup=cfg.soup, limit=cfg.race_cost)
 
             def cost(raced: list[Candidate]) -> float:
-                return estimate(raced, epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None, wise=cfg.wise)
+                return estimate(raced, epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None, wise=cfg.wise,
+                                soup=cfg.soup)
 
             # any favourite affords a race exactly when another does (each pair holds lp-ft's cheap
             # rung or two full ones; the cheap pair is always tried), so this can be known before the probe
@@ -176,8 +178,9 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     engine.fit(runs[state["winner"]], resume=True)
     state["promoted"] = True
     _promote(run, Path(runs[state["winner"]].out), state)
-    if cfg.wise and rd.probe_head.is_file() and "wise" not in state:
-        state["wise"] = _wise(cfg, run, Path(runs[state["winner"]].out), val, splits)
+    if (cfg.soup or cfg.wise) and "averaged" not in state:
+        losers = {Path(sub.out): state["rungs"][k]["val_acc"] for k, sub in runs.items() if k != state["winner"]}
+        state |= finish(cfg, run, Path(runs[state["winner"]].out), losers, val, splits) | {"averaged": True}
     save()
     # the winner's own fit named its race folder last; the run is this one
     say(f"run folder: {run} (auto's race: {state['winner']} won; race.json)\nreport: {rd.report}")
@@ -265,62 +268,3 @@ def race_section(state: dict) -> str:
         outcome = "won" if name == state["winner"] else state["stopped"].get(name, "")
         lines.append(f"| {name} | {' / '.join(f'{a:.4f}' for a in res['curve'])} | {res['val_acc']:.4f} | {outcome} |")
     return "\n".join([*lines, "", f"Verdict: {state['reason']}.", ""])
-
-
-def _wise(cfg: RunConfig, run: Path, winner: Path, val: Sequence[tuple], splits: Splits) -> dict:
-    """WiSE-FT between the probe model and the winner (wise.py), on val. A mix better than
-    the winner becomes best.safetensors and is scored on DATA/test in its place (the winner's
-    own weights stay in its race folder, so a repeat after a kill starts from them again);
-    wise.json and report.md say what was tried."""
-    from layerwise.checkpoint import load_weights, save_weights
-    from layerwise.data import ImageDataset, spread
-    from layerwise.evaluation import test_result
-    from layerwise.inference import validated_scorer
-    from layerwise.loaders import ordered_loader
-    from layerwise.setup import set_up_model
-    from layerwise.wise import wise_ft
-
-    rd = rundir.RunDir(run)
-    score = validated_scorer(winner)
-    probe = set_up_model(cfg, len(splits.classes), n_train=None, images_per_class=None, embedded=cfg.data is None)
-    head = head_module(probe.loaded.model, probe.groups)
-    if head is None:
-        return {"skipped": "no linear head"}
-    load_weights(rd.probe_head, head)
-    model = score.run.model
-    norm: list[torch.Tensor] = []
-
-    def norm_batches() -> list[torch.Tensor]:  # decoded once, on the first mix that needs them
-        if not norm:
-            picked = [splits.train[i] for i in spread(len(splits.train), WISE_NORM_IMAGES)]
-            ds = ImageDataset(check_images(picked)[0], score.run.transform())
-            norm.extend(x.to(score.device) for x, _ in ordered_loader(ds, score.batch_size, 0))
-        return norm
-
-    res, best = wise_ft(model, probe.loaded.model.to(score.device).state_dict(), model.state_dict(),
-                        lambda m: score(val).acc, norm_batches)
-    say("wise-ft: val acc " + ", ".join(f"alpha {a:g} {acc:.4f}" for a, acc in zip(res.alphas, res.val_acc))
-        + f" -> alpha {res.alpha:g}")
-    out = res.to_dict()
-    if res.alpha < 1.0:
-        save_weights(rd.best, model)
-        test = check_images(splits.test)
-        if test[0]:
-            ev = score(test[0])
-            write_json(rd.test, test_result(ev, test[0], test[1], ()) | {"wise_alpha": res.alpha})
-            out["test_acc"] = ev.acc
-    write_json(rd.wise, out)
-    report = rd.report.read_text() if rd.report.is_file() else ""
-    atomic_write_text(rd.report, report + wise_section(out))
-    return out
-
-
-def wise_section(res: dict) -> str:
-    cells = " | ".join(f"{a:.4f}" for a in res["val_acc"])
-    kept = ("the fine-tuned winner, unchanged" if res["alpha"] == 1.0 else
-            f"alpha {res['alpha']:g}: best.safetensors holds this mix; the winner's own weights stay in race/")
-    return "\n".join(["", "## WiSE-FT: the probe model and the winner, averaged in weight space", "",
-                      "| alpha | " + " | ".join(f"{a:g}" for a in res["alphas"]) + " |",
-                      "|---|" + "---:|" * len(res["alphas"]), f"| val acc | {cells} |", "",
-                      f"Kept: {kept}" + (" (BatchNorm statistics re-estimated between the endpoints)."
-                                         if res["recalibrated"] else "."), ""])

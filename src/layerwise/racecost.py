@@ -1,6 +1,6 @@
 """What auto's race costs, priced before it runs: each part in training steps of one image,
 from the images it passes forward, so ``racecost.affordable`` can keep the whole run within
-``--race-cost`` runs of one fixed strategy, probe and WiSE-FT included (issue 22's bound)."""
+``--race-cost`` runs of one fixed strategy, probe, soup and WiSE-FT included (issue 22's bound)."""
 
 from __future__ import annotations
 
@@ -61,31 +61,37 @@ def rung_cost(c: Candidate, n_train: int, n_val: int, costs: Costs = COSTS, *, f
     return steps / _epoch(n_train, n_val, costs)
 
 
-def overhead(n_train: int, n_val: int, costs: Costs = COSTS, *, probe: bool, wise: bool) -> float:
-    """The probe and WiSE-FT in epochs of one run: the probe reads the training images and val;
-    WiSE-FT builds the probe model, scores val for each endpoint and one mix, and re-estimates
-    BatchNorm once (its usual walk: wise.walk)."""
+def overhead(n_train: int, n_val: int, costs: Costs = COSTS, *, probe: bool, wise: bool, soup_losers: int = 0) -> float:
+    """The probe and the averaging after the race, in epochs of one run. The probe reads the
+    training images and val. Averaging scores the winner on val once; the soup (averaging.py)
+    scores one average per loser, each with its BatchNorm statistics re-estimated; WiSE-FT builds
+    the probe model, scores its endpoint and one mix (its usual walk: wise.walk) and re-estimates
+    BatchNorm once."""
+    norm = min(n_train, WISE_NORM_IMAGES)
     probe_steps = costs.probe * (min(n_train, PROBE_MAX_IMAGES) + min(n_val, PROBE_MAX_IMAGES)) if probe else 0.0
-    wise_steps = costs.forward * (3 * n_val + min(n_train, WISE_NORM_IMAGES)) + costs.setup if wise else 0.0
-    return (probe_steps + wise_steps) / _epoch(n_train, n_val, costs)
+    winner = costs.forward * n_val if wise or soup_losers else 0.0
+    soup_steps = costs.forward * soup_losers * (n_val + norm)
+    wise_steps = costs.forward * (2 * n_val + norm) + costs.setup if wise else 0.0
+    return (probe_steps + winner + soup_steps + wise_steps) / _epoch(n_train, n_val, costs)
 
 
 def affordable(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *,
-               probe: bool, wise: bool, limit: float) -> list[Candidate]:
+               probe: bool, wise: bool, soup: bool, limit: float) -> list[Candidate]:
     """The candidates raced within ``limit`` runs (--race-cost): the favourite, then each next one whose
     rung still fits ([] when fewer than two do). The whole race costs the overhead, every
     rung, and the winner's epochs after its rung (``epochs - RUNG_EPOCHS`` of training whoever
     wins: lp-ft's cheaper first epoch was its rung)."""
     raced = list(order[:1])
     for c in order[1:]:
-        if estimate([*raced, c], epochs, n_train, n_val, costs, probe=probe, wise=wise) <= limit:
+        if estimate([*raced, c], epochs, n_train, n_val, costs, probe=probe, wise=wise, soup=soup) <= limit:
             raced.append(c)
     return raced if len(raced) > 1 else []
 
 
 def estimate(raced: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *,
-             probe: bool, wise: bool) -> float:
+             probe: bool, wise: bool, soup: bool) -> float:
     """What auto's whole run costs with ``raced``, in runs of one fixed strategy (what
     ``--race-cost`` bounds): the overhead, every rung, the winner's remaining epochs."""
     rungs = sum(rung_cost(c, n_train, n_val, costs, first=i == 0) for i, c in enumerate(raced))
-    return (overhead(n_train, n_val, costs, probe=probe, wise=wise) + rungs + epochs - RUNG_EPOCHS) / epochs
+    losers = len(raced) - 1 if soup else 0
+    return (overhead(n_train, n_val, costs, probe=probe, wise=wise, soup_losers=losers) + rungs + epochs - RUNG_EPOCHS) / epochs

@@ -43,6 +43,7 @@ RACE = "race.json"  # auto's race: the candidates, their rung results, the winne
 RACE_DIR = "race"  # one run folder per candidate
 BACKBONE = "backbone.json"  # --model auto: each backbone's probe, the one chosen and why
 WISE = "wise.json"  # WiSE-FT after auto's race: each mix's val accuracy, the one kept
+SOUP = "soup.json"  # a greedy soup: auto's racers, or compare --soup's runs
 REPORT = "report.md"
 LR_FIND_PNG = "lr_find.png"
 FINGERPRINT = "fingerprint.json"
@@ -52,7 +53,7 @@ LOCK = ".lock"
 LR_FIND_JSON = "lr_find.json"  # layerwise lr-find
 PLOTS = ("curves.png", "lr.png", "trainable.png", "confusion.png")  # the report's, in its order
 RUN_FILES = (CONFIG, PLAN, MODEL, METRICS, STEPS, BEST, PROBE, PROBE_HEAD, SKIPPED, TTA, TEST, REPORT, LR_FIND_PNG, FINGERPRINT, LOG,
-             RACE, WISE, BACKBONE, *PLOTS)
+             RACE, WISE, SOUP, BACKBONE, *PLOTS)
 RUN_DIRS = ("last", "tb", RACE_DIR)
 
 
@@ -353,7 +354,7 @@ class RunDir:
 # role -> file name, as RunDir exposes them (run.config, run.best, run.state...)
 ROLES = {"config": CONFIG, "plan": PLAN, "model": MODEL, "metrics": METRICS, "steps": STEPS, "best": BEST,
          "state": STATE, "probe": PROBE, "probe_head": PROBE_HEAD, "skipped": SKIPPED, "tta": TTA, "test": TEST, "report": REPORT,
-         "race": RACE, "race_dir": RACE_DIR, "wise": WISE, "backbone": BACKBONE,
+         "race": RACE, "race_dir": RACE_DIR, "wise": WISE, "soup": SOUP, "backbone": BACKBONE,
          "lr_find_png": LR_FIND_PNG, "lr_find_json": LR_FIND_JSON, "fingerprint": FINGERPRINT, "log": LOG,
          "onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # the last two: layerwise export
 

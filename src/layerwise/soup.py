@@ -19,7 +19,6 @@ from layerwise import rundir
 from layerwise.config import RunConfig
 
 State = Mapping[str, torch.Tensor]
-SOUP = "soup.json"
 SAME_MODEL = ("source", "arch", "head", "hidden", "num_classes", "classes", "img_size")  # what ingredients share
 
 
@@ -42,20 +41,29 @@ class Soup:
     state: dict[str, torch.Tensor]
 
 
-def greedy_soup(states: Sequence[State], val_accs: Sequence[float], score: Callable[[State], float]) -> Soup:
+def greedy_soup(states: Sequence[State], val_accs: Sequence[float], score: Callable[[State], float], *,
+                settle: Callable[[State], dict[str, torch.Tensor]] | None = None,
+                start: tuple[int, float] | None = None) -> Soup:
     """Start from the best run on val; add each next-best run if the average with it scores at
-    least as well on val (the paper's greedy recipe). Never below the best single run on val."""
-    order = sorted(range(len(states)), key=lambda i: -val_accs[i])
-    members, best = [order[0]], score(states[order[0]])
-    tried = [(order[0], best, True)]
+    least as well on val (the paper's greedy recipe). Never below the starting run on val.
+    ``settle`` turns an average into the state scored and kept (BatchNorm statistics
+    re-estimated for it); ``start`` is another first ingredient and its known val accuracy
+    (auto's race starts from its verdict)."""
+    first, best = start if start is not None else (max(range(len(states)), key=lambda i: val_accs[i]), None)
+    order = [first] + sorted((i for i in range(len(states)) if i != first), key=lambda i: -val_accs[i])
+    members, soup = [first], dict(states[first])
+    best = score(soup) if best is None else best
+    tried = [(first, best, True)]
     for i in order[1:]:
-        acc = score(average([states[j] for j in [*members, i]]))
+        mix = average([states[j] for j in [*members, i]])
+        mix = settle(mix) if settle is not None else mix
+        acc = score(mix)
         keep = acc >= best
         tried.append((i, acc, keep))
         if keep:
             members.append(i)
-            best = acc
-    return Soup(tuple(members), best, tuple(tried), average([states[j] for j in members]))
+            best, soup = acc, mix
+    return Soup(tuple(members), best, tuple(tried), soup)
 
 
 def cook(runs: Sequence[Path], val_accs: Sequence[float], cfg: RunConfig, dest: Path) -> dict:
@@ -95,5 +103,5 @@ def cook(runs: Sequence[Path], val_accs: Sequence[float], cfg: RunConfig, dest: 
         ev = score(test[0])
         write_json(rundir.RunDir(dest).test, test_result(ev, test[0], test[1], ()))
         record["test_acc"] = ev.acc
-    write_json(dest / SOUP, record)
+    write_json(rundir.RunDir(dest).soup, record)
     return record

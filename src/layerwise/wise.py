@@ -71,9 +71,11 @@ def walk(accs: dict[float, float], step: float = STEP) -> float | None:
 
 def wise_ft(model: nn.Module, zero: Mapping[str, torch.Tensor], one: Mapping[str, torch.Tensor],
             score: Callable[[nn.Module], float], norm_batches: Callable[[], Iterable[torch.Tensor]],
-            alphas: Sequence[float] | None = None) -> tuple[WiseResult, dict[str, torch.Tensor]]:
+            alphas: Sequence[float] | None = None, one_acc: float | None = None
+            ) -> tuple[WiseResult, dict[str, torch.Tensor]]:
     """Score mixes with ``score`` (val accuracy): exactly ``alphas`` when given, else the
-    endpoints and then :func:`walk`'s. ``model`` ends holding the best (ties to the larger
+    endpoints and then :func:`walk`'s. ``one_acc`` is the fine-tune's score when the caller
+    knows it (it is not scored again). ``model`` ends holding the best (ties to the larger
     alpha), whose state dict is returned too."""
     if alphas is not None and not alphas:
         raise ValueError("WiSE-FT needs at least one alpha")
@@ -82,11 +84,15 @@ def wise_ft(model: nn.Module, zero: Mapping[str, torch.Tensor], one: Mapping[str
     recal = norm_stats_differ(model, zero, one)
     accs: dict[float, float] = {}
     best: tuple[float, float, dict[str, torch.Tensor]] | None = None
+    if one_acc is not None:
+        accs[1.0], best = one_acc, (one_acc, 1.0, one)
     given = list(alphas) if alphas is not None else None
 
     def next_alpha() -> float | None:
         if given is None:
             return walk(accs)
+        while given and given[0] in accs:
+            given.pop(0)
         return given.pop(0) if given else None
 
     while (a := next_alpha()) is not None:

@@ -1,0 +1,169 @@
+"""Averaging in weight space after auto's race: it costs evaluations, not training.
+
+First a greedy soup of the racers (Wortsman et al., 2022): the winner's finished weights, then
+each loser's weights at the end of its rung, best on val first, each kept only when the average
+scores at least as well on val. They share their start (the same pretrained weights), which is
+what lets an average land in one basin; where it does not, val says so and the soup stays the
+winner alone. Then WiSE-FT (wise.py) between the probe model and that result.
+
+Every step is scored on val with the winner's own numerics (its metrics row's), so "at least as
+well" compares like with like. A result better than the winner on val becomes the run's
+best.safetensors and is scored once on DATA/test; the winner's own weights stay in its race
+folder, so a repeat after a kill starts from them again and makes the same choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from layerwise import rundir
+from layerwise.checkpoint import atomic_write_text, load_weights, save_weights, write_json
+from layerwise.config import RunConfig
+from layerwise.data import ImageDataset, Splits, check_images, spread
+from layerwise.freeze import recalibrate_norms
+from layerwise.groups import head_module
+from layerwise.inference import Scorer, validated_scorer
+from layerwise.progress import say
+from layerwise.racecost import WISE_NORM_IMAGES
+from layerwise.soup import greedy_soup
+from layerwise.wise import norm_stats_differ, wise_ft
+
+State = Mapping[str, torch.Tensor]
+
+
+class NormBatches:
+    """Training images for BatchNorm re-estimation, spread over the classes, decoded once on
+    the first mix that needs them."""
+
+    def __init__(self, splits: Splits, score: Scorer) -> None:
+        self._splits, self._score, self._batches = splits, score, list[torch.Tensor]()
+
+    def __call__(self) -> list[torch.Tensor]:
+        from layerwise.loaders import ordered_loader
+
+        if not self._batches:
+            picked = [self._splits.train[i] for i in spread(len(self._splits.train), WISE_NORM_IMAGES)]
+            ds = ImageDataset(check_images(picked)[0], self._score.run.transform())
+            self._batches.extend(x.to(self._score.device) for x, _ in ordered_loader(ds, self._score.batch_size, 0))
+        return self._batches
+
+
+def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float], val: Sequence[tuple],
+           splits: Splits) -> dict:
+    """The soup of the winner and ``losers`` (their run folders and rung val accuracies), then
+    WiSE-FT, as ``cfg.soup`` and ``cfg.wise`` ask. Writes soup.json, wise.json, report.md
+    sections and, when the result beats the winner on val, best.safetensors and test.json.
+    Returns race.json's record of both."""
+    rd = rundir.RunDir(run)
+    score = validated_scorer(winner)
+    model, norm = score.run.model, NormBatches(splits, score)
+    winner_acc = score(val).acc
+    out: dict = {"winner_val_acc": winner_acc}
+    acc, kept = winner_acc, {}
+    if cfg.soup and losers:
+        out["soup"] = _soup(model, winner_acc, losers, lambda: score(val).acc, norm)
+        acc = out["soup"]["val_acc"]
+        kept["soup_members"] = out["soup"]["members"]
+        write_json(rd.soup, out["soup"])
+        _append_report(rd, soup_section(out["soup"], winner.name))
+    if cfg.wise and rd.probe_head.is_file():
+        out["wise"] = _wise(cfg, model, acc, lambda: score(val).acc, norm, splits, rd)
+        acc = max(acc, out["wise"]["val_acc"][out["wise"]["alphas"].index(out["wise"]["alpha"])])
+        kept["wise_alpha"] = out["wise"]["alpha"]
+        write_json(rd.wise, out["wise"])
+        _append_report(rd, wise_section(out["wise"]))
+    changed = len(out.get("soup", {}).get("members", [None])) > 1 or out.get("wise", {}).get("alpha", 1.0) < 1.0
+    if changed:
+        save_weights(rd.best, model)
+        test = check_images(splits.test)
+        if test[0]:
+            from layerwise.evaluation import test_result
+
+            ev = score(test[0])
+            write_json(rd.test, test_result(ev, test[0], test[1], ()) | kept)
+            out["test_acc"] = ev.acc
+            for part in ("soup", "wise"):  # each record says what the run ended with
+                if part in out:
+                    out[part]["final_test_acc"] = ev.acc
+    return out
+
+
+def _soup(model: nn.Module, winner_acc: float, losers: Mapping[Path, float], val_acc, norm: NormBatches) -> dict:
+    """A greedy soup in ``model`` (which holds the winner): the winner first, whatever its val
+    accuracy against the losers' rungs (it trained longest), then the losers best first."""
+    from safetensors.torch import load_file
+
+    names = ["winner", *(p.name for p in losers)]
+    states: list[State] = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    states += [load_file(rundir.RunDir(p).best, device=str(next(model.parameters()).device)) for p in losers]
+    if any(s.keys() != states[0].keys() for s in states[1:]):
+        return {"skipped": "the racers' models differ in their tensors", "members": ["winner"], "val_acc": winner_acc}
+    recal = any(norm_stats_differ(model, states[0], s) for s in states[1:])
+
+    def settle(state: State) -> dict[str, torch.Tensor]:  # an average's own BatchNorm statistics
+        model.load_state_dict(state)
+        if recal:
+            recalibrate_norms(model, norm())
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def score(state: State) -> float:
+        model.load_state_dict(state)
+        return val_acc()
+
+    # the race's verdict starts the soup, whatever a loser's rung scored
+    soup = greedy_soup(states, [winner_acc, *losers.values()], score, settle=settle, start=(0, winner_acc))
+    model.load_state_dict(soup.state)
+    say("soup of the racers: val acc " + ", ".join(f"{names[i]} {a:.4f}" + ("" if k else " (left out)")
+                                                  for i, a, k in soup.tried))
+    return {"members": [names[i] for i in soup.members], "val_acc": soup.val_acc, "recalibrated": recal,
+            "tried": [{"ingredient": names[i], "val_acc": a, "kept": k} for i, a, k in soup.tried],
+            "rung_val_acc": {p.name: a for p, a in losers.items()}}
+
+
+def _wise(cfg: RunConfig, model: nn.Module, one_acc: float, val_acc, norm: NormBatches, splits: Splits,
+          rd: rundir.RunDir) -> dict:
+    """WiSE-FT between the probe model (the pretrained body with the probe's head) and ``model``."""
+    from layerwise.setup import set_up_model
+
+    probe = set_up_model(cfg, len(splits.classes), n_train=None, images_per_class=None, embedded=cfg.data is None)
+    head = head_module(probe.loaded.model, probe.groups)
+    if head is None:
+        return {"skipped": "no linear head", "alphas": [1.0], "val_acc": [one_acc], "alpha": 1.0}
+    load_weights(rd.probe_head, head)
+    device = next(model.parameters()).device
+    res, _ = wise_ft(model, probe.loaded.model.to(device).state_dict(), model.state_dict(), lambda m: val_acc(), norm,
+                     one_acc=one_acc)
+    say("wise-ft: val acc " + ", ".join(f"alpha {a:g} {acc:.4f}" for a, acc in zip(res.alphas, res.val_acc))
+        + f" -> alpha {res.alpha:g}")
+    return res.to_dict()
+
+
+def _append_report(rd: rundir.RunDir, section: str) -> None:
+    report = rd.report.read_text() if rd.report.is_file() else ""
+    atomic_write_text(rd.report, report + section)
+
+
+def soup_section(res: dict, winner: str) -> str:
+    rows = [f"| {t['ingredient'].replace('winner', winner + ' (the winner)')} | {t['val_acc']:.4f} | "
+            f"{'kept' if t['kept'] else 'left out'} |" for t in res.get("tried", [])]
+    kept = ("the winner alone" if res["members"] == ["winner"] else
+            f"{len(res['members'])} ingredients: best.safetensors holds their average")
+    return "\n".join(["", "## Soup of the racers: the winner and the losers' rung weights, averaged", "",
+                      "| added | soup's val acc | |", "|---|---:|---|", *rows, "",
+                      f"Kept: {kept}" + (" (BatchNorm statistics re-estimated for each average)."
+                                         if res.get("recalibrated") else "."), ""])
+
+
+def wise_section(res: dict) -> str:
+    cells = " | ".join(f"{a:.4f}" for a in res["val_acc"])
+    kept = ("the fine-tuned model, unchanged" if res["alpha"] == 1.0 else
+            f"alpha {res['alpha']:g}: best.safetensors holds this mix; the winner's own weights stay in race/")
+    return "\n".join(["", "## WiSE-FT: the probe model and the fine-tuned one, averaged in weight space", "",
+                      "| alpha | " + " | ".join(f"{a:g}" for a in res["alphas"]) + " |",
+                      "|---|" + "---:|" * len(res["alphas"]), f"| val acc | {cells} |", "",
+                      f"Kept: {kept}" + (" (BatchNorm statistics re-estimated between the endpoints)."
+                                         if res.get("recalibrated") else "."), ""])
