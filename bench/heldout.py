@@ -187,3 +187,43 @@ def report(records: Sequence[dict], img: int, seeds: Sequence[int] | None = None
             "outcomes agree image for image on every seed.", "", "## Mean over the suite", ""]
     rows = summary(records) or ["No dataset has every variant at every reported seed yet."]
     return "\n".join([*head, *rows, "", "## Per dataset", "", *per_dataset(records)]) + "\n"
+
+
+# The README's summary: auto against the rows a skeptic asks about first (suite-test.md has all).
+README_ROWS = ("auto", "oracle", "loo-rule", "discriminative+bn-eval", "full", "plain", "fastai", "fastai-lrfind")
+README_BEGIN = "<!-- held-out summary: written by `python bench/heldout.py --readme` from bench/results/suite-test.json -->"
+README_END = "<!-- end of the held-out summary -->"
+
+
+def readme_block(records: Sequence[dict], img: int, seeds: Sequence[int] | None) -> str:
+    """The README's held-out table: suite-test.md's summary at the same seeds, its main rows."""
+    records = [r for r in records if r["img"] == img and (seeds is None or r["seed"] in seeds)]
+    rows = summary(records)
+    keep = rows[:4] + [line for line in rows[4:] if line.split(" | ")[0].removeprefix("| ") in README_ROWS]
+    return "\n".join([README_BEGIN, *keep, README_END])
+
+
+def with_block(text: str, block: str) -> str:
+    """``text`` with the part between the README markers replaced by ``block``."""
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError("README.md has no held-out summary markers")
+    return text[:start] + block + text[end + len(README_END):]
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", action="store_true", help="rewrite README.md's held-out summary at suite-test.md's seeds")
+    args = ap.parse_args()
+    root = Path(__file__).resolve().parents[1]
+    if args.readme:
+        results = root / "bench" / "results"
+        recs = list(json.loads((results / "suite-test.json").read_text()).values())
+        readme = root / "README.md"
+        block = readme_block(recs, 112, report_seeds((results / "suite-test.md").read_text()))
+        readme.write_text(with_block(readme.read_text(), block))
+        print(f"wrote {readme}'s held-out summary")

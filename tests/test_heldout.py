@@ -126,3 +126,17 @@ def test_the_committed_held_out_report_is_recomputed_from_suite_test_json():
     text = (results / "suite-test.md").read_text()
     records = list(json.loads((results / "suite-test.json").read_text()).values())
     assert report(records, 112, report_seeds(text)) == text
+
+
+def test_the_readmes_held_out_summary_is_recomputed_from_suite_test_json():
+    """The README's table is suite-test.md's summary at the same seeds (its main rows)."""
+    import json
+
+    from heldout import README_ROWS, readme_block, report_seeds
+
+    root = Path(__file__).resolve().parents[1]
+    results = root / "bench" / "results"
+    records = list(json.loads((results / "suite-test.json").read_text()).values())
+    block = readme_block(records, 112, report_seeds((results / "suite-test.md").read_text()))
+    assert block in (root / "README.md").read_text()
+    assert all(f"| {v} |" in block for v in README_ROWS)

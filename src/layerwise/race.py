@@ -27,7 +27,7 @@ from layerwise import backbones, rundir
 from layerwise.averaging import finish
 from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
 from layerwise.config import AUTO_MODEL, RunConfig
-from layerwise.data import check_images
+from layerwise.data import Splits, check_images
 from layerwise.groups import head_module
 from layerwise.progress import say
 from layerwise.racecost import COSTS, RUNG_EPOCHS, Candidate, affordable, estimate
@@ -107,6 +107,7 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
 
     rd = rundir.RunDir(run)
     started = time.perf_counter()
+    splits: Splits | None = None  # loaded once: by prepare on a new race, below on a resumed one
     with rundir.writer_lock(run):
         if not resume and not overwrite:
             rundir.refuse_existing(run)
@@ -115,7 +116,8 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
         else:
             p = engine.prepare(cfg)
             epochs = p.resolved.config.epochs
-            n_train, n_val = len(p.splits.train), len(p.splits.val)
+            splits = p.splits
+            n_train, n_val = len(splits.train), len(splits.val)
 
             def afford(favourite: str) -> list[Candidate]:
                 return affordable(ordered(favourite), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
@@ -154,8 +156,8 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
         state["wall_seconds"] = before + time.perf_counter() - started
         write_json(rd.race, state)
 
-    splits = load_data(cfg)
-    val = check_images(splits.val)[0]
+    splits = splits or load_data(cfg)
+    val = check_images(splits.val)[0]  # a score cannot skip a file: unchecked large data is checked here
     settings = state["settings"]
     runs = {c["name"]: _candidate_config(cfg, settings, c, run) for c in state["candidates"]}
     priced = (f", about {state['cost']['estimate']:.2f}x one run in all (limit {state['cost']['limit']:g}x)"
