@@ -71,7 +71,7 @@ def souped(data, tmp_path_factory):
     """A real race with the soup and without WiSE-FT, priced as on large data (test_race.py)."""
     run = tmp_path_factory.mktemp("soup") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(race, "COSTS", Costs(forward=0.4, probe=0.4, setup=0))
+        mp.setattr(race, "COSTS", Costs(forward=0.1, probe=0.1, setup=0))
         assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "5", "--no-wise", "--out", str(run)]) == 0
     return run
 

@@ -202,10 +202,15 @@ def _new_state(r: Resolved, raced: list[Candidate]) -> dict:
 
 def _candidate_config(cfg: RunConfig, settings: dict, c: dict, run: Path) -> RunConfig:
     """A fixed-strategy run with auto's budget (epochs, batch, patience, size): the user's
-    other settings, including a --bn they gave, hold for every candidate."""
+    other settings, including a --bn they gave, hold for every candidate. ``lp-ft`` starts
+    from the probe's head, as auto's own lp-ft does: the probe *is* its linear-probing stage,
+    fitted to convergence, so its rung is an epoch of fine-tuning like the others' (from its
+    own head-only epoch it always ranked last: gtsrb, pbc-blood, cifar10-mini, held-out split)."""
+    probe_head = rundir.RunDir(run).probe_head
+    from_probe = c["strategy"] == "lp-ft" and cfg.probe_epochs is None and probe_head.is_file()
+    lp = {"probe_head": str(probe_head.resolve()), "probe_epochs": 0} if from_probe else {"probe_head": None}
     return dataclasses.replace(cfg, strategy=c["strategy"], bn=cfg.bn or c["bn"], **settings, race=False,
-                               probe_skill=None, bn_shift=None, probe_head=None,
-                               out=str(run / rundir.RACE_DIR / c["name"]))
+                               probe_skill=None, bn_shift=None, **lp, out=str(run / rundir.RACE_DIR / c["name"]))
 
 
 def _rung(sub: RunConfig, epochs: int) -> None:

@@ -53,11 +53,11 @@ def _epoch(n_train: int, n_val: int, costs: Costs) -> float:
 
 
 def rung_cost(c: Candidate, n_train: int, n_val: int, costs: Costs = COSTS, *, first: bool = False) -> float:
-    """A candidate's rung in epochs of one run: lp-ft's first epoch trains only the head (a
-    forward pass per image), the others train everything; its paired val pass; and, after the
-    first candidate, its set-up."""
-    train = costs.forward * n_train if c.strategy == "lp-ft" else n_train
-    steps = RUNG_EPOCHS * train + costs.forward * n_val + (0 if first else costs.setup)
+    """A candidate's rung in epochs of one run: an epoch of training (lp-ft's too: it starts
+    from the probe's head, race._candidate_config), two val passes (lp-ft's probe row and the
+    rung's own: priced alike for every candidate, so whether a race happens never depends on
+    the favourite) and, after the first candidate, its set-up."""
+    steps = RUNG_EPOCHS * n_train + 2 * costs.forward * n_val + (0 if first else costs.setup)
     return steps / _epoch(n_train, n_val, costs)
 
 
@@ -80,7 +80,7 @@ def affordable(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int
     """The candidates raced within ``limit`` runs (--race-cost): the favourite, then each next one whose
     rung still fits ([] when fewer than two do). The whole race costs the overhead, every
     rung, and the winner's epochs after its rung (``epochs - RUNG_EPOCHS`` of training whoever
-    wins: lp-ft's cheaper first epoch was its rung)."""
+    wins)."""
     raced = list(order[:1])
     for c in order[1:]:
         if estimate([*raced, c], epochs, n_train, n_val, costs, probe=probe, wise=wise, soup=soup) <= limit:
