@@ -1,4 +1,4 @@
-"""--reg (regularise.py): L2-SP's value, its parsing, and its effect in a real fit."""
+"""--reg (regularise.py): L2-SP, LwF and Co-Tuning: their values, their parsing, and their effect in a real fit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import TINY
 from layerwise.cli import main
 from layerwise.errors import LayerwiseError
 from layerwise.groups import LayerGroup
-from layerwise.regularise import l2sp, make_penalty, parse_reg
+from layerwise.regularise import Start, class_relationship, cotune, l2sp, make_penalty, parse_reg
 
 
 def _model_and_groups():
@@ -80,7 +80,7 @@ def test_lwf_is_zero_at_the_start_and_grows_as_the_old_outputs_drift():
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
     groups = (LayerGroup("body", ("0.weight", "0.bias"), (), ("0",)), LayerGroup("head", ("2.weight", "2.bias"), (), ("2",)))
     imagenet = torch.nn.Linear(5, 7)  # the classifier the weights came with
-    penalty = lwf(model, groups, 3.0, imagenet)
+    penalty = lwf(model, groups, 3.0, Start(imagenet))
     x = torch.randn(16, 3)
     model(x)  # the step's forward pass, which the penalty reads
     assert penalty(x).item() == pytest.approx(0.0, abs=1e-6)
@@ -96,7 +96,7 @@ def test_lwf_is_zero_at_the_start_and_grows_as_the_old_outputs_drift():
 def test_lwf_without_an_original_classifier_is_a_user_error_naming_the_alternative():
     model, groups = _model_and_groups()
     with pytest.raises(LayerwiseError, match="l2sp"):
-        make_penalty("lwf:1", model, groups, None)
+        make_penalty("lwf:1", model, groups)
 
 
 def test_lwf_strength_zero_is_no_regulariser_bit_for_bit_and_a_strength_holds_the_old_outputs(data, tmp_path):
@@ -137,3 +137,57 @@ def test_lwf_strength_zero_is_no_regulariser_bit_for_bit_and_a_strength_holds_th
         return torch.nn.functional.kl_div(old_outputs(m), want, log_target=True, reduction="batchmean").item()
 
     assert drift("held") < 0.5 * drift("free")
+
+
+def test_the_class_relationship_is_each_new_classs_mean_old_class_softmax():
+    teacher = torch.nn.Identity()  # logits = the inputs
+    x = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 5.0]])
+    y = torch.tensor([0, 0, 1])
+    rel = class_relationship(teacher, [(x[:2], y[:2]), (x[2:], y[2:])], num_classes=3)
+    soft = torch.softmax(x, -1)
+    assert torch.allclose(rel[0], soft[:2].mean(0)) and torch.allclose(rel[1], soft[2])
+    assert torch.allclose(rel[2], torch.full((3,), 1 / 3))  # no image of class 2: uniform
+    assert torch.allclose(rel.sum(1), torch.ones(3))
+
+
+def _with_imagenet():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    groups = (LayerGroup("body", ("0.weight", "0.bias"), (), ("0",)), LayerGroup("head", ("2.weight", "2.bias"), (), ("2",)))
+    return model, groups, torch.nn.Linear(5, 7)
+
+
+def test_cotune_is_the_cross_entropy_of_the_old_outputs_against_the_relationship_of_the_label():
+    model, groups, imagenet = _with_imagenet()
+    x, y = torch.randn(12, 3), torch.tensor([0, 1] * 6)
+    penalty = cotune(model, groups, 2.0, Start(imagenet, lambda n: [(x, y)]))
+    with torch.no_grad():
+        old = imagenet(torch.relu(model[0](x)))  # the model as built: the relationship's teacher
+    soft = torch.softmax(old, -1)
+    rel = torch.stack([soft[y == c].mean(0) for c in (0, 1)])
+    model(x)  # the step's forward pass, which the penalty reads
+    expected = -(rel[y] * torch.log_softmax(old, -1)).sum(-1).mean() * 2.0
+    assert penalty(x, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    mixed = torch.nn.functional.one_hot(y, 2).float() * 0.7 + 0.3 * torch.nn.functional.one_hot(1 - y, 2).float()
+    soft_target = 0.7 * rel[y] + 0.3 * rel[1 - y]  # mixup: the relationship of the mixed labels
+    expected_mix = -(soft_target * torch.log_softmax(old, -1)).sum(-1).mean() * 2.0
+    value = penalty(x, mixed)
+    assert value.item() == pytest.approx(expected_mix.item(), rel=1e-5)
+    value.backward()
+    assert model[0].weight.grad is not None and imagenet.weight.grad is None  # it pulls the body; the old head stays
+
+
+def test_cotune_without_training_images_or_an_original_classifier_is_a_user_error():
+    model, groups, imagenet = _with_imagenet()
+    with pytest.raises(LayerwiseError, match="training images"):
+        cotune(model, groups, 1.0, Start(imagenet))
+    with pytest.raises(LayerwiseError, match="l2sp"):
+        make_penalty("cotune:1", model, groups, Start(None, lambda n: []))
+
+
+def test_cotune_strength_zero_is_no_regulariser_bit_for_bit_and_a_strength_moves_the_run(data, tmp_path):
+    assert _fit(data, tmp_path / "a") == 0 and _fit(data, tmp_path / "b", "--reg", "cotune:0") == 0
+    assert _fit(data, tmp_path / "c", "--reg", "cotune:5") == 0
+    wa, wb, wc = (torch.load(tmp_path / r / "last" / "state.pt", weights_only=False)["model"] for r in "abc")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)

@@ -114,7 +114,9 @@ def add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
                    help="timm-style layer-wise LR decay over blocks (e.g. 0.75)")
     g.add_argument("--reg", default=S, metavar="NAME:STRENGTH",
                    help="a pull towards the pretrained model added to the loss: l2sp:ALPHA (L2-SP, Li et al. 2018: "
-                   "towards its weights) or lwf:LAMBDA (LwF, Li & Hoiem 2016: towards its ImageNet outputs)")
+                   "towards its weights), lwf:LAMBDA (LwF, Li & Hoiem 2016: towards its ImageNet outputs) or "
+                   "cotune:LAMBDA (Co-Tuning, You et al. 2020: its ImageNet classifier also learns your classes' "
+                   "ImageNet relationship)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help="default 1e-4; norms/biases exempt")
     g.add_argument("--bn", choices=BN_MODES, default=S,
                    help="BatchNorm statistics: frozen (frozen groups keep them; default, auto: eval), adapt "

@@ -42,7 +42,7 @@ from layerwise.optim import apply_states, build_optimizer
 from layerwise.plan import Plan
 from layerwise.probe import ProbeResult
 from layerwise.progress import say
-from layerwise.regularise import make_penalty
+from layerwise.regularise import Start, make_penalty
 from layerwise.resolution import describe as describe_sizes
 from layerwise.resolve import Evidence, Resolved, resolve
 from layerwise.rundir import RunDir
@@ -197,7 +197,8 @@ def build(p: Prepared, r: Resolved, run: Path, info: DistInfo = DistInfo()) -> T
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(r.config.ema), use_buffers=True)
     # before a resume loads its checkpoint: the penalty's starting point is the model as built
-    penalty = make_penalty(r.config.reg, model, p.model.groups, p.model.loaded.pretrained_head)
+    start = Start(p.model.loaded.pretrained_head, lambda n: _eval_train_batches(p, r.config, n))
+    penalty = make_penalty(r.config.reg, model, p.model.groups, start)
     kit = Kit(p.model.loaded, p.model.groups, _optimizer(p, r), p.amp, p.device, p.loaders, ema, info, penalty)
     return Trainer(r.config, r.plan, kit, p.splits, RunDir(run), budget=r.budget)
 
@@ -336,6 +337,15 @@ def _adapt_batches(t: Trainer, max_images: int = 2048) -> Iterator[torch.Tensor]
     ds = torch.utils.data.Subset(ds, spread(len(ds), max_images))  # every class: the list is in class order
     for x, _ in ordered_loader(ds, t.cfg.batch_size, t.kit.loaders.train.num_workers):
         yield to_device(x, t.kit.device, t.cfg.channels_last)
+
+
+def _eval_train_batches(p: Prepared, cfg: RunConfig, max_images: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Up to ``max_images`` training images spread over the classes, through the eval transform,
+    with their labels: every rank's whole training set (a regulariser's statistics must agree)."""
+    ds = with_eval_transform(unsharded(p.loaders.train.dataset), cfg.img_size, p.model.loaded.mean, p.model.loaded.std)
+    ds = torch.utils.data.Subset(ds, spread(len(ds), max_images))
+    for x, y in ordered_loader(ds, cfg.batch_size, p.loaders.train.num_workers):
+        yield to_device(x, p.device, cfg.channels_last), y.to(p.device)
 
 
 def _check_resumable(run: Path, t: Trainer) -> None:

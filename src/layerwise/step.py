@@ -26,7 +26,7 @@ class StepResult:
 def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], optimizer: torch.optim.Optimizer,
                amp: Amp, device: torch.device, *, channels_last: bool = False, label_smoothing: float = 0.0,
                clip_grad: float | None = None, mix: Mix | None = None,
-               penalty: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StepResult | None:
+               penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> StepResult | None:
     """Forward, loss, backward and step at the optimizer's current LRs. ``None`` for a batch
     whose images were all unreadable; a non-finite loss is reported, never stepped on."""
     x, y = batch
@@ -37,8 +37,8 @@ def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], optim
     with amp.autocast():
         logits = model(x)
         loss = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
-    if penalty is not None:  # in fp32, outside autocast; after the forward pass, which LwF reads
-        loss = loss + penalty(x)
+    if penalty is not None:  # in fp32, outside autocast; after the forward pass, which LwF and Co-Tuning read
+        loss = loss + penalty(x, target)
     if not torch.isfinite(loss):
         return StepResult(loss.item(), 0, y.shape[0], finite=False)
     optimizer.zero_grad(set_to_none=True)

@@ -103,7 +103,7 @@ class Kit:
     loaders: Loaders
     ema: torch.optim.swa_utils.AveragedModel | None = None
     dist: DistInfo = DistInfo()
-    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None  # --reg: added to every step's loss
+    penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # --reg: added to every step's loss
 
     @property
     def model(self) -> nn.Module:
