@@ -147,12 +147,17 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
         race = json.loads((run / "race.json").read_text())
         rec["race"] = {k: race[k] for k in ("favourite", "winner", "reason")} | {
             "rungs": {k: v["val_acc"] for k, v in race["rungs"].items()}}
-    if (run / "wise.json").is_file():  # WiSE-FT after the race: the mix kept; the winner's own test score
+    if (run / "soup.json").is_file():  # the soup of the racers: what it kept, its own test score before WiSE-FT
+        soup = json.loads((run / "soup.json").read_text())
+        rec["soup"] = {"members": soup["members"], "val_acc": soup["val_acc"]}
+        if "test" in soup:
+            rec["race"]["soup_test"] = test_record(soup["test"])
+    if (run / "wise.json").is_file():  # WiSE-FT after the race: the mix kept
         wise = json.loads((run / "wise.json").read_text())
         rec["wise"] = {"alpha": wise["alpha"], "val_acc": wise["val_acc"]}
-        winner = run / "race" / rec["race"]["winner"] / "test.json"
-        if winner.is_file():  # the fine-tuned winner alone, for WiSE-FT's own gain
-            rec["race"]["winner_test"] = test_record(json.loads(winner.read_text()))
+    winner = run / "race" / rec.get("race", {}).get("winner", "") / "test.json"
+    if "race" in rec and winner.is_file():  # the fine-tuned winner alone, for the averaging's own gains
+        rec["race"]["winner_test"] = test_record(json.loads(winner.read_text()))
     probe = run / "probe.json"
     if probe.is_file():
         p = json.loads(probe.read_text())

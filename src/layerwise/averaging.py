@@ -64,11 +64,18 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
     winner_acc = score(val).acc
     out: dict = {"winner_val_acc": winner_acc}
     acc, kept = winner_acc, {}
+    test, unreadable = check_images(splits.test)
     if cfg.soup and losers:
         out["soup"] = _soup(model, winner_acc, losers, lambda: score(val).acc, norm)
         acc = out["soup"]["val_acc"]
         kept["soup_members"] = out["soup"]["members"]
-        write_json(rd.soup, out["soup"])
+        soup = dict(out["soup"])
+        if test and len(soup["members"]) > 1 and cfg.wise:  # the soup's own test score, before WiSE-FT mixes it
+            from layerwise.evaluation import test_result
+
+            soup["test"] = test_result(score(test), test, unreadable, ())
+            out["soup"]["test_acc"] = soup["test"]["test_acc"]
+        write_json(rd.soup, soup)
         _append_report(rd, soup_section(out["soup"], winner.name))
     if cfg.wise and rd.probe_head.is_file():
         out["wise"] = _wise(cfg, model, acc, lambda: score(val).acc, norm, splits, rd)
@@ -79,12 +86,11 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
     changed = len(out.get("soup", {}).get("members", [None])) > 1 or out.get("wise", {}).get("alpha", 1.0) < 1.0
     if changed:
         save_weights(rd.best, model)
-        test = check_images(splits.test)
-        if test[0]:
+        if test:
             from layerwise.evaluation import test_result
 
-            ev = score(test[0])
-            write_json(rd.test, test_result(ev, test[0], test[1], ()) | kept)
+            ev = score(test)
+            write_json(rd.test, test_result(ev, test, unreadable, ()) | kept)
             out["test_acc"] = ev.acc
             for part in ("soup", "wise"):  # each record says what the run ended with
                 if part in out:
