@@ -68,11 +68,13 @@ def test_a_soup_of_racers_with_different_statistics_re_estimates_them(tmp_path):
 
 @pytest.fixture(scope="module")
 def souped(data, tmp_path_factory):
-    """A real race with the soup and without WiSE-FT, priced as on large data (test_race.py)."""
+    """A real race with the soup and without WiSE-FT, priced as on large data (test_race.py), at a
+    budget that leaves room for the soup after the race."""
     run = tmp_path_factory.mktemp("soup") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(race, "COSTS", Costs(forward=0.1, probe=0.1, setup=0))
-        assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "5", "--no-wise", "--out", str(run)]) == 0
+        assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "5", "--no-wise", "--race-cost", "2",
+                     "--out", str(run)]) == 0
     return run
 
 

@@ -172,11 +172,24 @@ def test_wise_ft_after_the_race_keeps_the_best_mix_on_val(data, tmp_path):
     from layerwise.inference import evaluate_run
 
     run = tmp_path / "run"
-    # 24 training images: WiSE-FT's passes are dear against an epoch, so 5 epochs to afford a race
-    assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "5", "--out", str(run)]) == 0
+    # 24 training images: WiSE-FT's passes are dear against an epoch; at 1.5x the race takes the
+    # budget (test_the_race_comes_before_the_averaging), at 2x WiSE-FT fits after it
+    assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "5", "--race-cost", "2", "--out",
+                 str(run)]) == 0
     wise = json.loads((run / "wise.json").read_text())
     assert wise["alphas"][0] == 0.0 and wise["alphas"][-1] == 1.0 and wise["val_acc"][wise["alphas"].index(wise["alpha"])] == max(wise["val_acc"])
     assert json.loads((run / "race.json").read_text())["wise"]["alpha"] == wise["alpha"]
     # best.safetensors holds the kept mix: evaluate (val of a train/val folder) scores what WiSE-FT chose
     assert evaluate_run(run, str(data))["accuracy"] == pytest.approx(max(wise["val_acc"]))
     assert "## WiSE-FT" in (run / "report.md").read_text()
+
+
+def test_the_race_comes_before_the_averaging(data, tmp_path, capsys):
+    """5 epochs of 24 images at 1.5x: all three candidates race, and WiSE-FT and the soup no
+    longer fit (racecost.plan), so they are left out, said, and recorded."""
+    run = tmp_path / "run"
+    assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "5", "--out", str(run)]) == 0
+    state = json.loads((run / "race.json").read_text())
+    assert len(state["candidates"]) == 3 and state["averaging"] == {"wise": False, "soup": False}
+    assert state["cost"]["estimate"] <= 1.5 and not (run / "wise.json").exists() and not (run / "soup.json").exists()
+    assert "WiSE-FT and the soup left out: the race takes the budget" in capsys.readouterr().out

@@ -43,16 +43,36 @@ def test_each_loser_in_the_soup_costs_a_val_pass_and_a_re_estimation():
 
 
 def test_what_gtsrbs_held_out_split_affords():
-    """1,000 training and 250 val images, the costs measured there (race-cost.md): up to 7
+    """1,000 training and 250 val images, the costs measured there (race-cost.md): up to 5
     epochs, no race (the probe alone is 1.4 epochs, and every rung is a full epoch of training:
-    lp-ft's too, from the probe's head); 8 to 10 race two, 11 all three."""
-    def names(epochs):
-        return [c.strategy for c in racecost.affordable(race.ordered("full"), epochs, 1000, 250, racecost.COSTS, probe=True,
-                                                        wise=True, soup=True, limit=1.5)]
+    lp-ft's too, from the probe's head); 6 race two, 8 three. The averaging comes after the race
+    and only where it still fits: WiSE-FT from 7 epochs (not at 8, where a third racer took its
+    room), the soup from 12."""
+    def at(epochs, limit=1.5):
+        p = racecost.plan(race.ordered("full"), epochs, 1000, 250, racecost.COSTS, probe=True, wise=True, soup=True,
+                          limit=limit)
+        return [c.strategy for c in p.raced], p.wise, p.soup
     assert racecost.COSTS == racecost.Costs(forward=0.4, probe=1.25, setup=150)
-    # --race-cost 2.5: a user who would rather measure than save time races all three at 4 epochs
-    assert len(racecost.affordable(race.ordered("full"), 4, 1000, 250, racecost.COSTS, probe=True, wise=True,
-                                  soup=True, limit=2.5)) == 3
-    two = ["full", "discriminative"]
-    assert [names(e) for e in (4, 7, 8, 10, 11)] == [[], [], two, two, [*two, "lp-ft"]]
+    two, three = ["full", "discriminative"], ["full", "discriminative", "lp-ft"]
+    assert [at(e) for e in (5, 6, 7, 8, 10, 12)] == [([], False, False), (two, False, False), (two, True, False),
+                                                     (three, False, False), (three, True, False), (three, True, True)]
+    # --race-cost 2.5: a user who would rather measure than save time races all three at 4 epochs, and averages
+    assert at(4, limit=2.5) == (three, True, True)
+
+
+@given(st.integers(1, 60), st.integers(2, 100_000), st.integers(1, 20_000), st.booleans(), st.booleans(), st.booleans(),
+       st.sampled_from(["discriminative", "full", "lp-ft"]), st.floats(1, 4))
+def test_the_plan_keeps_its_bound_and_races_whatever_the_averaging_and_the_favourite(epochs, n_train, n_val, probe,
+                                                                                      wise, soup, fav, limit):
+    def at(f, w, s):
+        return racecost.plan(race.ordered(f), epochs, n_train, n_val, racecost.COSTS, probe=probe, wise=w, soup=s,
+                             limit=limit)
+    p = at(fav, wise, soup)
+    assert p.cost <= limit + 1e-9 and (p.wise <= wise) and (p.soup <= soup)
+    assert (p.wise or p.soup) <= bool(p.raced)  # averaging only after a race
+    assert all(bool(at(f, w, s).raced) == bool(p.raced) for f in ("discriminative", "full", "lp-ft")
+               for w in (False, True) for s in (False, True))
+    if p.raced:
+        assert p.cost == pytest.approx(racecost.estimate(p.raced, epochs, n_train, n_val, racecost.COSTS, probe=probe,
+                                                         wise=p.wise, soup=p.soup))
     assert racecost.overhead(1000, 250, racecost.COSTS, probe=False, wise=False) == 0.0

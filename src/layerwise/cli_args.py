@@ -126,8 +126,8 @@ def add_strategy_args(p: argparse.ArgumentParser, *, name: bool = True) -> None:
     g.add_argument("--no-race", dest="race", action="store_false", default=S,
                    help="auto: train the strategy the probe's thresholds pick, without racing the candidates")
     g.add_argument("--race-cost", dest="race_cost", type=float, default=S, metavar="X",
-                   help="auto: the most its whole run may cost, probe and WiSE-FT included, in runs of one fixed "
-                   "strategy at the same budget (default 1.5; probe, soup and WiSE-FT included); more lets more candidates race")
+                   help="auto: the most its whole run may cost, probe and averaging included, in runs of one fixed "
+                   "strategy at the same budget (default 1.5); more lets more candidates race, then WiSE-FT and the soup")
     g.add_argument("--no-wise", dest="wise", action="store_false", default=S,
                    help="auto's race: keep the winner as trained, without WiSE-FT's weight-space mix with the probe")
     g.add_argument("--no-soup", dest="soup", action="store_false", default=S,

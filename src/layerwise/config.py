@@ -88,8 +88,8 @@ class RunConfig:
     bn: str | None = None  # None: frozen, or what the strategy implies (auto: eval)
     probe: bool = True  # auto: run the linear probe before training
     race: bool = True  # auto: race the candidate strategies for an epoch and keep the winner (race.py)
-    # the most auto's whole run may cost, probe and WiSE-FT included, in runs of one fixed strategy at the
-    # same budget: it decides whether and how many candidates race (racecost.affordable; issue 22's bound)
+    # the most auto's whole run may cost, probe and averaging included, in runs of one fixed strategy at the
+    # same budget: it decides whether and how many candidates race, then what averaging fits (racecost.plan)
     race_cost: float = 1.5
     soup: bool = True  # auto's race: then a greedy soup of the winner and the losers' rung weights (averaging.py)
     wise: bool = True  # auto's race: then WiSE-FT between the probe model and the winner (wise.py)

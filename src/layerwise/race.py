@@ -30,7 +30,7 @@ from layerwise.config import AUTO_MODEL, RunConfig
 from layerwise.data import Splits, check_images
 from layerwise.groups import head_module
 from layerwise.progress import say
-from layerwise.racecost import COSTS, RUNG_EPOCHS, Candidate, affordable, estimate
+from layerwise.racecost import COSTS, RUNG_EPOCHS, Candidate, RacePlan, estimate, plan
 from layerwise.resolve import Resolved
 
 # The strategies auto's threshold rule chooses among, each at its recommended --bn.
@@ -119,21 +119,19 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
             splits = p.splits
             n_train, n_val = len(splits.train), len(splits.val)
 
-            def afford(favourite: str) -> list[Candidate]:
-                return affordable(ordered(favourite), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
-                                  wise=cfg.wise, soup=cfg.soup, limit=cfg.race_cost)
+            def race_plan(favourite: str) -> RacePlan:
+                return plan(ordered(favourite), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
+                            wise=cfg.wise, soup=cfg.soup, limit=cfg.race_cost)
 
-            def cost(raced: list[Candidate]) -> float:
-                return estimate(raced, epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None, wise=cfg.wise,
-                                soup=cfg.soup)
-
-            # any favourite affords a race exactly when another does (each pair holds lp-ft's cheap
-            # rung or two full ones; the cheap pair is always tried), so this can be known before the probe
+            # whether a race happens depends on neither the favourite nor the averaging
+            # (racecost.plan), so it is known before the probe
             head = head_module(p.model.loaded.model, p.model.groups)
-            if not afford("discriminative") or head is None:
+            if not race_plan("discriminative").raced or head is None:
                 cheapest = ordered("discriminative")[:1] + [CANDIDATES["lp-ft"]]
+                price = estimate(cheapest, epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None, wise=False,
+                                 soup=False)
                 why = (f"{epochs} epochs of {n_train} images afford no race within {cfg.race_cost:g}x one run "
-                       f"(--race-cost; the cheapest race, probe and WiSE-FT included, costs about {cost(cheapest):.2f}x)"
+                       f"(--race-cost; the cheapest race, probe included, costs about {price:.2f}x)"
                        if head is not None else "the model has no linear head")
                 say(f"auto: {why}; the probe's thresholds choose")
                 state = None
@@ -142,8 +140,13 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
                     rundir.clear(run)
                 # evidence given by hand (--probe-skill) orders the race without a probe
                 r = p.resolved if cfg.probe_skill is not None else engine.probe(cfg, p, run)[0]
-                raced = afford(r.strategy.name)
-                state = _new_state(r, raced) | {"cost": {"limit": cfg.race_cost, "estimate": round(cost(raced), 3)}}
+                rp = race_plan(r.strategy.name)
+                left_out = [k for k, asked, kept in (("WiSE-FT", cfg.wise, rp.wise), ("the soup", cfg.soup, rp.soup))
+                            if asked and not kept]
+                if left_out:
+                    say(f"auto: {' and '.join(left_out)} left out: the race takes the budget (--race-cost {cfg.race_cost:g})")
+                state = _new_state(r, rp.raced) | {"cost": {"limit": cfg.race_cost, "estimate": round(rp.cost, 3)},
+                                                   "averaging": {"wise": rp.wise, "soup": rp.soup}}
                 write_json(rd.race, state)
                 write_json(rd.fingerprint, rundir.run_fingerprint(cfg))  # what compare predicts for auto
                 atomic_write_text(rd.config, r.config.to_yaml())  # a run is here: --resume finds it
@@ -180,9 +183,11 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     engine.fit(runs[state["winner"]], resume=True)
     state["promoted"] = True
     _promote(run, Path(runs[state["winner"]].out), state)
-    if (cfg.soup or cfg.wise) and "averaged" not in state:
+    averaging = state.get("averaging", {"wise": cfg.wise, "soup": cfg.soup})  # what the race's budget left room for
+    if (averaging["soup"] or averaging["wise"]) and "averaged" not in state:
         losers = {Path(sub.out): state["rungs"][k]["val_acc"] for k, sub in runs.items() if k != state["winner"]}
-        state |= finish(cfg, run, Path(runs[state["winner"]].out), losers, val, splits) | {"averaged": True}
+        state |= finish(dataclasses.replace(cfg, **averaging), run, Path(runs[state["winner"]].out), losers, val,
+                        splits) | {"averaged": True}
     save()
     # the winner's own fit named its race folder last; the run is this one
     say(f"run folder: {run} (auto's race: {state['winner']} won; race.json)\nreport: {rd.report}")

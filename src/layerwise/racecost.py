@@ -1,5 +1,5 @@
 """What auto's race costs, priced before it runs: each part in training steps of one image,
-from the images it passes forward, so ``racecost.affordable`` can keep the whole run within
+from the images it passes forward, so :func:`plan` can keep the whole run within
 ``--race-cost`` runs of one fixed strategy, probe, soup and WiSE-FT included (issue 22's bound)."""
 
 from __future__ import annotations
@@ -95,3 +95,31 @@ def estimate(raced: Sequence[Candidate], epochs: int, n_train: int, n_val: int, 
     rungs = sum(rung_cost(c, n_train, n_val, costs, first=i == 0) for i, c in enumerate(raced))
     losers = len(raced) - 1 if soup else 0
     return (overhead(n_train, n_val, costs, probe=probe, wise=wise, soup_losers=losers) + rungs + epochs - RUNG_EPOCHS) / epochs
+
+
+@dataclass(frozen=True)
+class RacePlan:
+    """What auto's run does within ``--race-cost``: the candidates raced ([]: no race), then
+    which averaging runs after the race, and what the whole costs in runs of one strategy."""
+
+    raced: list[Candidate]
+    wise: bool
+    soup: bool
+    cost: float
+
+
+def plan(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *, probe: bool,
+         wise: bool, soup: bool, limit: float) -> RacePlan:
+    """The race first, then WiSE-FT, then the soup, each only if it still fits: the race changed
+    auto's answer on the held-out suite (cifar10-mini, seed 0), while neither averaging kept
+    anything but the winner in any race there (gtsrb, pbc-blood, cifar10-mini, caltech101), so
+    the budget goes to measuring before mixing. Whether a race happens never depends on the
+    averaging or on the favourite, so it is known before the probe."""
+    raced = affordable(order, epochs, n_train, n_val, costs, probe=probe, wise=False, soup=False, limit=limit)
+
+    def price(w: bool, s: bool) -> float:
+        return estimate(raced, epochs, n_train, n_val, costs, probe=probe, wise=w, soup=s)
+
+    fits_wise = bool(raced) and wise and price(True, False) <= limit
+    fits_soup = bool(raced) and soup and price(fits_wise, True) <= limit
+    return RacePlan(raced, fits_wise, fits_soup, price(fits_wise, fits_soup) if raced else 0.0)
