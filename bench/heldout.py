@@ -167,15 +167,18 @@ def report_seeds(text: str) -> list[int] | None:
     return None
 
 
-def report(records: Sequence[dict], img: int, seeds: Sequence[int] | None = None) -> str:
+def report(records: Sequence[dict], img: int, seeds: Sequence[int] | None = None, model: str | None = None) -> str:
     """suite-test.md: the records at ``img`` px (of ``seeds`` only, when given: a seed every
-    dataset has finished, while the others are still running)."""
+    dataset has finished, while the others are still running). ``model``: another backbone's
+    records (suite-test-MODEL.md), named in the title and the commands."""
     records = [r for r in records if r["img"] == img and (seeds is None or r["seed"] in seeds)]
     chosen = "all" if seeds is None else ",".join(str(s) for s in seeds)
-    head = [f"# Transfer suite, held-out test split ({img} px)", "",
-            f"{SEEDS_LINE}{chosen} (`bench/suite.py --test-split --report-only --img-size {img}"
+    tag, flag = (f", {model}", f" --model {model}") if model else ("", "")
+    head = [f"# Transfer suite, held-out test split ({img} px{tag})", "",
+            f"{SEEDS_LINE}{chosen} (`bench/suite.py --test-split --report-only --img-size {img}{flag}"
             + ("" if seeds is None else f" --seeds {chosen}") + "`).", "",
-            "Written by `bench/suite.py --test-split` from `bench/results/suite-test.json`. Each val class is split "
+            f"Written by `bench/suite.py --test-split{flag}` from `bench/results/suite-test{tag.replace(', ', '-')}.json`. "
+            "Each val class is split "
             "in two by the SHA-1 of the file names (`held_out()`): the first half stays val and makes every choice "
             "(auto's evidence, the probe's C, early stopping, the best epoch), the second half is test and is only "
             "reported. Differences are paired (same seed, same test images) with a 95 % percentile bootstrap "

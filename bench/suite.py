@@ -12,6 +12,8 @@ process, so wall time includes start-up, data set-up and auto's probe.
     .venv/bin/python bench/suite.py --quick               # one seed, 96 px, recommended --bn: < 1 h
     .venv/bin/python bench/suite.py --quick --seeds 0,1   # a second seed of the same, resumed
     .venv/bin/python bench/suite.py --seeds 0,1 --img-size 112   # the full suite, over several sittings
+    .venv/bin/python bench/suite.py --test-split --model squeezenet1_1   # another backbone: auto and the fixed
+                                                                         # strategies, in suite-test-squeezenet1_1.json
 
 Every finished run is recorded in bench/results/suite.json at once, so an interrupted suite
 resumes where it stopped. The report, bench/results/suite.md (suite-quick.md with --quick), is
@@ -39,6 +41,8 @@ FIXED = ("head", "lp-ft", "gradual", "discriminative", "full")
 # The --bn each strategy does best with (docs/strategies.md): eval wherever groups train late
 # or at a low LR on batch statistics, the default for the rest.
 RECOMMENDED_BN = {"lp-ft": "eval", "gradual": "eval", "discriminative": "eval"}
+DEFAULT_MODEL = "efficientnet_lite0"  # the competitors' scripts load its weights; other backbones run layerwise only
+NO_BATCHNORM = {"squeezenet1_1"}  # --bn changes nothing there: its +bn-eval runs would repeat the default ones
 
 
 def datasets() -> dict[str, Path]:
@@ -95,7 +99,7 @@ def export_digits(root: Path) -> Path:
     return root
 
 
-def variants(quick: bool) -> list[str]:
+def variants(quick: bool, model: str = DEFAULT_MODEL) -> list[str]:
     have_fastai = True
     try:
         import fastai  # noqa: F401
@@ -107,7 +111,10 @@ def variants(quick: bool) -> list[str]:
         # head's only trainable group is the linear layer, which has no BatchNorm: its --bn eval
         # run would repeat its default run exactly, so it is not run twice.
         fixed = [v for s in FIXED for v in (s, f"{s}+bn-eval") if v != "head+bn-eval"]
-    return [*AUTO_VARIANTS, *fixed, "plain", *(["fastai", "fastai-lrfind"] if have_fastai else [])]
+    if model in NO_BATCHNORM:
+        fixed = list(dict.fromkeys(v.removesuffix("+bn-eval") for v in fixed))
+    competitors = ["plain", *(["fastai", "fastai-lrfind"] if have_fastai else [])] if model == DEFAULT_MODEL else []
+    return [*AUTO_VARIANTS, *fixed, *competitors]
 
 
 # auto as users run it (it races where the 1.5x cost bound affords it: racecost.affordable); the
@@ -126,11 +133,12 @@ def budget(data: Path) -> tuple[int, int, int | None, str]:
     return cfg.epochs, cfg.batch_size, cfg.patience, why
 
 
-def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: tuple) -> dict:
+def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: tuple, model: str = DEFAULT_MODEL) -> dict:
     strategy, _, bn = ("auto", "", "") if variant in AUTO_VARIANTS else variant.partition("+bn-")
     epochs, batch, patience, _ = b
-    run = ROOT / "runs" / "suite" / name / f"{variant}-{img}px-seed{seed}"
-    cmd = [sys.executable, "-m", "layerwise", "fit", str(data), "--model", "efficientnet_lite0", "--strategy", strategy,
+    tag = "" if model == DEFAULT_MODEL else f"-{model}"
+    run = ROOT / "runs" / "suite" / name / f"{variant}-{img}px-seed{seed}{tag}"
+    cmd = [sys.executable, "-m", "layerwise", "fit", str(data), "--model", model, "--strategy", strategy,
            "--epochs", str(epochs), "--batch-size", str(batch), "--img-size", str(img), "--seed", str(seed),
            "--workers", "1", "--quiet", "--out", str(run), "--overwrite"]
     if bn:
@@ -167,13 +175,13 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
     return rec
 
 
-def run_variant(name: str, data: Path, variant: str, seed: int, img: int, b: tuple) -> dict:
+def run_variant(name: str, data: Path, variant: str, seed: int, img: int, b: tuple, model: str = DEFAULT_MODEL) -> dict:
     """One run of the suite: a competitor's script or a layerwise variant."""
     if variant == "plain":
         return run_competitor("plain_loop.py", data, seed, img, b)
     if variant.startswith("fastai"):  # fastai-lrfind: fine_tune at lr_find()'s valley, as its docs also teach
         return run_competitor("fastai_loop.py", data, seed, img, b, *(["--lr-find"] if variant == "fastai-lrfind" else []))
-    return run_layerwise(name, data, variant, seed, img, b)
+    return run_layerwise(name, data, variant, seed, img, b, model)
 
 
 def run_competitor(script: str, data: Path, seed: int, img: int, b: tuple, *extra: str) -> dict:
@@ -203,17 +211,20 @@ def main() -> None:
     p.add_argument("--datasets", default="", help="comma-separated subset (default: all)")
     p.add_argument("--variants", default="", help="comma-separated subset (default: all of the mode)")
     p.add_argument("--results", default=str(RESULTS / "suite.json"))
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the backbone (default efficientnet_lite0, with the competitors; "
+                   "another, or auto, runs layerwise's variants only, into their own results file)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the recorded runs; run nothing")
     p.add_argument("--test-split", action="store_true",
                    help="half of each val class held out as test (held_out()); results go to suite-test.json")
     args = p.parse_args()
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
     img = min(args.img_size, 96) if args.quick else args.img_size
+    tag = "" if args.model == DEFAULT_MODEL else f"-{args.model}"
     if args.test_split and args.results == str(RESULTS / "suite.json"):
-        args.results = str(RESULTS / "suite-test.json")  # never mixed with the runs that chose on their score
+        args.results = str(RESULTS / f"suite-test{tag}.json")  # never mixed with the runs that chose on their score
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    chosen = [v for v in variants(args.quick) if not args.variants or v in args.variants.split(",")]
+    chosen = [v for v in variants(args.quick, args.model) if not args.variants or v in args.variants.split(",")]
     for name, data in ({} if args.report_only else datasets()).items():
         if args.datasets and name not in args.datasets.split(","):
             continue
@@ -227,18 +238,19 @@ def main() -> None:
                 if key in results:
                     continue
                 wait_while_paused()
-                rec, load = with_load(run_variant, name, data, v, seed, img, b)
-                results[key] = rec | {"dataset": name, "variant": v, "img": img, "seed": seed, "epochs": b[0],
+                rec, load = with_load(run_variant, name, data, v, seed, img, b, args.model)
+                results[key] = rec | {"dataset": name, "variant": v, "img": img, "seed": seed, "model": args.model,
+                                      "epochs": b[0],
                                       "batch": b[1], "best": max(a for _, a in rec["curve"]),
                                       "load": load}
                 print(f"  {v:<22} seed {seed}: best {results[key]['best']:.3f}  {rec['wall']:.0f}s", flush=True)
                 save_json(results_path, results)
-    out = RESULTS / ("suite-quick.md" if args.quick else "suite-test.md" if args.test_split else "suite.md")
+    out = RESULTS / ("suite-quick.md" if args.quick else f"suite-test{tag}.md" if args.test_split else "suite.md")
     if args.test_split:
         from heldout import report as held_out_report
 
         # --seeds restricts the report to seeds every dataset has finished (the default: all recorded)
-        out.write_text(held_out_report(list(results.values()), img, seeds if args.seeds else None))
+        out.write_text(held_out_report(list(results.values()), img, seeds if args.seeds else None, tag[1:] or None))
     else:
         out.write_text(report(results, img))
     print(f"wrote {out}")

@@ -59,3 +59,31 @@ def test_each_layerwise_variant_runs_the_command_its_name_says(tmp_path, monkeyp
     assert flags(seen["full+bn-eval"]) == ("full", ["--bn", "eval", "--patience", "2"])
     assert flags(seen["gradual"]) == ("gradual", ["--patience", "2"])
     assert set(suite.AUTO_VARIANTS) <= set(suite.variants(quick=False))
+
+
+def test_another_backbone_runs_layerwise_alone_into_its_own_runs(tmp_path, monkeypatch):
+    """--model squeezenet1_1: no competitor (their scripts load Lite0), no --bn eval twin (no
+    BatchNorm: it would repeat the default run), and its own run folders and --model flag."""
+    import json
+
+    import suite
+
+    seen = {}
+
+    def fake_child(cmd):
+        run = Path(cmd[cmd.index("--out") + 1])
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"elapsed_seconds": 1.0, "val_acc": 0.5, "epoch": 0}) + "\n")
+        seen[run.name] = cmd
+        return "", 1.0, None
+
+    names = suite.variants(quick=False, model="squeezenet1_1")
+    assert not {"plain", "fastai", "fastai-lrfind"} & set(names) and not any("+bn-eval" in v for v in names)
+    assert {"auto", "full", "lp-ft", "head"} <= set(names)
+    lite2 = suite.variants(quick=False, model="efficientnet_lite2")  # BatchNorm: its --bn eval twins run
+    assert "full+bn-eval" in lite2 and "plain" not in lite2
+    monkeypatch.setattr(suite, "ROOT", tmp_path)
+    monkeypatch.setattr(suite, "run_child", fake_child)
+    suite.run_layerwise("ds", tmp_path, "full", 0, 112, (4, 32, 2, ""), "squeezenet1_1")
+    cmd = seen["full-112px-seed0-squeezenet1_1"]
+    assert cmd[cmd.index("--model") + 1] == "squeezenet1_1"
