@@ -14,7 +14,7 @@ folder, so a repeat after a kill starts from them again and makes the same choic
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -98,7 +98,8 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
     return out
 
 
-def _soup(model: nn.Module, winner_acc: float, losers: Mapping[Path, float], val_acc, norm: NormBatches) -> dict:
+def _soup(model: nn.Module, winner_acc: float, losers: Mapping[Path, float], val_acc: Callable[[], float],
+          norm: Callable[[], list[torch.Tensor]]) -> dict:
     """A greedy soup in ``model`` (which holds the winner): the winner first, whatever its val
     accuracy against the losers' rungs (it trained longest), then the losers best first."""
     from safetensors.torch import load_file
@@ -130,7 +131,7 @@ def _soup(model: nn.Module, winner_acc: float, losers: Mapping[Path, float], val
             "rung_val_acc": {p.name: a for p, a in losers.items()}}
 
 
-def _wise(cfg: RunConfig, model: nn.Module, one_acc: float, val_acc, norm: NormBatches, splits: Splits,
+def _wise(cfg: RunConfig, model: nn.Module, one_acc: float, val_acc: Callable[[], float], norm: NormBatches, splits: Splits,
           rd: rundir.RunDir) -> dict:
     """WiSE-FT between the probe model (the pretrained body with the probe's head) and ``model``."""
     from layerwise.setup import set_up_model
