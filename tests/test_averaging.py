@@ -73,8 +73,9 @@ def souped(data, tmp_path_factory):
     run = tmp_path_factory.mktemp("soup") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(race, "COSTS", Costs(forward=0.1, probe=0.1, setup=0))
+        # evidence given by hand: no probe, so no probe head, and every racer starts from a fresh head
         assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "5", "--no-wise", "--race-cost", "2",
-                     "--out", str(run)]) == 0
+                     "--probe-skill", "0.5", "--bn-shift", "0.1", "--out", str(run)]) == 0
     return run
 
 
@@ -92,3 +93,18 @@ def test_the_race_soups_its_racers_and_evaluate_scores_what_it_kept(souped, data
     assert evaluate_run(souped, str(data))["accuracy"] == pytest.approx(soup["val_acc"])
     assert "## Soup of the racers" in (souped / "report.md").read_text()
     assert not (souped / "wise.json").exists()
+
+
+def test_only_racers_that_share_the_winners_start_join_its_soup(tmp_path):
+    """lp-ft from the probe's head and the others from a fresh head are not one start."""
+    import dataclasses
+
+    from layerwise.config import RunConfig
+
+    def sub(name, head=None):
+        return dataclasses.replace(RunConfig(), probe_head=head, out=str(tmp_path / name))
+
+    runs = {"full": sub("full"), "disc": sub("disc"), "lp-ft": sub("lp-ft", "/run/probe_head.safetensors")}
+    rungs = {"full": {"val_acc": 0.6}, "disc": {"val_acc": 0.5}, "lp-ft": {"val_acc": 0.7}}
+    assert race.soup_losers(runs, rungs, "full") == {tmp_path / "disc": 0.5}
+    assert race.soup_losers(runs, rungs, "lp-ft") == {}
