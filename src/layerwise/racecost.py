@@ -43,8 +43,10 @@ class Costs:
 
 # Measured on gtsrb's held-out split (1,000 training and 250 val images, Lite0, 112 px, 2-core
 # CPU, 2 runs each; bench/results/race-cost.md), where one step took 11.5 ms: lp-ft's head-only
-# rung took 0.40 of full's; the probe 18 s; a set-up about 1.7 s (decoded images are shared).
-COSTS = Costs(forward=0.4, probe=1.25, setup=150)
+# rung took 0.40 of full's; a set-up about 1.7 s (decoded images are shared). The probe took 18 s
+# then (1.25 steps per image); since its C search walks warm (commit fc1784d), 10.5 and 11.7 s
+# against epochs of 10.1-12.0 s (a step 10.1 ms): 0.88 steps per image, priced at 0.9.
+COSTS = Costs(forward=0.4, probe=0.9, setup=150)
 
 
 def _epoch(n_train: int, n_val: int, costs: Costs) -> float:
