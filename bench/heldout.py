@@ -143,6 +143,7 @@ def per_dataset(records: Sequence[dict], against: str = "auto") -> list[str]:
     for d, runs in sorted(derived_rows(complete(records)).items()):
         chose = ", ".join(r.get("chosen", "-").removeprefix("auto:") for r in sorted(runs[against], key=lambda r: r["seed"]))
         out += [f"### {d}", "", f"{against} chose (per seed): {chose}. oracle = {oracle(runs)}.", "",
+                *race_lines(runs),
                 "| variant | test acc per seed | mean | best val (mean) | " + against + " − it [95 %] |",
                 "|---|---|---:|---:|---|"]
         for v in sorted(runs, key=lambda v: (v != against, v)):
@@ -153,6 +154,18 @@ def per_dataset(records: Sequence[dict], against: str = "auto") -> list[str]:
                        f"{statistics.fmean(r['best'] for r in rs):.3f} | {cell} |")
         out.append("")
     return out
+
+
+def race_lines(runs: dict[str, list[dict]]) -> list[str]:
+    """Each auto variant's races on one dataset: the rung val accuracies and the winner, per seed."""
+    lines = []
+    for v in sorted(v for v in runs if v.startswith("auto")):
+        for r in sorted(runs[v], key=lambda r: r["seed"]):
+            race = r.get("race")
+            if race and race.get("rungs"):
+                rungs = ", ".join(f"{k} {a:.3f}" for k, a in race["rungs"].items())
+                lines.append(f"- {v}, seed {r['seed']}: raced {rungs} (val, after the rung) -> {race['winner']}")
+    return [*lines, ""] if lines else []
 
 
 SEEDS_LINE = "Seeds reported: "

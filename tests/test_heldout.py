@@ -156,3 +156,12 @@ def test_the_readmes_held_out_summary_is_recomputed_from_suite_test_json():
     block = readme_block(records, 112, report_seeds((results / "suite-test.md").read_text()))
     assert block in (root / "README.md").read_text()
     assert all(f"| {v} |" in block for v in README_ROWS if v != "loo-rule")  # that one needs 3 complete datasets
+
+
+def test_each_race_is_listed_with_its_rungs_and_winner():
+    runs = []
+    for d in ("x", "y"):
+        race = {"rungs": {"full": 0.6, "lp-ft-bn-eval": 0.7}, "winner": "lp-ft-bn-eval"}
+        runs += [rec(d, "auto", 0, "11", race=race), rec(d, "a", 0, "10")]
+    text = report(runs, 112)
+    assert "- auto, seed 0: raced full 0.600, lp-ft-bn-eval 0.700 (val, after the rung) -> lp-ft-bn-eval" in text
