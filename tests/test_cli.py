@@ -99,3 +99,23 @@ def test_bad_numbers_and_lists_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_config_file_leaves_out_the_probe_head_and_what_came_with_it(tmp_path, capsys):
+    """A race's lp-ft winner ran from the probe's head with zero head-only epochs; re-run from its
+    config.yaml without that head, lp-ft probes for its own epochs again."""
+    import dataclasses
+
+    from layerwise.cli import _config_file
+    from layerwise.config import RunConfig
+
+    ran = dataclasses.replace(RunConfig(), strategy="lp-ft", probe_head="/old/run/probe_head.safetensors", probe_epochs=0,
+                              probe_skill=0.95, bn_shift=0.1, epochs=4)
+    (tmp_path / "config.yaml").write_text(ran.to_yaml())
+    cfg = _config_file(str(tmp_path / "config.yaml"))
+    assert (cfg.probe_head, cfg.probe_epochs, cfg.probe_skill, cfg.bn_shift) == (None, None, None, None)
+    assert cfg.strategy == "lp-ft" and cfg.epochs == 4
+    assert "probe_epochs" in capsys.readouterr().out
+    kept = dataclasses.replace(ran, probe_head=None, probe_epochs=0)  # chosen by hand: no head came with it
+    (tmp_path / "config.yaml").write_text(kept.to_yaml())
+    assert _config_file(str(tmp_path / "config.yaml")).probe_epochs == 0

@@ -44,7 +44,9 @@ def _config_from(args: argparse.Namespace, skip: Sequence[str] = ()) -> "RunConf
 
 def _config_file(path: str) -> "RunConfig":
     """A ``--config`` file's settings, without another run's own state: its probe head and
-    resumes, and the evidence that came with that head (the probe runs again on this data)."""
+    resumes, and what came with that head: the evidence (the probe runs again on this data)
+    and lp-ft's zero head-only epochs (the head was its probing stage: without it, lp-ft probes
+    for its own epochs again)."""
     from layerwise.choices import config_from
     from layerwise.config import load_yaml
 
@@ -52,6 +54,7 @@ def _config_file(path: str) -> "RunConfig":
     dropped = [k for k in ("probe_head", "resumed") if values.get(k)]
     if values.get("probe_head"):
         dropped += [k for k in ("probe_skill", "bn_shift") if values.get(k) is not None]
+        dropped += ["probe_epochs"] * (values.get("probe_epochs") == 0)
     if dropped:
         print(f"--config {path}: not carried over from that run: {', '.join(dropped)} (measured again here)")
     return config_from({k: v for k, v in values.items() if k not in dropped})
