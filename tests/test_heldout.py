@@ -119,17 +119,19 @@ def test_the_averaging_gain_is_paired_against_the_winner_before_it():
 
 def test_the_soup_and_wise_ft_are_each_paired_against_what_they_started_from():
     """winner 1100 -> soup 1110 -> WiSE-FT 1111 on every dataset: +25 points each, +50 both; a
-    dataset whose soup kept the winner alone counts the soup as the winner."""
+    dataset whose soup kept the winner alone counts the soup as the winner, and a run that did
+    not race counts as no change."""
     runs = []
     for d in ("x", "y"):
         race = {"winner_test": {"test": 0.5, "test_correct": "1100"}, "soup_test": {"test": 0.75, "test_correct": "1110"}}
-        runs += [rec(d, "auto+race-2.5", 0, "1111", race=race), rec(d, "a", 0, "1100")]
+        runs += [rec(d, "auto+race-2.5", 0, "1111", race=race), rec(d, "a", 0, "1100"), rec(d, "auto", 0, "1010")]
     text = "\n".join(averaging(runs))
-    assert "| the soup − the race's winner | +25.0 [" in text
-    assert "| WiSE-FT − the soup | +25.0 [" in text and "| both − the race's winner | +50.0 [" in text
+    row = next(line for line in text.splitlines() if line.startswith("| auto+race-2.5 |"))
+    assert row.startswith("| auto+race-2.5 | 2 of 2 | +25.0 [") and "| +25.0 [" in row and "| +50.0 [" in row
+    assert "| auto | 0 of 2 | the same run | the same run | the same run |" in text
     alone = [r | {"race": {"winner_test": r["race"]["winner_test"]}} if "race" in r else r for r in runs]
-    text = "\n".join(averaging(alone))
-    assert "| the soup − the race's winner | the same run |" in text and "| WiSE-FT − the soup | +50.0" in text
+    row = next(line for line in "\n".join(averaging(alone)).splitlines() if line.startswith("| auto+race-2.5 |"))
+    assert row.startswith("| auto+race-2.5 | 2 of 2 | the same run | +50.0 [")
 
 
 def test_the_committed_held_out_report_is_recomputed_from_suite_test_json():
