@@ -24,6 +24,7 @@ from layerwise import rundir
 from layerwise.checkpoint import atomic_write_text, load_weights, save_weights, write_json
 from layerwise.config import RunConfig
 from layerwise.data import ImageDataset, Splits, check_images, spread
+from layerwise.evaluation import test_result
 from layerwise.freeze import recalibrate_norms
 from layerwise.groups import head_module
 from layerwise.inference import Scorer, validated_scorer
@@ -71,15 +72,12 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
         kept["soup_members"] = out["soup"]["members"]
         soup = dict(out["soup"])
         if test and len(soup["members"]) > 1 and cfg.wise:  # the soup's own test score, before WiSE-FT mixes it
-            from layerwise.evaluation import test_result
-
             soup["test"] = test_result(score(test), test, unreadable, ())
             out["soup"]["test_acc"] = soup["test"]["test_acc"]
         write_json(rd.soup, soup)
         _append_report(rd, soup_section(out["soup"], winner.name))
     if cfg.wise and rd.probe_head.is_file():
         out["wise"] = _wise(cfg, model, acc, lambda: score(val).acc, norm, splits, rd)
-        acc = max(acc, out["wise"]["val_acc"][out["wise"]["alphas"].index(out["wise"]["alpha"])])
         kept["wise_alpha"] = out["wise"]["alpha"]
         write_json(rd.wise, out["wise"])
         _append_report(rd, wise_section(out["wise"]))
@@ -87,8 +85,6 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
     if changed:
         save_weights(rd.best, model)
         if test:
-            from layerwise.evaluation import test_result
-
             ev = score(test)
             write_json(rd.test, test_result(ev, test, unreadable, ()) | kept)
             out["test_acc"] = ev.acc
