@@ -65,14 +65,20 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
     winner_acc = score(val).acc
     out: dict = {"winner_val_acc": winner_acc}
     acc, kept = winner_acc, {}
-    test, unreadable = check_images(splits.test)
+    checked: list[tuple[list, list[dict]]] = []
+
+    def test() -> tuple[list, list[dict]]:  # DATA/test decoded once, and only if a mix needs a score
+        if not checked:
+            checked.append(check_images(splits.test))
+        return checked[0]
+
     if cfg.soup and losers:
         out["soup"] = _soup(model, winner_acc, losers, lambda: score(val).acc, norm)
         acc = out["soup"]["val_acc"]
         kept["soup_members"] = out["soup"]["members"]
         soup = dict(out["soup"])
-        if test and len(soup["members"]) > 1 and cfg.wise:  # the soup's own test score, before WiSE-FT mixes it
-            soup["test"] = test_result(score(test), test, unreadable, ())
+        if len(soup["members"]) > 1 and cfg.wise and test()[0]:  # the soup's own test score, before WiSE-FT mixes it
+            soup["test"] = test_result(score(test()[0]), *test(), ())
             out["soup"]["test_acc"] = soup["test"]["test_acc"]
         write_json(rd.soup, soup)
         _append_report(rd, soup_section(out["soup"], winner.name))
@@ -84,9 +90,9 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
     changed = len(out.get("soup", {}).get("members", [None])) > 1 or out.get("wise", {}).get("alpha", 1.0) < 1.0
     if changed:
         save_weights(rd.best, model)
-        if test:
-            ev = score(test)
-            write_json(rd.test, test_result(ev, test, unreadable, ()) | kept)
+        if test()[0]:
+            ev = score(test()[0])
+            write_json(rd.test, test_result(ev, *test(), ()) | kept)
             out["test_acc"] = ev.acc
             for part in ("soup", "wise"):  # each record says what the run ended with
                 if part in out:

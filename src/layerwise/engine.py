@@ -37,6 +37,7 @@ from layerwise.hardware import Amp, pick_device, to_device
 from layerwise.loaders import Loaders, make_loaders, ordered_loader, set_train_side, unsharded, with_eval_transform
 from layerwise.loop import run_epochs
 from layerwise.lrfind import LRFind, lr_find
+from layerwise.models import LoadedModel
 from layerwise.numerics import fastest_numerics
 from layerwise.optim import apply_states, build_optimizer
 from layerwise.plan import Plan
@@ -197,7 +198,9 @@ def build(p: Prepared, r: Resolved, run: Path, info: DistInfo = DistInfo()) -> T
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(r.config.ema), use_buffers=True)
     # before a resume loads its checkpoint: the penalty's starting point is the model as built
-    start = Start(p.model.loaded.pretrained_head, lambda n: _eval_train_batches(p, r.config, n))
+    # every rank's whole training set: a regulariser's statistics must agree across ranks
+    start = Start(p.model.loaded.pretrained_head, lambda n: _eval_train_batches(
+        unsharded(p.loaders.train.dataset), r.config, p.model.loaded, p.device, p.loaders.train.num_workers, n))
     penalty = make_penalty(r.config.reg, model, p.model.groups, start)
     kit = Kit(p.model.loaded, p.model.groups, _optimizer(p, r), p.amp, p.device, p.loaders, ema, info, penalty)
     return Trainer(r.config, r.plan, kit, p.splits, RunDir(run), budget=r.budget)
@@ -332,20 +335,20 @@ def find_lr(cfg: RunConfig, out: Path, **kw: Any) -> tuple[LRFind, dict[str, flo
 
 
 def _adapt_batches(t: Trainer, max_images: int = 2048) -> Iterator[torch.Tensor]:
-    """Training images through the deterministic eval transform, for BN re-estimation."""
-    ds = with_eval_transform(t.kit.loaders.train.dataset, t.cfg.img_size, t.kit.loaded.mean, t.kit.loaded.std)
-    ds = torch.utils.data.Subset(ds, spread(len(ds), max_images))  # every class: the list is in class order
-    for x, _ in ordered_loader(ds, t.cfg.batch_size, t.kit.loaders.train.num_workers):
-        yield to_device(x, t.kit.device, t.cfg.channels_last)
+    """Training images through the deterministic eval transform, for BN re-estimation (this rank's shard)."""
+    for x, _ in _eval_train_batches(t.kit.loaders.train.dataset, t.cfg, t.kit.loaded, t.kit.device,
+                                    t.kit.loaders.train.num_workers, max_images):
+        yield x
 
 
-def _eval_train_batches(p: Prepared, cfg: RunConfig, max_images: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Up to ``max_images`` training images spread over the classes, through the eval transform,
-    with their labels: every rank's whole training set (a regulariser's statistics must agree)."""
-    ds = with_eval_transform(unsharded(p.loaders.train.dataset), cfg.img_size, p.model.loaded.mean, p.model.loaded.std)
+def _eval_train_batches(ds: torch.utils.data.Dataset, cfg: RunConfig, loaded: LoadedModel, device: torch.device,
+                        workers: int, max_images: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Up to ``max_images`` of ``ds``'s training images spread over the classes (the list is in
+    class order), through the eval transform, with their labels, on ``device``."""
+    ds = with_eval_transform(ds, cfg.img_size, loaded.mean, loaded.std)
     ds = torch.utils.data.Subset(ds, spread(len(ds), max_images))
-    for x, y in ordered_loader(ds, cfg.batch_size, p.loaders.train.num_workers):
-        yield to_device(x, p.device, cfg.channels_last), y.to(p.device)
+    for x, y in ordered_loader(ds, cfg.batch_size, workers):
+        yield to_device(x, device, cfg.channels_last), y.to(device)
 
 
 def _check_resumable(run: Path, t: Trainer) -> None:

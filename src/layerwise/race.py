@@ -127,9 +127,8 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
             # (racecost.plan), so it is known before the probe
             head = head_module(p.model.loaded.model, p.model.groups)
             if not race_plan("discriminative").raced or head is None:
-                cheapest = ordered("discriminative")[:1] + [CANDIDATES["lp-ft"]]
-                price = estimate(cheapest, epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None, wise=False,
-                                 soup=False)
+                price = estimate(ordered("discriminative")[:2], epochs, n_train, n_val, COSTS,
+                                 probe=cfg.probe_skill is None, wise=False, soup=False)  # every rung costs alike
                 why = (f"{epochs} epochs of {n_train} images afford no race within {cfg.race_cost:g}x one run "
                        f"(--race-cost; the cheapest race, probe included, costs about {price:.2f}x)"
                        if head is not None else "the model has no linear head")

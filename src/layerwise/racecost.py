@@ -54,7 +54,7 @@ def _epoch(n_train: int, n_val: int, costs: Costs) -> float:
     return n_train + costs.forward * n_val
 
 
-def rung_cost(c: Candidate, n_train: int, n_val: int, costs: Costs = COSTS, *, first: bool = False) -> float:
+def rung_cost(n_train: int, n_val: int, costs: Costs = COSTS, *, first: bool = False) -> float:
     """A candidate's rung in epochs of one run: an epoch of training (lp-ft's too: it starts
     from the probe's head, race._candidate_config), two val passes (lp-ft's probe row and the
     rung's own: priced alike for every candidate, so whether a race happens never depends on
@@ -94,7 +94,7 @@ def estimate(raced: Sequence[Candidate], epochs: int, n_train: int, n_val: int, 
              probe: bool, wise: bool, soup: bool) -> float:
     """What auto's whole run costs with ``raced``, in runs of one fixed strategy (what
     ``--race-cost`` bounds): the overhead, every rung, the winner's remaining epochs."""
-    rungs = sum(rung_cost(c, n_train, n_val, costs, first=i == 0) for i, c in enumerate(raced))
+    rungs = sum(rung_cost(n_train, n_val, costs, first=i == 0) for i in range(len(raced)))
     losers = len(raced) - 1 if soup else 0
     return (overhead(n_train, n_val, costs, probe=probe, wise=wise, soup_losers=losers) + rungs + epochs - RUNG_EPOCHS) / epochs
 
