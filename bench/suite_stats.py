@@ -211,18 +211,19 @@ RACE_CANDIDATES = ("discriminative+bn-eval", "full", "lp-ft+bn-eval")  # race.CA
 
 
 def rung_regret(records: Sequence[dict], epochs: int, img: int = 112,
-                candidates: Sequence[str] = RACE_CANDIDATES) -> tuple[int, int, float, float]:
+                candidates: Sequence[str] = RACE_CANDIDATES, on_test: bool = False) -> tuple[int, int, float, float]:
     """How well a race of ``epochs`` epochs would have chosen, per dataset and seed: the
     candidate leading on val after that many epochs (ties: the earlier in ``candidates``)
-    against the one with the best val accuracy at the end. Returns (times the leader was the
-    final best, races, mean and max shortfall of the leader's final best val accuracy)."""
+    against the one with the best val accuracy at the end (``on_test``: the best test accuracy,
+    for the held-out suite, where val chose the epoch). Returns (times the leader was the final
+    best, races, mean and max shortfall of the leader's final accuracy)."""
     runs = {(r["dataset"], r["seed"], r["variant"]): r for r in records if r["img"] == img}
     keys = sorted({(d, s) for d, s, _ in runs if all((d, s, c) in runs for c in candidates)})
     hits, gaps = 0, []
     for d, s in keys:
         curves = {c: [a for _, a in runs[d, s, c]["curve"]] for c in candidates}
         lead = max(candidates, key=lambda c: (curves[c][min(epochs, len(curves[c])) - 1], -candidates.index(c)))
-        final = {c: max(curves[c]) for c in candidates}
+        final = {c: runs[d, s, c]["test"] if on_test else max(curves[c]) for c in candidates}
         hits += final[lead] == max(final.values())
         gaps.append(max(final.values()) - final[lead])
     return hits, len(keys), statistics.fmean(gaps), max(gaps)
