@@ -166,6 +166,10 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
     winner = run / "race" / rec.get("race", {}).get("winner", "") / "test.json"
     if "race" in rec and winner.is_file():  # the fine-tuned winner alone, for the averaging's own gains
         rec["race"]["winner_test"] = test_record(json.loads(winner.read_text()))
+    if (run / "backbone.json").is_file():  # --model auto: each backbone's frozen probe, and the one chosen
+        bb = json.loads((run / "backbone.json").read_text())
+        rec["backbone"] = {"chosen": bb["chosen"], "probe_val": {c["name"]: c["val_acc"] for c in bb["candidates"]},
+                           "gflops": {c["name"]: c["gflops"] for c in bb["candidates"]}}
     probe = run / "probe.json"
     if probe.is_file():
         p = json.loads(probe.read_text())
