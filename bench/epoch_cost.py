@@ -23,36 +23,44 @@ from pathlib import Path
 from competitor import save_json, with_load  # bench/ is on the path: these run as scripts
 from suite import RESULTS, budget, datasets, held_out
 
-# name -> (strategy, --bn); the candidates of race.CANDIDATES, the reference first
-CANDIDATES = {"discriminative-bn-eval": ("discriminative", "eval"), "full": ("full", None),
-              "lp-ft-bn-eval": ("lp-ft", "eval")}
+# the candidates of race.CANDIDATES as RunConfig fields, the reference first
+CANDIDATES = {"discriminative-bn-eval": {"strategy": "discriminative", "bn": "eval"}, "full": {"strategy": "full"},
+              "lp-ft-bn-eval": {"strategy": "lp-ft", "bn": "eval"}}
 
 
-def trainers(data: Path, epochs: int, batch: int, root: Path) -> dict:
+def trainers(data: Path, epochs: int, batch: int, root: Path, specs: dict[str, dict]) -> dict:
+    """name -> a layerwise Trainer built from RunConfig fields ``specs[name]`` (112 px, seed 0)."""
     from layerwise.config import RunConfig
     from layerwise.engine import build_trainer
 
     out = {}
-    for name, (strategy, bn) in CANDIDATES.items():
-        cfg = RunConfig(data=str(data), model="efficientnet_lite0", strategy=strategy, bn=bn, epochs=epochs,
-                        batch_size=batch, img_size=112, seed=0, workers=1, quiet=True, out=str(root / name))
+    for name, spec in specs.items():
+        cfg = RunConfig(**{"data": str(data), "model": "efficientnet_lite0", "epochs": epochs, "batch_size": batch,
+                           "img_size": 112, "seed": 0, "workers": 1, "quiet": True, "out": str(root / name)} | spec)
         (root / name).mkdir(parents=True)
         out[name] = build_trainer(cfg, root / name)
     return out
 
 
-def time_epochs(ts: dict, repeats: int) -> dict[str, list[float]]:
+def alternate(ts: dict, repeats: int, *, val: bool = False) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each trainer's training epochs (and, with ``val``, its val passes), taken in
+    turn, trainer after trainer, ``repeats`` counted rounds after one warm-up round."""
+    from layerwise.evaluation import evaluate
     from layerwise.trainer import StopRequested
 
-    times: dict[str, list[float]] = {k: [] for k in ts}
-    for r in range(repeats + 1):  # round 0 warms every candidate up and is not counted
+    times: dict[str, dict[str, list[float]]] = {k: {"train": [], "val": []} for k in ts}
+    for r in range(repeats + 1):  # round 0 warms every trainer up and is not counted
         for name, t in ts.items():
             t.apply_plan(1)  # lp-ft's fine-tuning epochs; every group trains in each candidate
             start = time.perf_counter()
             with StopRequested(install=False) as stop:
                 t.train_epoch(1, stop)
+            lap = time.perf_counter()
+            if val:
+                evaluate(t.kit.eval_model(), t.kit.loaders.val, t.kit.amp, t.kit.device, channels_last=t.cfg.channels_last)
             if r:
-                times[name].append(time.perf_counter() - start)
+                times[name]["train"].append(lap - start)
+                times[name]["val"].append(time.perf_counter() - lap)
     return times
 
 
@@ -64,7 +72,8 @@ def main() -> None:
     data = held_out(args.dataset, datasets()[args.dataset], Path(tempfile.gettempdir()) / "layerwise-heldout")
     epochs, batch, _, _ = budget(data)
     with tempfile.TemporaryDirectory() as tmp:
-        times, load = with_load(lambda: time_epochs(trainers(data, epochs, batch, Path(tmp)), args.repeats))
+        laps, load = with_load(lambda: alternate(trainers(data, epochs, batch, Path(tmp), CANDIDATES), args.repeats))
+    times = {k: v["train"] for k, v in laps.items()}
     ref = statistics.median(times["discriminative-bn-eval"])
     result = {"dataset": args.dataset, "epochs": epochs, "batch": batch, "img": 112, "load": load,
               "seconds": times, "ratio": {k: statistics.median(v) / ref for k, v in times.items()}}

@@ -169,7 +169,7 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
     if (run / "backbone.json").is_file():  # --model auto: each backbone's frozen probe, and the one chosen
         bb = json.loads((run / "backbone.json").read_text())
         rec["backbone"] = {"chosen": bb["chosen"], "probe_val": {c["name"]: c["val_acc"] for c in bb["candidates"]},
-                           "gflops": {c["name"]: c["gflops"] for c in bb["candidates"]}}
+                           "gflops": {c["name"]: c["gflops"] for c in bb["candidates"]}, "n_val": bb.get("n_val")}
     probe = run / "probe.json"
     if probe.is_file():
         p = json.loads(probe.read_text())

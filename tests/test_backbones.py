@@ -41,6 +41,7 @@ def test_fit_model_auto_probes_each_offline_backbone_and_records_the_choice(data
     record = json.loads((run / "backbone.json").read_text())
     assert [c["name"] for c in record["candidates"]] == available() and len(available()) == 4
     assert record["chosen"] in available() and record["reason"]
+    assert record["n_val"] == sum(1 for f in (data / "val").rglob("*") if f.is_file())  # what the rule's noise is on
     assert yaml.safe_load((run / "config.yaml").read_text())["model"] == record["chosen"]
     assert json.loads((run / "model.json").read_text())["name"] == record["chosen"]
 

@@ -91,5 +91,5 @@ def choose_backbone(cfg: RunConfig) -> tuple[RunConfig, dict]:
     name, reason = choose(rows, n_val)
     say(f"model auto: {name} ({reason})")
     return dataclasses.replace(cfg, model=name), {
-        "candidates": [dataclasses.asdict(r) for r in rows], "chosen": name, "reason": reason,
+        "candidates": [dataclasses.asdict(r) for r in rows], "chosen": name, "reason": reason, "n_val": n_val,
         "rule": "best probe val accuracy; within 1.96 binomial s.e. of it, the cheapest per image"}

@@ -1,0 +1,161 @@
+"""The per-backbone table (issue 23): each offline backbone's ``auto`` and ``--model auto`` on the
+suite's held-out splits, with their wall time and speed, and how the backbone rule fared.
+
+    .venv/bin/python bench/backbone_table.py            # print the table
+    .venv/bin/python bench/backbone_table.py --readme   # and rewrite README.md's block
+
+Reads bench/results/suite-test.json (Lite0, the ``auto`` variant), suite-test-MODEL.json for
+the other backbones and for ``--model auto`` (bench/suite.py --model MODEL --variants auto), and
+backbone-speed.json (bench/backbone_speed.py). Pure functions over those records, so they are
+tested on made-up ones.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from heldout import paired_matrix, suite_diff
+
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "squeezenet1_1")
+SHORT = {"efficientnet_lite0": "Lite0", "efficientnet_lite1": "Lite1", "efficientnet_lite2": "Lite2",
+         "squeezenet1_1": "SqueezeNet", "auto": "--model auto"}
+Z95 = 1.96
+README_BEGIN = "<!-- backbone table: written by `python bench/backbone_table.py --readme` -->"
+README_END = "<!-- end of the backbone table -->"
+
+
+def load(results: Path) -> dict[str, list[dict]]:
+    """model -> its ``auto`` records at 112 px (Lite0's from suite-test.json)."""
+    out = {}
+    for model in (*BACKBONES, "auto"):
+        path = results / ("suite-test.json" if model == BACKBONES[0] else f"suite-test-{model}.json")
+        if path.is_file():
+            recs = [r for r in json.loads(path.read_text()).values() if r["variant"] == "auto" and r["img"] == 112]
+            out[model] = [r for r in recs if "test_correct" in r]
+    return out
+
+
+def shared(by_model: dict[str, list[dict]]) -> list[tuple[str, int]]:
+    """(dataset, seed) pairs every model has run."""
+    keys = [{(r["dataset"], r["seed"]) for r in recs} for recs in by_model.values()]
+    return sorted(set.intersection(*keys)) if keys else []
+
+
+def pick(by_model: dict[str, list[dict]], model: str, key: tuple[str, int]) -> dict:
+    return next(r for r in by_model[model] if (r["dataset"], r["seed"]) == key)
+
+
+# A backbone rule: (probe val accuracy per backbone, GFLOPs per backbone, val images) -> backbone.
+Rule = Callable[[dict[str, float], dict[str, float], int], str]
+
+
+def cheapest_in_noise(probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:
+    """backbones.choose's rule: the cheapest whose probe is within 1.96 s.e. of the best."""
+    best = max(probe, key=lambda k: probe[k])
+    se = (max(probe[best] * (1 - probe[best]), 1e-9) / max(n_val, 1)) ** 0.5
+    return min((k for k in probe if probe[k] >= probe[best] - Z95 * se), key=lambda k: gflops[k])
+
+
+def best_probe(probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:
+    return max(probe, key=lambda k: (probe[k], -gflops[k]))
+
+
+RULES: dict[str, Rule] = {"cheapest within the noise (backbones.choose)": cheapest_in_noise, "best probe": best_probe}
+
+
+def rule_outcome(by_model: dict[str, list[dict]], rule: Rule) -> dict[tuple[str, int], str]:
+    """(dataset, seed) -> the backbone ``rule`` picks from --model auto's recorded probes, where
+    every backbone's own auto has run too (so the pick's test accuracy is known)."""
+    out = {}
+    for key in shared(by_model):
+        rec = pick(by_model, "auto", key)
+        bb = rec["backbone"]
+        # before backbone.json recorded n_val: the test half's size (val and test halve each class)
+        out[key] = rule(bb["probe_val"], bb["gflops"], bb.get("n_val") or len(rec["test_correct"]))
+    return out
+
+
+def over_datasets(value: Callable[[tuple[str, int]], float], keys: Sequence[tuple[str, int]]) -> float:
+    """The mean over datasets of each dataset's mean over its seeds (a dataset with more seeds
+    does not weigh more)."""
+    datasets = sorted({d for d, _ in keys})
+    return statistics.fmean(statistics.fmean(value(k) for k in keys if k[0] == d) for d in datasets)
+
+
+def mean_test(by_model: dict[str, list[dict]], model: str, keys: Sequence[tuple[str, int]]) -> float:
+    return over_datasets(lambda k: pick(by_model, model, k)["test"], keys)
+
+
+def table(by_model: dict[str, list[dict]], speed: dict | None) -> list[str]:
+    models = [m for m in (*BACKBONES, "auto") if m in by_model]
+    keys = shared({m: by_model[m] for m in models})
+    datasets = sorted({d for d, _ in keys})
+    seeds = sorted({s for _, s in keys})
+    lines = [f"Test accuracy of each backbone's `auto` (seeds {', '.join(map(str, seeds))}; 112 px; the suite's "
+             f"held-out splits, `bench/suite.py --test-split --model MODEL --variants auto`).", "",
+             "| dataset | " + " | ".join(SHORT[m] for m in models) + " | `--model auto` chose |",
+             "|---|" + "---:|" * len(models) + "---|"]
+    for d in datasets:
+        ks = [k for k in keys if k[0] == d]
+        chosen = ", ".join(SHORT[pick(by_model, "auto", k)["backbone"]["chosen"]] for k in ks) if "auto" in models else ""
+        lines.append(f"| {d} | " + " | ".join(f"{mean_test(by_model, m, ks):.3f}" for m in models) + f" | {chosen} |")
+    lines.append("| **mean** | " + " | ".join(f"**{mean_test(by_model, m, keys):.3f}**" for m in models) + " | |")
+    walls = {m: over_datasets(lambda k, m=m: pick(by_model, m, k)["wall"], keys) for m in models}
+    lines.append("| wall s (mean) | " + " | ".join(f"{walls[m]:.0f}" for m in models) + " | |")
+    if speed:
+        rates = speed["rates"]
+        for what, label in (("train", "train img/s"), ("infer", "inference img/s")):
+            lines.append(f"| {label} | " + " | ".join(f"{rates[m][what]:.0f}" if m in rates else "" for m in models) + " | |")
+    if "auto" in models:
+        lines += ["", *comparisons(by_model, keys)]
+    return lines
+
+
+def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]) -> list[str]:
+    """`--model auto` against Lite0's auto and the best single backbone's, paired, 95 % intervals."""
+    singles = [m for m in BACKBONES if m in by_model]
+    best = max(singles, key=lambda m: mean_test(by_model, m, keys))
+    out = []
+    for m in dict.fromkeys((BACKBONES[0], best)):
+        mats = [paired_matrix([pick(by_model, "auto", k) for k in keys if k[0] == d],
+                              [pick(by_model, m, k) for k in keys if k[0] == d]) for d in sorted({d for d, _ in keys})]
+        ratio = over_datasets(lambda k, m=m: pick(by_model, "auto", k)["wall"] / pick(by_model, m, k)["wall"], keys)
+        out.append(f"- `--model auto` − {SHORT[m]}'s auto{' (the best single backbone)' if m == best else ''}: "
+                   f"{suite_diff(mats).cell()} points; wall time {ratio:.2f}× its")
+    for name, rule in RULES.items():
+        picks = rule_outcome(by_model, rule)
+        acc = over_datasets(lambda k, p=picks: pick(by_model, p[k], k)["test"], list(picks))
+        counts = ", ".join(f"{SHORT[b]} {sum(v == b for v in picks.values())}" for b in BACKBONES
+                           if any(v == b for v in picks.values()))
+        out.append(f"- rule *{name}* on the recorded probes: mean test {acc:.3f} ({counts})")
+    return out
+
+
+def readme_block(by_model: dict[str, list[dict]], speed: dict | None) -> str:
+    return "\n".join([README_BEGIN, *table(by_model, speed), README_END])
+
+
+def with_block(text: str, block: str) -> str:
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError("README.md has no backbone table markers")
+    return text[:start] + block + text[end + len(README_END):]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", action="store_true", help="rewrite README.md's backbone table")
+    ap.add_argument("--results", type=Path, default=None, help="the results folder (default bench/results)")
+    args = ap.parse_args()
+    root = Path(__file__).resolve().parents[1]
+    results = args.results or root / "bench" / "results"
+    speed_path = results / "backbone-speed.json"
+    block = readme_block(load(results), json.loads(speed_path.read_text()) if speed_path.is_file() else None)
+    print(block)
+    if args.readme:
+        (root / "README.md").write_text(with_block((root / "README.md").read_text(), block))

@@ -1,0 +1,83 @@
+"""The per-backbone table (bench/backbone_table.py) and the speed rates (bench/backbone_speed.py),
+on made-up records; and the README's block is the one the committed results give."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from backbone_speed import rates  # noqa: E402
+from backbone_table import (  # noqa: E402
+    README_BEGIN,
+    README_END,
+    best_probe,
+    cheapest_in_noise,
+    load,
+    readme_block,
+    rule_outcome,
+    table,
+)
+
+GFLOPS = {"efficientnet_lite0": 0.1, "efficientnet_lite1": 0.15, "efficientnet_lite2": 0.2, "squeezenet1_1": 0.09}
+
+
+def rec(model: str, d: str, bits: str, wall: float = 10.0, seed: int = 0, **extra) -> dict:
+    return {"dataset": d, "variant": "auto", "seed": seed, "img": 112, "model": model, "test_correct": bits,
+            "test": bits.count("1") / len(bits), "wall": wall} | extra
+
+
+def auto_rec(d: str, bits: str, chosen: str, probe: dict[str, float], n_val: int = 100) -> dict:
+    return rec("auto", d, bits, wall=12.0, backbone={"chosen": chosen, "probe_val": probe, "gflops": GFLOPS, "n_val": n_val})
+
+
+def test_the_cheapest_backbone_in_the_noise_wins_unless_the_gap_is_real():
+    probe = {"efficientnet_lite0": 0.80, "squeezenet1_1": 0.79, "efficientnet_lite2": 0.70}
+    assert cheapest_in_noise(probe, GFLOPS, n_val=100) == "squeezenet1_1"  # 1 point on 100 images: noise
+    assert cheapest_in_noise(probe, GFLOPS, n_val=100_000) == "efficientnet_lite0"
+    assert best_probe(probe, GFLOPS, 100) == "efficientnet_lite0"
+
+
+def test_the_table_scores_each_rule_by_the_picked_backbones_own_auto():
+    """Where the probes are within the noise, the cheap rule picks SqueezeNet; its own auto run
+    scored 0.5, Lite0's 1.0."""
+    probe = {"efficientnet_lite0": 0.81, "efficientnet_lite1": 0.78, "efficientnet_lite2": 0.78, "squeezenet1_1": 0.80}
+    by_model = {"efficientnet_lite0": [rec("efficientnet_lite0", "x", "1111")],
+                "efficientnet_lite1": [rec("efficientnet_lite1", "x", "1110")],
+                "efficientnet_lite2": [rec("efficientnet_lite2", "x", "1100")],
+                "squeezenet1_1": [rec("squeezenet1_1", "x", "1010", wall=3.0)],
+                "auto": [auto_rec("x", "1010", "squeezenet1_1", probe)]}
+    assert rule_outcome(by_model, cheapest_in_noise) == {("x", 0): "squeezenet1_1"}
+    assert rule_outcome(by_model, best_probe) == {("x", 0): "efficientnet_lite0"}
+    lines = table(by_model, None)
+    assert "| x | 1.000 | 0.750 | 0.500 | 0.500 | 0.500 | SqueezeNet |" in lines
+    assert "| wall s (mean) | 10 | 10 | 10 | 3 | 12 | |" in lines
+    text = "\n".join(lines)
+    assert "`--model auto` − Lite0's auto (the best single backbone): -50.0 [" in text
+    assert "wall time 1.20× its" in text
+    assert "rule *cheapest within the noise (backbones.choose)* on the recorded probes: mean test 0.500 (SqueezeNet 1)" in text
+    assert "rule *best probe* on the recorded probes: mean test 1.000 (Lite0 1)" in text
+
+
+def test_only_datasets_every_backbone_ran_are_compared():
+    by_model = {"efficientnet_lite0": [rec("efficientnet_lite0", "x", "11"), rec("efficientnet_lite0", "y", "11")],
+                "squeezenet1_1": [rec("squeezenet1_1", "x", "10")]}
+    lines = table(by_model, None)
+    assert any(line.startswith("| x |") for line in lines) and not any(line.startswith("| y |") for line in lines)
+
+
+def test_speed_rates_are_images_over_the_median_lap():
+    laps = {"a": {"train": [10.0, 20.0, 11.0], "val": [1.0, 2.0, 4.0]}}
+    assert rates(laps, n_train=1000, n_val=100) == {"a": {"train": pytest.approx(1000 / 11), "infer": pytest.approx(50)}}
+
+
+def test_the_readme_block_is_the_committed_results():
+    results = ROOT / "bench" / "results"
+    readme = (ROOT / "README.md").read_text()
+    speed = results / "backbone-speed.json"
+    block = readme_block(load(results), json.loads(speed.read_text()) if speed.is_file() else None)
+    assert readme[readme.index(README_BEGIN):readme.index(README_END) + len(README_END)] == block
