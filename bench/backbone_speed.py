@@ -6,7 +6,9 @@ Each backbone is built by layerwise's own engine as a ``full`` fine-tune (every 
 the dataset's held-out split at 112 px, the suite's size, with auto's batch for it; then the
 backbones take turns, one training epoch (loader, augmentation, steps) and one val pass each,
 ``--repeats`` counted rounds after a warm-up round. Load on this shared machine falls on all of
-them alike, so the ratios against Lite0 hold where the absolute rates would not. Writes
+them alike, so the ratios against Lite0 hold where the absolute rates would not (with four
+models and their loaders in one process the rates come out lower than a ``fit``'s own: Lite0's
+epochs on gtsrb's split took 10-12 s in a fit, 20 s here). Writes
 bench/results/backbone-speed.json and .md; the README's backbone table reads them.
 """
 
@@ -36,7 +38,8 @@ def table(result: dict) -> str:
     lines = [f"# Backbones' speed ({result['dataset']}'s held-out split, 112 px)", "",
              f"`bench/backbone_speed.py --dataset {result['dataset']} --repeats {result['repeats']}`: each backbone as a "
              f"`full` fine-tune, batch {result['batch']}, one loader worker, epochs and val passes taken in turn "
-             f"(load average {result['load'][0]:.1f} to {result['load'][1]:.1f}). Median images per second.", "",
+             f"(load average {result['load'][0]:.1f} to {result['load'][1]:.1f}). Median images per second; read the "
+             f"ratios: with four models in one process the absolute rates are below a fit's own.", "",
              "| backbone | GFLOPs / image | train img/s | × Lite0 | inference img/s | × Lite0 |",
              "|---|---:|---:|---:|---:|---:|"]
     for k, r in result["rates"].items():
