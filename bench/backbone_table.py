@@ -52,18 +52,29 @@ def pick(by_model: dict[str, list[dict]], model: str, key: tuple[str, int]) -> d
 Rule = Callable[[dict[str, float], dict[str, float], int], str]
 
 
+def in_noise(probe: dict[str, float], n_val: int) -> list[str]:
+    """The backbones whose probe is within 1.96 binomial s.e. of the best one's."""
+    top = max(probe.values())
+    se = (max(top * (1 - top), 1e-9) / max(n_val, 1)) ** 0.5
+    return [k for k in probe if probe[k] >= top - Z95 * se]
+
+
 def cheapest_in_noise(probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:
-    """backbones.choose's rule: the cheapest whose probe is within 1.96 s.e. of the best."""
-    best = max(probe, key=lambda k: probe[k])
-    se = (max(probe[best] * (1 - probe[best]), 1e-9) / max(n_val, 1)) ** 0.5
-    return min((k for k in probe if probe[k] >= probe[best] - Z95 * se), key=lambda k: gflops[k])
+    """backbones.choose's rule: the cheapest whose probe is within the noise of the best."""
+    return min(in_noise(probe, n_val), key=lambda k: gflops[k])
+
+
+def largest_in_noise(probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:
+    """The costliest within the noise of the best probe: fine-tuning may take a bigger model further."""
+    return max(in_noise(probe, n_val), key=lambda k: gflops[k])
 
 
 def best_probe(probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:
     return max(probe, key=lambda k: (probe[k], -gflops[k]))
 
 
-RULES: dict[str, Rule] = {"cheapest within the noise (backbones.choose)": cheapest_in_noise, "best probe": best_probe}
+RULES: dict[str, Rule] = {"cheapest within the noise (backbones.choose)": cheapest_in_noise, "best probe": best_probe,
+                          "largest within the noise": largest_in_noise}
 
 
 def rule_outcome(by_model: dict[str, list[dict]], rule: Rule) -> dict[tuple[str, int], str]:

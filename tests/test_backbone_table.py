@@ -17,6 +17,7 @@ from backbone_table import (  # noqa: E402
     README_END,
     best_probe,
     cheapest_in_noise,
+    largest_in_noise,
     load,
     readme_block,
     rule_outcome,
@@ -40,6 +41,8 @@ def test_the_cheapest_backbone_in_the_noise_wins_unless_the_gap_is_real():
     assert cheapest_in_noise(probe, GFLOPS, n_val=100) == "squeezenet1_1"  # 1 point on 100 images: noise
     assert cheapest_in_noise(probe, GFLOPS, n_val=100_000) == "efficientnet_lite0"
     assert best_probe(probe, GFLOPS, 100) == "efficientnet_lite0"
+    assert largest_in_noise(probe, GFLOPS, n_val=100) == "efficientnet_lite0"  # Lite2's 0.70 is outside the noise
+    assert largest_in_noise(probe, GFLOPS, n_val=10) == "efficientnet_lite2"
 
 
 def test_the_table_scores_each_rule_by_the_picked_backbones_own_auto():
@@ -61,6 +64,7 @@ def test_the_table_scores_each_rule_by_the_picked_backbones_own_auto():
     assert "wall time 1.20× its" in text
     assert "rule *cheapest within the noise (backbones.choose)* on the recorded probes: mean test 0.500 (SqueezeNet 1)" in text
     assert "rule *best probe* on the recorded probes: mean test 1.000 (Lite0 1)" in text
+    assert "rule *largest within the noise* on the recorded probes: mean test 0.500 (Lite2 1)" in text
 
 
 def test_only_datasets_every_backbone_ran_are_compared():
