@@ -14,14 +14,13 @@ bench/results/backbone-speed.json and .md; the README's backbone table reads the
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
 
 from competitor import save_json, with_load  # bench/ is on the path: these run as scripts
-from epoch_cost import alternate, trainers
-from suite import RESULTS, budget, datasets, held_out
+from epoch_cost import alternate, command_line, trainers
+from suite import RESULTS
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "squeezenet1_1")
 PATH = RESULTS / "backbone-speed.json"
@@ -51,12 +50,7 @@ def table(result: dict) -> str:
 def main() -> None:
     from layerwise.backbones import forward_gflops
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="gtsrb")
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    data = held_out(args.dataset, datasets()[args.dataset], Path(tempfile.gettempdir()) / "layerwise-heldout")
-    epochs, batch, _, _ = budget(data)
+    args, data, epochs, batch = command_line(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
         ts = trainers(data, epochs, batch, Path(tmp), {k: {"model": k, "strategy": "full"} for k in BACKBONES})
         laps, load = with_load(alternate, ts, args.repeats, val=True)

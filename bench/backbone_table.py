@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from heldout import paired_matrix, suite_diff
+from heldout import paired_matrix, suite_diff, with_block
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "squeezenet1_1")
 SHORT = {"efficientnet_lite0": "Lite0", "efficientnet_lite1": "Lite1", "efficientnet_lite2": "Lite2",
@@ -149,13 +149,6 @@ def readme_block(by_model: dict[str, list[dict]], speed: dict | None) -> str:
     return "\n".join([README_BEGIN, *table(by_model, speed), README_END])
 
 
-def with_block(text: str, block: str) -> str:
-    start, end = text.find(README_BEGIN), text.find(README_END)
-    if start < 0 or end < start:
-        raise ValueError("README.md has no backbone table markers")
-    return text[:start] + block + text[end + len(README_END):]
-
-
 if __name__ == "__main__":
     import argparse
 
@@ -169,4 +162,4 @@ if __name__ == "__main__":
     block = readme_block(load(results), json.loads(speed_path.read_text()) if speed_path.is_file() else None)
     print(block)
     if args.readme:
-        (root / "README.md").write_text(with_block((root / "README.md").read_text(), block))
+        (root / "README.md").write_text(with_block((root / "README.md").read_text(), block, README_BEGIN, README_END))

@@ -64,13 +64,19 @@ def alternate(ts: dict, repeats: int, *, val: bool = False) -> dict[str, dict[st
     return times
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def command_line(doc: str) -> tuple[argparse.Namespace, Path, int, int]:
+    """--dataset and --repeats, the dataset's held-out split, and auto's epochs and batch for it."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="gtsrb")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     data = held_out(args.dataset, datasets()[args.dataset], Path(tempfile.gettempdir()) / "layerwise-heldout")
     epochs, batch, _, _ = budget(data)
+    return args, data, epochs, batch
+
+
+def main() -> None:
+    args, data, epochs, batch = command_line(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
         laps, load = with_load(lambda: alternate(trainers(data, epochs, batch, Path(tmp), CANDIDATES), args.repeats))
     times = {k: v["train"] for k, v in laps.items()}

@@ -252,12 +252,12 @@ def readme_block(records: Sequence[dict], img: int, seeds: Sequence[int] | None)
     return "\n".join([README_BEGIN, *keep, README_END])
 
 
-def with_block(text: str, block: str) -> str:
-    """``text`` with the part between the README markers replaced by ``block``."""
-    start, end = text.find(README_BEGIN), text.find(README_END)
-    if start < 0 or end < start:
-        raise ValueError("README.md has no held-out summary markers")
-    return text[:start] + block + text[end + len(README_END):]
+def with_block(text: str, block: str, begin: str = README_BEGIN, end: str = README_END) -> str:
+    """``text`` with the part from ``begin`` to ``end`` (README markers) replaced by ``block``."""
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"README.md has no markers {begin!r} ... {end!r}")
+    return text[:i] + block + text[j + len(end):]
 
 
 if __name__ == "__main__":
