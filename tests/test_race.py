@@ -79,7 +79,12 @@ def test_the_race_pauses_the_losers_and_the_winner_becomes_the_run(raced):
         if name.startswith("lp-ft"):  # from the probe's head, its rung fine-tunes every group, as the others' do
             assert len(trained[0]["trainable_groups"]) > 1
         assert state["rungs"][name]["curve"] == [r["val_acc"] for r in rows if r["epoch"] < race.RUNG_EPOCHS]
-        assert state["rungs"][name]["val_acc"] == pytest.approx(max(state["rungs"][name]["curve"]))  # same numerics
+        rung = state["rungs"][name]
+        if next(c["bn"] for c in state["candidates"] if c["name"] == name) == "eval":
+            assert rung["val_acc"] == pytest.approx(max(rung["curve"])) and "norm_images" not in rung  # same numerics
+        else:  # on batch statistics: scored after re-estimating them, the running ones' score kept beside it
+            assert rung["norm_images"] == 24 and rung["running_stats_val_acc"] == rung["curve"][-1]
+
     winner = raced / "race" / state["winner"]
     rung = [r for r in read_jsonl(winner / "metrics.jsonl") if r["epoch"] < race.RUNG_EPOCHS]  # kept, not trained again
     assert sum(r["epoch_seconds"] for r in rung) == state["rungs"][state["winner"]]["epoch_seconds"]
@@ -192,4 +197,31 @@ def test_the_race_comes_before_the_averaging(data, tmp_path, capsys):
     state = json.loads((run / "race.json").read_text())
     assert len(state["candidates"]) == 3 and state["averaging"] == {"wise": False, "soup": False}
     assert state["cost"]["estimate"] <= 1.5 and not (run / "wise.json").exists() and not (run / "soup.json").exists()
+    # full trains on batch statistics: its rung alone is scored after re-estimating them
+    assert [k for k, r in state["rungs"].items() if "norm_images" in r] == ["full"]
+    assert "BatchNorm statistics re-estimated on 24 training images" in (run / "report.md").read_text()
     assert "WiSE-FT and the soup left out: the race takes the budget" in capsys.readouterr().out
+
+
+def test_a_rung_on_batch_statistics_is_scored_after_re_estimating_them(data, tmp_path):
+    """Mid-schedule a candidate's running statistics lag its weights (full's rung on the digits:
+    0.53 on val, 0.94 re-estimated). Stale statistics, made here by shifting every running mean,
+    are re-estimated on training images before the score, in memory only; without splits (a
+    --bn eval candidate) the score is the stale one."""
+    from safetensors.torch import save_file
+
+    from layerwise.data import check_images, load_splits
+
+    run = tmp_path / "full"
+    assert main(["fit", str(data), *TINY, "--strategy", "full", "--epochs", "2", "--out", str(run)]) == 0
+    state = load_file(run / "best.safetensors")
+    stale = {k: v + 50 if k.endswith("running_mean") else v for k, v in state.items()}
+    save_file(stale, run / "best.safetensors")
+    splits = load_splits(str(data))
+    val = check_images(splits.val)[0]
+    as_is = race._rung_result(run, val)
+    settled = race._rung_result(run, val, splits)
+    assert "norm_images" not in as_is and settled["norm_images"] == len(splits.train)  # 24 < RUNG_NORM_IMAGES
+    assert settled["running_stats_val_acc"] == read_jsonl(run / "metrics.jsonl")[-1]["val_acc"]
+    assert settled["val_acc"] > as_is["val_acc"]
+    assert all(torch.equal(load_file(run / "best.safetensors")[k], v) for k, v in stale.items())  # nothing written

@@ -21,15 +21,28 @@ def test_a_race_costs_at_most_its_limit_probe_soup_and_wise_ft_included(epochs, 
         losers = len(raced) - 1 if soup else 0
         cost = (racecost.overhead(n_train, n_val, costs, probe=probe, wise=wise, soup_losers=losers)
                 + (epochs - racecost.RUNG_EPOCHS)
-                + sum(racecost.rung_cost(n_train, n_val, costs, first=i == 0) for i in range(len(raced))))
+                + sum(racecost.rung_cost(n_train, n_val, costs, first=i == 0, norm=i == 0) for i in range(len(raced))))
         assert cost <= limit * epochs + 1e-9
-        assert racecost.estimate(raced, epochs, n_train, n_val, costs, **parts) * epochs == pytest.approx(cost)
+        assert racecost.estimate(raced, epochs, n_train, n_val, costs, **parts,
+                                 norms=racecost.norm_rungs(order, len(raced))) * epochs == pytest.approx(cost)
     # whether a race happens does not depend on the favourite: it can be known before the probe
     assert all(bool(racecost.affordable(race.ordered(f), epochs, n_train, n_val, costs, **parts,
                                         limit=limit)) == bool(raced) for f in ("discriminative", "full", "lp-ft"))
     # a higher limit never races fewer
     more = racecost.affordable(order, epochs, n_train, n_val, costs, **parts, limit=limit + 0.5)
     assert len(more) >= len(raced)
+
+
+def test_one_rung_per_candidate_on_batch_statistics_is_priced_with_a_re_estimation():
+    """full trains on batch statistics, the others at --bn eval: a race prices one re-estimation
+    whoever is the favourite; a --bn the user gives holds for all three."""
+    for fav in ("discriminative", "full", "lp-ft"):
+        assert [racecost.norm_rungs(race.ordered(fav), k) for k in (2, 3)] == [1, 1]
+        assert [racecost.norm_rungs(race.ordered(fav, "eval"), k) for k in (2, 3)] == [0, 0]
+        assert [racecost.norm_rungs(race.ordered(fav, "train"), k) for k in (2, 3)] == [2, 3]
+    plain = racecost.rung_cost(1000, 250)
+    assert racecost.rung_cost(1000, 250, norm=True) - plain == pytest.approx(0.4 * 256 / (1000 + 0.4 * 250))
+    assert racecost.rung_cost(100, 25, norm=True) - racecost.rung_cost(100, 25) == pytest.approx(0.4 * 100 / 110)
 
 
 def test_each_loser_in_the_soup_costs_a_val_pass_and_a_re_estimation():
@@ -45,16 +58,17 @@ def test_each_loser_in_the_soup_costs_a_val_pass_and_a_re_estimation():
 def test_what_gtsrbs_held_out_split_affords():
     """1,000 training and 250 val images, the costs measured there (race-cost.md): up to 4
     epochs, no race (the probe alone is an epoch, and every rung is a full epoch of training:
-    lp-ft's too, from the probe's head); 5 race two, 8 three. The averaging comes after the race
-    and only where it still fits: WiSE-FT from 6 epochs and the soup from 7 (at 8, a third racer
-    takes their room again)."""
+    lp-ft's too, from the probe's head); 5 race two, 8 three (one rung, full's, re-estimates its
+    BatchNorm statistics). The averaging comes after the race and only where it still fits: at
+    6 the soup (WiSE-FT costs more: the probe model's set-up and two val passes), at 7 both (at 8,
+    a third racer takes their room again)."""
     def at(epochs, limit=1.5):
         p = racecost.plan(race.ordered("full"), epochs, 1000, 250, racecost.COSTS, probe=True, wise=True, soup=True,
                           limit=limit)
         return [c.strategy for c in p.raced], p.wise, p.soup
     assert racecost.COSTS == racecost.Costs(forward=0.4, probe=0.9, setup=150)
     two, three = ["full", "discriminative"], ["full", "discriminative", "lp-ft"]
-    assert [at(e) for e in (4, 5, 6, 7, 8, 9, 10)] == [([], False, False), (two, False, False), (two, True, False),
+    assert [at(e) for e in (4, 5, 6, 7, 8, 9, 10)] == [([], False, False), (two, False, False), (two, False, True),
                                                        (two, True, True), (three, False, False), (three, True, False),
                                                        (three, True, True)]
     # --race-cost 2.5: a user who would rather measure than save time races all three at 4 epochs, and averages
@@ -75,5 +89,5 @@ def test_the_plan_keeps_its_bound_and_races_whatever_the_averaging_and_the_favou
                for w in (False, True) for s in (False, True))
     if p.raced:
         assert p.cost == pytest.approx(racecost.estimate(p.raced, epochs, n_train, n_val, racecost.COSTS, probe=probe,
-                                                         wise=p.wise, soup=p.soup))
+                                                         wise=p.wise, soup=p.soup, norms=1))  # full's rung
     assert racecost.overhead(1000, 250, racecost.COSTS, probe=False, wise=False) == 0.0

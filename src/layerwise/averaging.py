@@ -37,17 +37,17 @@ State = Mapping[str, torch.Tensor]
 
 
 class NormBatches:
-    """Training images for BatchNorm re-estimation, spread over the classes, decoded once on
-    the first mix that needs them."""
+    """``images`` training images for BatchNorm re-estimation, spread over the classes, decoded
+    once on the first mix that needs them."""
 
-    def __init__(self, splits: Splits, score: Scorer) -> None:
-        self._splits, self._score, self._batches = splits, score, list[torch.Tensor]()
+    def __init__(self, splits: Splits, score: Scorer, images: int = WISE_NORM_IMAGES) -> None:
+        self._splits, self._score, self._images, self._batches = splits, score, images, list[torch.Tensor]()
 
     def __call__(self) -> list[torch.Tensor]:
         from layerwise.loaders import ordered_loader
 
         if not self._batches:
-            picked = [self._splits.train[i] for i in spread(len(self._splits.train), WISE_NORM_IMAGES)]
+            picked = [self._splits.train[i] for i in spread(len(self._splits.train), self._images)]
             ds = ImageDataset(check_images(picked)[0], self._score.run.transform())
             self._batches.extend(x.to(self._score.device) for x, _ in ordered_loader(ds, self._score.batch_size, 0))
         return self._batches

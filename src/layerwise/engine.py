@@ -31,7 +31,7 @@ from layerwise.data import Splits, spread, write_skipped
 from layerwise.distributed import DistInfo, from_env, shutdown
 from layerwise.errors import LayerwiseError
 from layerwise.evidence import ProbeInputs, begin_at_probe, probe_evidence, record_probe, run_probe
-from layerwise.freeze import recalibrate_norms, set_trainable
+from layerwise.freeze import has_norms, recalibrate_norms, set_trainable
 from layerwise.groups import head_module
 from layerwise.hardware import Amp, pick_device, to_device
 from layerwise.loaders import Loaders, make_loaders, ordered_loader, set_train_side, unsharded, with_eval_transform
@@ -86,8 +86,7 @@ def prepare(cfg: RunConfig, info: DistInfo = DistInfo()) -> Prepared:
     c, model = ms.resolved.config, ms.loaded.model
     if ms.resolved.budget:
         say(ms.resolved.budget)
-    if c.batch_size == 1 and c.bn != "eval" and any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if c.batch_size == 1 and c.bn != "eval" and has_norms(model):
         raise LayerwiseError(f"--batch-size 1 cannot train {ms.loaded.name}'s BatchNorm layers on batch statistics "
                              "(one value per channel); use --batch-size 2 or more, or --bn eval")
     device = pick_device(c.device)

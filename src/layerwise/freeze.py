@@ -111,6 +111,11 @@ def trainable_summary(model: nn.Module, groups: Sequence[LayerGroup]) -> str:
     return "\n".join(rows)
 
 
+def has_norms(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers, whose running statistics a run can move."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 @torch.no_grad()
 def recalibrate_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Re-estimate every BatchNorm's running statistics as an exact average over

@@ -30,7 +30,7 @@ from layerwise.config import AUTO_MODEL, RunConfig
 from layerwise.data import Splits, check_images
 from layerwise.groups import head_module
 from layerwise.progress import say
-from layerwise.racecost import COSTS, RUNG_EPOCHS, Candidate, RacePlan, estimate, plan
+from layerwise.racecost import COSTS, RUNG_EPOCHS, RUNG_NORM_IMAGES, Candidate, RacePlan, estimate, norm_rungs, plan
 from layerwise.resolve import Resolved
 
 # The strategies auto's threshold rule chooses among, each at its recommended --bn.
@@ -42,11 +42,12 @@ CANDIDATES: dict[str, Candidate] = {
 Z95 = 1.96  # a lead smaller than this many standard errors of the paired difference is noise
 
 
-def ordered(favourite: str) -> list[Candidate]:
-    """The candidates, the threshold rule's favourite (``auto:X`` or ``X``) first."""
+def ordered(favourite: str, bn: str | None = None) -> list[Candidate]:
+    """The candidates, the threshold rule's favourite (``auto:X`` or ``X``) first; a ``--bn``
+    the user gave holds for every one."""
     fav = favourite.removeprefix("auto:")
     first = [CANDIDATES[fav]] if fav in CANDIDATES else []
-    return first + [c for k, c in CANDIDATES.items() if k != fav]
+    return [dataclasses.replace(c, bn=bn or c.bn) for c in first + [c for k, c in CANDIDATES.items() if k != fav]]
 
 
 @dataclass(frozen=True)
@@ -120,15 +121,16 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
             n_train, n_val = len(splits.train), len(splits.val)
 
             def race_plan(favourite: str) -> RacePlan:
-                return plan(ordered(favourite), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
+                return plan(ordered(favourite, cfg.bn), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
                             wise=cfg.wise, soup=cfg.soup, limit=cfg.race_cost)
 
             # whether a race happens depends on neither the favourite nor the averaging
             # (racecost.plan), so it is known before the probe
             head = head_module(p.model.loaded.model, p.model.groups)
             if not race_plan("discriminative").raced or head is None:
-                price = estimate(ordered("discriminative")[:2], epochs, n_train, n_val, COSTS,
-                                 probe=cfg.probe_skill is None, wise=False, soup=False)  # every rung costs alike
+                order = ordered("discriminative", cfg.bn)  # the price of a race of two is the favourite's too
+                price = estimate(order[:2], epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None, wise=False,
+                                 soup=False, norms=norm_rungs(order, 2))
                 why = (f"{epochs} epochs of {n_train} images afford no race within {cfg.race_cost:g}x one run "
                        f"(--race-cost; the cheapest race, probe included, costs about {price:.2f}x)"
                        if head is not None else "the model has no linear head")
@@ -169,9 +171,10 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     for name, sub in runs.items():
         if name not in state["rungs"]:
             _rung(sub, state["rung_epochs"])
-            state["rungs"][name] = _rung_result(Path(sub.out), val)
+            state["rungs"][name] = _rung_result(Path(sub.out), val, splits if sub.bn != "eval" else None)
             save()
-        say(f"race: {name}: val acc {state['rungs'][name]['val_acc']:.4f} after {state['rung_epochs']} epoch(s)")
+        say(f"race: {name}: val acc {state['rungs'][name]['val_acc']:.4f} after {state['rung_epochs']} epoch(s)"
+            + _norm_note(state["rungs"][name]))
     if state["winner"] is None:
         outcomes = {k: _bits(v["correct"]) for k, v in state["rungs"].items()}
         verdict = pick(outcomes, list(runs))
@@ -234,16 +237,30 @@ def _rung(sub: RunConfig, epochs: int) -> None:
     engine.fit(sub, resume=started, overwrite=not started, until=epochs)
 
 
-def _rung_result(run: Path, val: Sequence[tuple]) -> dict:
+def _rung_result(run: Path, val: Sequence[tuple], norm_from: Splits | None = None) -> dict:
     """A paused candidate: its val accuracy per epoch, and its best weights' right/wrong on
-    each val image (the same images for every candidate: the comparison is paired)."""
+    each val image (the same images for every candidate: the comparison is paired). With
+    ``norm_from`` (a candidate on batch statistics) its BatchNorm statistics are re-estimated on
+    training images first, in memory only: mid-schedule its running statistics lag its weights
+    (racecost.RUNG_NORM_IMAGES), which would rank it below what it has learnt."""
+    from layerwise.averaging import NormBatches
+    from layerwise.freeze import has_norms, recalibrate_norms
     from layerwise.inference import validated_scorer
 
     rows = read_jsonl(rundir.RunDir(run).metrics)
-    ev = validated_scorer(run)(val)  # the rung's accuracy is its metrics row's
+    score = validated_scorer(run)
+    seen = recalibrate_norms(score.run.model, NormBatches(norm_from, score, RUNG_NORM_IMAGES)()) if (
+        norm_from is not None and has_norms(score.run.model)) else 0
+    ev = score(val)  # without a re-estimation, the rung's accuracy is its metrics row's
     return {"val_acc": ev.acc, "curve": [r["val_acc"] for r in rows],
             "epoch_seconds": sum(r["epoch_seconds"] for r in rows),
-            "correct": "".join("1" if ok else "0" for ok in (ev.preds == ev.labels).tolist())}
+            "correct": "".join("1" if ok else "0" for ok in (ev.preds == ev.labels).tolist())} | (
+        {"norm_images": seen, "running_stats_val_acc": rows[-1]["val_acc"]} if seen else {})
+
+
+def _norm_note(rung: dict) -> str:
+    return (f" (BatchNorm statistics re-estimated on {rung['norm_images']} training images; "
+            f"{rung['running_stats_val_acc']:.4f} with its running ones)" if "norm_images" in rung else "")
 
 
 def _bits(text: str) -> torch.Tensor:
@@ -286,5 +303,6 @@ def race_section(state: dict) -> str:
              "| candidate | val acc per epoch | at the rung | outcome |", "|---|---|---:|---|"]
     for name, res in state["rungs"].items():
         outcome = "won" if name == state["winner"] else state["stopped"].get(name, "")
-        lines.append(f"| {name} | {' / '.join(f'{a:.4f}' for a in res['curve'])} | {res['val_acc']:.4f} | {outcome} |")
+        lines.append(f"| {name} | {' / '.join(f'{a:.4f}' for a in res['curve'])} | {res['val_acc']:.4f}"
+                     f"{_norm_note(res)} | {outcome} |")
     return "\n".join([*lines, "", f"Verdict: {state['reason']}.", ""])
