@@ -78,14 +78,15 @@ RULES: dict[str, Rule] = {"cheapest within the noise (backbones.choose)": cheape
 
 
 def rule_outcome(by_model: dict[str, list[dict]], rule: Rule) -> dict[tuple[str, int], str]:
-    """(dataset, seed) -> the backbone ``rule`` picks from --model auto's recorded probes, where
-    every backbone's own auto has run too (so the pick's test accuracy is known)."""
+    """(dataset, seed) -> the backbone ``rule`` picks from --model auto's recorded probes of the
+    backbones whose own auto has run there too (so the pick's test accuracy is known)."""
     out = {}
     for key in shared(by_model):
         rec = pick(by_model, "auto", key)
         bb = rec["backbone"]
+        probes = {k: v for k, v in bb["probe_val"].items() if k in by_model}
         # before backbone.json recorded n_val: the test half's size (val and test halve each class)
-        out[key] = rule(bb["probe_val"], bb["gflops"], bb.get("n_val") or len(rec["test_correct"]))
+        out[key] = rule(probes, bb["gflops"], bb.get("n_val") or len(rec["test_correct"]))
     return out
 
 
@@ -141,7 +142,8 @@ def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]
         acc = over_datasets(lambda k, p=picks: pick(by_model, p[k], k)["test"], list(picks))
         counts = ", ".join(f"{SHORT[b]} {sum(v == b for v in picks.values())}" for b in BACKBONES
                            if any(v == b for v in picks.values()))
-        out.append(f"- rule *{name}* on the recorded probes: mean test {acc:.3f} ({counts})")
+        out.append(f"- rule *{name}* on the recorded probes of {', '.join(SHORT[m] for m in BACKBONES if m in by_model)}:"
+                   f" mean test {acc:.3f} ({counts})")
     return out
 
 

@@ -62,9 +62,18 @@ def test_the_table_scores_each_rule_by_the_picked_backbones_own_auto():
     text = "\n".join(lines)
     assert "`--model auto` − Lite0's auto (the best single backbone): -50.0 [" in text
     assert "wall time 1.20× its" in text
-    assert "rule *cheapest within the noise (backbones.choose)* on the recorded probes: mean test 0.500 (SqueezeNet 1)" in text
-    assert "rule *best probe* on the recorded probes: mean test 1.000 (Lite0 1)" in text
-    assert "rule *largest within the noise* on the recorded probes: mean test 0.500 (Lite2 1)" in text
+    assert "rule *cheapest within the noise (backbones.choose)* on the recorded probes of Lite0, Lite1, Lite2, SqueezeNet: mean test 0.500 (SqueezeNet 1)" in text
+    assert "rule *best probe* on the recorded probes of Lite0, Lite1, Lite2, SqueezeNet: mean test 1.000 (Lite0 1)" in text
+    assert "rule *largest within the noise* on the recorded probes of Lite0, Lite1, Lite2, SqueezeNet: mean test 0.500 (Lite2 1)" in text
+
+
+def test_a_rule_picks_among_the_backbones_whose_own_auto_ran():
+    """Lite2's probe is the best, but its own auto has not run: the rule picks among the others."""
+    probe = {"efficientnet_lite0": 0.80, "efficientnet_lite2": 0.95, "squeezenet1_1": 0.60}
+    by_model = {"efficientnet_lite0": [rec("efficientnet_lite0", "x", "11")], "squeezenet1_1": [rec("squeezenet1_1", "x", "10")],
+                "auto": [auto_rec("x", "11", "efficientnet_lite2", probe, n_val=1000)]}
+    assert rule_outcome(by_model, best_probe) == {("x", 0): "efficientnet_lite0"}
+    assert "on the recorded probes of Lite0, SqueezeNet: mean test 1.000 (Lite0 1)" in "\n".join(table(by_model, None))
 
 
 def test_only_datasets_every_backbone_ran_are_compared():
