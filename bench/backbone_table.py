@@ -102,27 +102,40 @@ def mean_test(by_model: dict[str, list[dict]], model: str, keys: Sequence[tuple[
 
 
 def table(by_model: dict[str, list[dict]], speed: dict | None) -> list[str]:
-    models = [m for m in (*BACKBONES, "auto") if m in by_model]
-    keys = shared({m: by_model[m] for m in models})
-    datasets = sorted({d for d, _ in keys})
+    """The single backbones over the datasets they all ran; then ``--model auto`` over the
+    datasets where it has run too, with its comparisons."""
+    singles = [m for m in BACKBONES if m in by_model]
+    keys = shared({m: by_model[m] for m in singles})
     seeds = sorted({s for _, s in keys})
     lines = [f"Test accuracy of each backbone's `auto` (seeds {', '.join(map(str, seeds))}; 112 px; the suite's "
              f"held-out splits, `bench/suite.py --test-split --model MODEL --variants auto`).", "",
-             "| dataset | " + " | ".join(SHORT[m] for m in models) + " | `--model auto` chose |",
-             "|---|" + "---:|" * len(models) + "---|"]
-    for d in datasets:
+             *grid(by_model, singles, keys, speed)]
+    if "auto" in by_model:
+        both = shared(by_model)
+        lines += ["", f"`--model auto` on the {len({d for d, _ in both})} datasets where it has run:", "",
+                  *grid(by_model, [*singles, "auto"], both, None), "", *comparisons(by_model, both)]
+    return lines
+
+
+def grid(by_model: dict[str, list[dict]], models: Sequence[str], keys: Sequence[tuple[str, int]],
+         speed: dict | None) -> list[str]:
+    """Per dataset and on average: each model's test accuracy, wall time and (``speed``) img/s."""
+    chose = "auto" in models
+    lines = ["| dataset | " + " | ".join(SHORT[m] for m in models) + (" | `--model auto` chose |" if chose else " |"),
+             "|---|" + "---:|" * len(models) + ("---|" if chose else "")]
+    end = " | |" if chose else " |"
+    for d in sorted({d for d, _ in keys}):
         ks = [k for k in keys if k[0] == d]
-        chosen = ", ".join(SHORT[pick(by_model, "auto", k)["backbone"]["chosen"]] for k in ks) if "auto" in models else ""
-        lines.append(f"| {d} | " + " | ".join(f"{mean_test(by_model, m, ks):.3f}" for m in models) + f" | {chosen} |")
-    lines.append("| **mean** | " + " | ".join(f"**{mean_test(by_model, m, keys):.3f}**" for m in models) + " | |")
+        picked = ", ".join(SHORT[pick(by_model, "auto", k)["backbone"]["chosen"]] for k in ks) if chose else ""
+        lines.append(f"| {d} | " + " | ".join(f"{mean_test(by_model, m, ks):.3f}" for m in models)
+                     + (f" | {picked} |" if chose else " |"))
+    lines.append("| **mean** | " + " | ".join(f"**{mean_test(by_model, m, keys):.3f}**" for m in models) + end)
     walls = {m: over_datasets(lambda k, m=m: pick(by_model, m, k)["wall"], keys) for m in models}
-    lines.append("| wall s (mean) | " + " | ".join(f"{walls[m]:.0f}" for m in models) + " | |")
+    lines.append("| wall s (mean) | " + " | ".join(f"{walls[m]:.0f}" for m in models) + end)
     if speed:
         rates = speed["rates"]
         for what, label in (("train", "train img/s"), ("infer", "inference img/s")):
-            lines.append(f"| {label} | " + " | ".join(f"{rates[m][what]:.0f}" if m in rates else "" for m in models) + " | |")
-    if "auto" in models:
-        lines += ["", *comparisons(by_model, keys)]
+            lines.append(f"| {label} | " + " | ".join(f"{rates[m][what]:.0f}" if m in rates else "" for m in models) + end)
     return lines
 
 
@@ -136,7 +149,7 @@ def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]
                               [pick(by_model, m, k) for k in keys if k[0] == d]) for d in sorted({d for d, _ in keys})]
         ratio = over_datasets(lambda k, m=m: pick(by_model, "auto", k)["wall"] / pick(by_model, m, k)["wall"], keys)
         out.append(f"- `--model auto` − {SHORT[m]}'s auto{' (the best single backbone)' if m == best else ''}: "
-                   f"{suite_diff(mats).cell()} points; wall time {ratio:.2f}× its")
+                   f"{suite_diff(mats).cell().replace(']', '] points', 1)}; wall time {ratio:.2f}× its")
     for name, rule in RULES.items():
         picks = rule_outcome(by_model, rule)
         acc = over_datasets(lambda k, p=picks: pick(by_model, p[k], k)["test"], list(picks))

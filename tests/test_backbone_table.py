@@ -60,7 +60,7 @@ def test_the_table_scores_each_rule_by_the_picked_backbones_own_auto():
     assert "| x | 1.000 | 0.750 | 0.500 | 0.500 | 0.500 | SqueezeNet |" in lines
     assert "| wall s (mean) | 10 | 10 | 10 | 3 | 12 | |" in lines
     text = "\n".join(lines)
-    assert "`--model auto` − Lite0's auto (the best single backbone): -50.0 [" in text
+    assert "`--model auto` − Lite0's auto (the best single backbone): -50.0 [" in text and "] points" in text
     assert "wall time 1.20× its" in text
     assert "rule *cheapest within the noise (backbones.choose)* on the recorded probes of Lite0, Lite1, Lite2, SqueezeNet: mean test 0.500 (SqueezeNet 1)" in text
     assert "rule *best probe* on the recorded probes of Lite0, Lite1, Lite2, SqueezeNet: mean test 1.000 (Lite0 1)" in text
@@ -94,3 +94,26 @@ def test_the_readme_block_is_the_committed_results():
     speed = results / "backbone-speed.json"
     block = readme_block(load(results), json.loads(speed.read_text()) if speed.is_file() else None)
     assert readme[readme.index(README_BEGIN):readme.index(README_END) + len(README_END)] == block
+
+
+def test_the_backbone_figures_in_concepts_md_are_the_suites():
+    """docs/concepts.md quotes SqueezeNet's auto against Lite0's and both fine-tuning gains over
+    their probes: recomputed here from the committed results."""
+    import statistics
+
+    by_model = load(ROOT / "bench" / "results")
+    lite0, squeeze = ({(r["dataset"], r["seed"]): r for r in by_model[m]} for m in ("efficientnet_lite0", "squeezenet1_1"))
+    keys = sorted(set(lite0) & set(squeeze))
+    words = {7: "seven", 8: "eight"}
+
+    def mean(rs, f):
+        return statistics.fmean(f(r) for r in rs)
+
+    lo, sq = [lite0[k] for k in keys], [squeeze[k] for k in keys]
+    below = sum(s["test"] < m["test"] for s, m in zip(sq, lo))
+    docs = " ".join((ROOT / "docs" / "concepts.md").read_text().split())
+    assert below == len(keys)
+    assert (f"ended below Lite0's on all {words[len(keys)]} held-out splits where both ran (mean "
+            f"{mean(sq, lambda r: r['test']):.3f} against {mean(lo, lambda r: r['test']):.3f})") in docs
+    assert (f"Fine-tuning took Lite0 {100 * mean(lo, lambda r: r['test'] - r['probe_acc']):.1f} points above its probe "
+            f"on average and SqueezeNet {-100 * mean(sq, lambda r: r['test'] - r['probe_acc']):.1f} below") in docs
