@@ -19,10 +19,11 @@ from pathlib import Path
 
 from heldout import paired_matrix, suite_diff, with_block
 
+from layerwise.backbones import Candidate, choose, noise
+
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "squeezenet1_1")
 SHORT = {"efficientnet_lite0": "Lite0", "efficientnet_lite1": "Lite1", "efficientnet_lite2": "Lite2",
          "squeezenet1_1": "SqueezeNet", "auto": "--model auto"}
-Z95 = 1.96
 README_BEGIN = "<!-- backbone table: written by `python bench/backbone_table.py --readme` -->"
 README_END = "<!-- end of the backbone table -->"
 
@@ -53,15 +54,17 @@ Rule = Callable[[dict[str, float], dict[str, float], int], str]
 
 
 def in_noise(probe: dict[str, float], n_val: int) -> list[str]:
-    """The backbones whose probe is within 1.96 binomial s.e. of the best one's."""
+    """The backbones whose probe is within the noise (backbones.noise) of the best one's."""
     top = max(probe.values())
-    se = (max(top * (1 - top), 1e-9) / max(n_val, 1)) ** 0.5
-    return [k for k in probe if probe[k] >= top - Z95 * se]
+    return [k for k in probe if probe[k] >= top - noise(top, n_val)]
 
 
 def cheapest_in_noise(probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:
-    """backbones.choose's rule: the cheapest whose probe is within the noise of the best."""
-    return min(in_noise(probe, n_val), key=lambda k: gflops[k])
+    """backbones.choose itself: the cheapest whose probe is within the noise of the best (it
+    reads a candidate's name, probe accuracy and GFLOPs only)."""
+    rows = [Candidate(k, acc, skill=0.0, knn_acc=None, img_size=0, gflops=gflops[k], seconds=0.0)
+            for k, acc in probe.items()]
+    return choose(rows, n_val)[0]
 
 
 def largest_in_noise(probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:

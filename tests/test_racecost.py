@@ -23,8 +23,7 @@ def test_a_race_costs_at_most_its_limit_probe_soup_and_wise_ft_included(epochs, 
                 + (epochs - racecost.RUNG_EPOCHS)
                 + sum(racecost.rung_cost(n_train, n_val, costs, first=i == 0, norm=i == 0) for i in range(len(raced))))
         assert cost <= limit * epochs + 1e-9
-        assert racecost.estimate(raced, epochs, n_train, n_val, costs, **parts,
-                                 norms=racecost.norm_rungs(order, len(raced))) * epochs == pytest.approx(cost)
+        assert racecost.estimate(raced, epochs, n_train, n_val, costs, **parts, order=order) * epochs == pytest.approx(cost)
     # whether a race happens does not depend on the favourite: it can be known before the probe
     assert all(bool(racecost.affordable(race.ordered(f), epochs, n_train, n_val, costs, **parts,
                                         limit=limit)) == bool(raced) for f in ("discriminative", "full", "lp-ft"))
@@ -89,5 +88,5 @@ def test_the_plan_keeps_its_bound_and_races_whatever_the_averaging_and_the_favou
                for w in (False, True) for s in (False, True))
     if p.raced:
         assert p.cost == pytest.approx(racecost.estimate(p.raced, epochs, n_train, n_val, racecost.COSTS, probe=probe,
-                                                         wise=p.wise, soup=p.soup, norms=1))  # full's rung
+                                                         wise=p.wise, soup=p.soup, order=race.ordered(fav)))
     assert racecost.overhead(1000, 250, racecost.COSTS, probe=False, wise=False) == 0.0

@@ -14,6 +14,7 @@ folder, so a repeat after a kill starts from them again and makes the same choic
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -65,12 +66,8 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
     winner_acc = score(val).acc
     out: dict = {"winner_val_acc": winner_acc}
     acc, kept = winner_acc, {}
-    checked: list[tuple[list, list[dict]]] = []
-
-    def test() -> tuple[list, list[dict]]:  # DATA/test decoded once, and only if a mix needs a score
-        if not checked:
-            checked.append(check_images(splits.test))
-        return checked[0]
+    # DATA/test decoded once, and only if a mix needs a score
+    test: Callable[[], tuple[list, list[dict]]] = functools.cache(lambda: check_images(splits.test))
 
     if cfg.soup and losers:
         out["soup"] = _soup(model, winner_acc, losers, lambda: score(val).acc, norm)

@@ -55,15 +55,21 @@ def forward_gflops(model: torch.nn.Module, side: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def noise(acc: float, n_val: int) -> float:
+    """1.96 binomial standard errors of an accuracy ``acc`` on ``n_val`` images: a probe this
+    close to the best cannot be told from it."""
+    return Z95 * math.sqrt(max(acc * (1 - acc), 1e-9) / max(n_val, 1))
+
+
 def choose(rows: list[Candidate], n_val: int) -> tuple[str, str]:
     """The backbone and why (see the module docstring)."""
     best = max(rows, key=lambda r: r.val_acc)
-    se = math.sqrt(max(best.val_acc * (1 - best.val_acc), 1e-9) / max(n_val, 1))
-    close = [r for r in rows if r.val_acc >= best.val_acc - Z95 * se]
+    band = noise(best.val_acc, n_val)
+    close = [r for r in rows if r.val_acc >= best.val_acc - band]
     pick = min(close, key=lambda r: r.gflops)
     if pick is best:
         return pick.name, f"best probe val accuracy ({best.val_acc:.3f})"
-    return pick.name, (f"cheapest within the noise of the best ({best.name} {best.val_acc:.3f}, ±{Z95 * se:.3f} on "
+    return pick.name, (f"cheapest within the noise of the best ({best.name} {best.val_acc:.3f}, ±{band:.3f} on "
                        f"{n_val} val images): {pick.val_acc:.3f} at {pick.gflops:.2f} GFLOPs per image")
 
 

@@ -24,13 +24,23 @@ from pathlib import Path
 import torch
 
 from layerwise import backbones, rundir
-from layerwise.averaging import finish
+from layerwise.averaging import NormBatches, finish
 from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
 from layerwise.config import AUTO_MODEL, RunConfig
 from layerwise.data import Splits, check_images
+from layerwise.freeze import has_norms, recalibrate_norms
 from layerwise.groups import head_module
 from layerwise.progress import say
-from layerwise.racecost import COSTS, RUNG_EPOCHS, RUNG_NORM_IMAGES, Candidate, RacePlan, estimate, norm_rungs, plan
+from layerwise.racecost import (
+    COSTS,
+    RUNG_EPOCHS,
+    RUNG_NORM_IMAGES,
+    Candidate,
+    RacePlan,
+    estimate,
+    on_batch_statistics,
+    plan,
+)
 from layerwise.resolve import Resolved
 
 # The strategies auto's threshold rule chooses among, each at its recommended --bn.
@@ -130,7 +140,7 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
             if not race_plan("discriminative").raced or head is None:
                 order = ordered("discriminative", cfg.bn)  # the price of a race of two is the favourite's too
                 price = estimate(order[:2], epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None, wise=False,
-                                 soup=False, norms=norm_rungs(order, 2))
+                                 soup=False, order=order)
                 why = (f"{epochs} epochs of {n_train} images afford no race within {cfg.race_cost:g}x one run "
                        f"(--race-cost; the cheapest race, probe included, costs about {price:.2f}x)"
                        if head is not None else "the model has no linear head")
@@ -171,7 +181,7 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     for name, sub in runs.items():
         if name not in state["rungs"]:
             _rung(sub, state["rung_epochs"])
-            state["rungs"][name] = _rung_result(Path(sub.out), val, splits if sub.bn != "eval" else None)
+            state["rungs"][name] = _rung_result(Path(sub.out), val, splits if on_batch_statistics(sub.bn) else None)
             save()
         say(f"race: {name}: val acc {state['rungs'][name]['val_acc']:.4f} after {state['rung_epochs']} epoch(s)"
             + _norm_note(state["rungs"][name]))
@@ -243,8 +253,6 @@ def _rung_result(run: Path, val: Sequence[tuple], norm_from: Splits | None = Non
     ``norm_from`` (a candidate on batch statistics) its BatchNorm statistics are re-estimated on
     training images first, in memory only: mid-schedule its running statistics lag its weights
     (racecost.RUNG_NORM_IMAGES), which would rank it below what it has learnt."""
-    from layerwise.averaging import NormBatches
-    from layerwise.freeze import has_norms, recalibrate_norms
     from layerwise.inference import validated_scorer
 
     rows = read_jsonl(rundir.RunDir(run).metrics)

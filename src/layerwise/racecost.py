@@ -71,11 +71,17 @@ def rung_cost(n_train: int, n_val: int, costs: Costs = COSTS, *, first: bool = F
     return steps / _epoch(n_train, n_val, costs)
 
 
+def on_batch_statistics(bn: str | None) -> bool:
+    """Whether a candidate at this ``--bn`` moves its BatchNorm running statistics as it trains
+    (every mode but ``eval``), so that its rung is scored after re-estimating them."""
+    return bn != "eval"
+
+
 def norm_rungs(order: Sequence[Candidate], raced: int) -> int:
     """Rungs priced with a BatchNorm re-estimation in a race of ``raced`` candidates from
-    ``order``: one per candidate on batch statistics (not ``--bn eval``) in the whole order, at
-    most one per rung, so the price never depends on which candidate is the favourite."""
-    return min(raced, sum(c.bn != "eval" for c in order))
+    ``order``: one per candidate on batch statistics in the whole order, at most one per rung,
+    so the price never depends on which candidate is the favourite."""
+    return min(raced, sum(on_batch_statistics(c.bn) for c in order))
 
 
 def overhead(n_train: int, n_val: int, costs: Costs = COSTS, *, probe: bool, wise: bool, soup_losers: int = 0) -> float:
@@ -100,17 +106,18 @@ def affordable(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int
     wins)."""
     raced = list(order[:1])
     for c in order[1:]:
-        norms = norm_rungs(order, len(raced) + 1)
-        if estimate([*raced, c], epochs, n_train, n_val, costs, probe=probe, wise=wise, soup=soup, norms=norms) <= limit:
+        if estimate([*raced, c], epochs, n_train, n_val, costs, probe=probe, wise=wise, soup=soup, order=order) <= limit:
             raced.append(c)
     return raced if len(raced) > 1 else []
 
 
 def estimate(raced: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *,
-             probe: bool, wise: bool, soup: bool, norms: int = 0) -> float:
-    """What auto's whole run costs with ``raced``, in runs of one fixed strategy (what
-    ``--race-cost`` bounds): the overhead, every rung (``norms`` of them with a BatchNorm
-    re-estimation), the winner's remaining epochs."""
+             probe: bool, wise: bool, soup: bool, order: Sequence[Candidate] | None = None) -> float:
+    """What auto's whole run costs with ``raced``, the first candidates of ``order`` (default:
+    ``raced`` itself), in runs of one fixed strategy (what ``--race-cost`` bounds): the overhead,
+    every rung (:func:`norm_rungs` of them with a BatchNorm re-estimation), the winner's
+    remaining epochs."""
+    norms = norm_rungs(raced if order is None else order, len(raced))
     rungs = sum(rung_cost(n_train, n_val, costs, first=i == 0, norm=i < norms) for i in range(len(raced)))
     losers = len(raced) - 1 if soup else 0
     return (overhead(n_train, n_val, costs, probe=probe, wise=wise, soup_losers=losers) + rungs + epochs - RUNG_EPOCHS) / epochs
@@ -137,8 +144,7 @@ def plan(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int, cost
     raced = affordable(order, epochs, n_train, n_val, costs, probe=probe, wise=False, soup=False, limit=limit)
 
     def price(w: bool, s: bool) -> float:
-        return estimate(raced, epochs, n_train, n_val, costs, probe=probe, wise=w, soup=s,
-                        norms=norm_rungs(order, len(raced)))
+        return estimate(raced, epochs, n_train, n_val, costs, probe=probe, wise=w, soup=s, order=order)
 
     fits_wise = bool(raced) and wise and price(True, False) <= limit
     fits_soup = bool(raced) and soup and price(fits_wise, True) <= limit
