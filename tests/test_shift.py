@@ -56,7 +56,8 @@ def test_channels_last_gives_the_same_shift():
         with measure_bn_shift(bn) as meter:
             bn(inp)
         values.append(meter.value())
-    assert values[0] == pytest.approx(values[1], rel=1e-9)
+    # float32 sums per image run in memory order: equal to rounding, not bit for bit
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
 
 
 @pytest.mark.parametrize("model", [
