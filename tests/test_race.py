@@ -110,7 +110,7 @@ def test_the_winner_trains_exactly_the_steps_of_an_uninterrupted_run(raced, tmp_
 
 def test_a_race_stopped_part_way_resumes_into_the_same_race(raced, data, tmp_path, monkeypatch):
     calls = []
-    real = race._rung_result
+    real = race.rung_result
 
     def second_stops(*args):
         calls.append(1)
@@ -119,11 +119,11 @@ def test_a_race_stopped_part_way_resumes_into_the_same_race(raced, data, tmp_pat
         return real(*args)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(race, "_rung_result", second_stops)
+    monkeypatch.setattr(race, "rung_result", second_stops)
     assert _race(data, run) == 130
     state = json.loads((run / "race.json").read_text())
     assert len(state["rungs"]) == 1 and state["winner"] is None
-    monkeypatch.setattr(race, "_rung_result", real)
+    monkeypatch.setattr(race, "rung_result", real)
     assert main(["fit", "--resume", str(run)]) == 0
     done, ref = json.loads((run / "race.json").read_text()), json.loads((raced / "race.json").read_text())
     def outcomes(state):  # everything but the wall times
@@ -219,8 +219,8 @@ def test_a_rung_on_batch_statistics_is_scored_after_re_estimating_them(data, tmp
     save_file(stale, run / "best.safetensors")
     splits = load_splits(str(data))
     val = check_images(splits.val)[0]
-    as_is = race._rung_result(run, val)
-    settled = race._rung_result(run, val, splits)
+    as_is = race.rung_result(run, val)
+    settled = race.rung_result(run, val, splits)
     assert "norm_images" not in as_is and settled["norm_images"] == len(splits.train)  # 24 < RUNG_NORM_IMAGES
     assert settled["running_stats_val_acc"] == read_jsonl(run / "metrics.jsonl")[-1]["val_acc"]
     assert settled["val_acc"] > as_is["val_acc"]

@@ -173,15 +173,15 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     splits = splits or load_data(cfg)
     val = check_images(splits.val)[0]  # a score cannot skip a file: unchecked large data is checked here
     settings = state["settings"]
-    runs = {c["name"]: _candidate_config(cfg, settings, c, run) for c in state["candidates"]}
+    runs = {c["name"]: candidate_config(cfg, settings, c, run) for c in state["candidates"]}
     priced = (f", about {state['cost']['estimate']:.2f}x one run in all (limit {state['cost']['limit']:g}x)"
               if "cost" in state else "")
     say(f"auto: racing {', '.join(runs)} for {state['rung_epochs']} epoch(s) each (favourite first: "
         f"{state['favourite']}{priced}); then the winner continues from its checkpoint")
     for name, sub in runs.items():
         if name not in state["rungs"]:
-            _rung(sub, state["rung_epochs"])
-            state["rungs"][name] = _rung_result(Path(sub.out), val, splits if on_batch_statistics(sub.bn) else None)
+            train_rung(sub, state["rung_epochs"])
+            state["rungs"][name] = rung_result(Path(sub.out), val, splits if on_batch_statistics(sub.bn) else None)
             save()
         say(f"race: {name}: val acc {state['rungs'][name]['val_acc']:.4f} after {state['rung_epochs']} epoch(s)"
             + _norm_note(state["rungs"][name]))
@@ -226,7 +226,7 @@ def _new_state(r: Resolved, raced: list[Candidate]) -> dict:
             "rungs": {}, "winner": None, "reason": None, "stopped": {}, "promoted": False}
 
 
-def _candidate_config(cfg: RunConfig, settings: dict, c: dict, run: Path) -> RunConfig:
+def candidate_config(cfg: RunConfig, settings: dict, c: dict, run: Path) -> RunConfig:
     """A fixed-strategy run with auto's budget (epochs, batch, patience, size): the user's
     other settings, including a --bn they gave, hold for every candidate. ``lp-ft`` starts
     from the probe's head, as auto's own lp-ft does: the probe *is* its linear-probing stage,
@@ -239,7 +239,7 @@ def _candidate_config(cfg: RunConfig, settings: dict, c: dict, run: Path) -> Run
                                probe_skill=None, bn_shift=None, **lp, out=str(run / rundir.RACE_DIR / c["name"]))
 
 
-def _rung(sub: RunConfig, epochs: int) -> None:
+def train_rung(sub: RunConfig, epochs: int) -> None:
     """Train a candidate to the end of its rung (or on from where a kill left it)."""
     from layerwise import engine
 
@@ -247,7 +247,7 @@ def _rung(sub: RunConfig, epochs: int) -> None:
     engine.fit(sub, resume=started, overwrite=not started, until=epochs)
 
 
-def _rung_result(run: Path, val: Sequence[tuple], norm_from: Splits | None = None) -> dict:
+def rung_result(run: Path, val: Sequence[tuple], norm_from: Splits | None = None) -> dict:
     """A paused candidate: its val accuracy per epoch, and its best weights' right/wrong on
     each val image (the same images for every candidate: the comparison is paired). With
     ``norm_from`` (a candidate on batch statistics) its BatchNorm statistics are re-estimated on

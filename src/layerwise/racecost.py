@@ -62,7 +62,7 @@ def _epoch(n_train: int, n_val: int, costs: Costs) -> float:
 
 def rung_cost(n_train: int, n_val: int, costs: Costs = COSTS, *, first: bool = False, norm: bool = False) -> float:
     """A candidate's rung in epochs of one run: an epoch of training (lp-ft's too: it starts
-    from the probe's head, race._candidate_config), two val passes (lp-ft's probe row and the
+    from the probe's head, race.candidate_config), two val passes (lp-ft's probe row and the
     rung's own: priced alike for every candidate, so whether a race happens never depends on
     the favourite), after the first candidate its set-up, and with ``norm`` a BatchNorm
     re-estimation before its score."""

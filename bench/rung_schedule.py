@@ -1,0 +1,141 @@
+"""Which learning-rate schedule inside a race rung best predicts the candidates' final ranking.
+
+    .venv/bin/python bench/rung_schedule.py [--datasets gtsrb,dtd] [--seed 0]
+
+For each dataset's held-out split (bench/suite.py: train, val, and a test no choice sees) the
+script runs auto's probe once, then trains each of the race's candidates (race.CANDIDATES: the
+same run configs the race builds, lp-ft from the probe's head) for one rung under each schedule:
+
+- ``own``: epoch 1 of the candidate's own cosine over auto's whole budget (what the race does);
+- ``restart``: a cosine that restarts every epoch (``--scheduler cosine-restarts --t0 1
+  --t-mult 1``), so the rung ends with its LR decayed;
+- ``constant``: a constant LR (``--scheduler constant``), the decay left for the winner.
+
+Each rung is scored as the race scores it (race.rung_result: val, BatchNorm statistics
+re-estimated for candidates on batch statistics). The yardstick is the final *test* accuracy of
+each candidate's complete fixed run at the same seed in bench/results/suite-test.json (own
+schedule, all epochs): a schedule predicts well when its rung leader is the candidate that ends
+best. Writes bench/results/rung-schedule.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+from competitor import save_json  # bench/ is on the path: these run as scripts
+from suite import RESULTS, ROOT, budget, datasets, held_out
+
+SCHEDULES = {"own": {}, "restart": {"scheduler": "cosine-restarts", "t0": 1, "t_mult": 1},
+             "constant": {"scheduler": "constant"}}
+# race candidate -> its complete fixed run's variant in suite-test.json
+FINAL = {"discriminative-bn-eval": "discriminative+bn-eval", "full": "full", "lp-ft-bn-eval": "lp-ft+bn-eval"}
+OUT = RESULTS / "rung-schedule.json"
+
+
+def rungs(name: str, data: Path, seed: int, img: int) -> dict[str, dict[str, dict]]:
+    """schedule -> candidate -> its rung's val accuracy and per-image outcomes."""
+    from layerwise import engine, race
+    from layerwise.config import RunConfig
+    from layerwise.data import check_images
+    from layerwise.racecost import on_batch_statistics
+
+    epochs, batch, patience, _ = budget(data)
+    root = ROOT / "runs" / "rung-schedule" / f"{name}-seed{seed}"
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = RunConfig(data=str(data), model="efficientnet_lite0", strategy="auto", epochs=epochs, batch_size=batch,
+                    patience=patience, img_size=img, seed=seed, workers=1, quiet=True, out=str(root))
+    p = engine.prepare(cfg)
+    engine.probe(cfg, p, root)  # the probe's head: lp-ft's start, as in the race
+    splits, val = p.splits, check_images(p.splits.val)[0]
+    settings = {"epochs": epochs, "batch_size": batch, "patience": patience, "img_size": img}
+    out: dict[str, dict[str, dict]] = {}
+    for sched, overrides in SCHEDULES.items():
+        out[sched] = {}
+        for cand in race.ordered("discriminative"):
+            sub = race.candidate_config(dataclasses.replace(cfg, **overrides), settings, dataclasses.asdict(cand), root)
+            sub = dataclasses.replace(sub, out=str(root / sched / cand.name))
+            race.train_rung(sub, race.RUNG_EPOCHS)
+            res = race.rung_result(Path(sub.out), val, splits if on_batch_statistics(sub.bn) else None)
+            out[sched][cand.name] = {"val_acc": res["val_acc"], "correct": res["correct"]}
+            print(f"{name} {sched:8s} {cand.name:24s} rung val {res['val_acc']:.4f}", flush=True)
+    return out
+
+
+def finals(suite: dict, name: str, seed: int, img: int) -> dict[str, float] | None:
+    """candidate -> its complete fixed run's test accuracy, or None when one is missing."""
+    keys = {c: f"{name}|{v}|{img}|{seed}" for c, v in FINAL.items()}
+    if not all(k in suite for k in keys.values()):
+        return None
+    return {c: suite[k]["test"] for c, k in keys.items()}
+
+
+def leader(accs: dict[str, float]) -> str:
+    """The rung's leader; ties keep the earlier candidate (the race's order, favourite first)."""
+    return max(accs, key=lambda c: (accs[c], -list(accs).index(c)))
+
+
+def report(results: dict, suite: dict) -> str:
+    rows, regrets = [], {s: [] for s in SCHEDULES}
+    hits = {s: 0 for s in SCHEDULES}
+    for _key, rec in sorted(results.items()):
+        name, seed, img = rec["dataset"], rec["seed"], rec["img"]
+        final = finals(suite, name, seed, img)
+        if final is None:
+            continue
+        best = max(final.values())
+        cells = []
+        for s in SCHEDULES:
+            accs = {c: v["val_acc"] for c, v in rec["rungs"][s].items()}
+            lead = leader(accs)
+            regrets[s].append(100 * (best - final[lead]))
+            hits[s] += final[lead] == best
+            cells.append(f"{lead} ({' / '.join(f'{a:.3f}' for a in accs.values())}); regret {regrets[s][-1]:.1f}")
+        rows.append(f"| {name} | {seed} | " + " / ".join(f"{final[c]:.3f}" for c in FINAL) + " | "
+                    + " | ".join(cells) + " |")
+    n = len(rows)
+    lines = ["# Which schedule inside a rung predicts the final ranking", "",
+             "`.venv/bin/python bench/rung_schedule.py` (held-out splits, Lite0, 112 px, auto's budget). Rung val "
+             "accuracies are in the race's order: " + ", ".join(FINAL) + ". The final column is each candidate's "
+             "complete fixed run's test accuracy (bench/results/suite-test.json); regret is the best final minus "
+             "the rung leader's final, in points.", "",
+             "| dataset | seed | final test | " + " | ".join(f"rung: {s}" for s in SCHEDULES) + " |",
+             "|---|---:|---|" + "---|" * len(SCHEDULES), *rows, ""]
+    for s in SCHEDULES:
+        if n:
+            lines.append(f"- `{s}`: the leader ended best on {hits[s]} of {n}; regret mean "
+                         f"{statistics.mean(regrets[s]):.1f}, max {max(regrets[s]):.1f} points")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default="", help="comma-separated subset (default: all with complete fixed runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--img-size", type=int, default=112)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    suite = json.loads((RESULTS / "suite-test.json").read_text())
+    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    if not args.report_only:
+        for name, data in datasets().items():
+            key = f"{name}|{args.img_size}|{args.seed}"
+            if (args.datasets and name not in args.datasets.split(",")) or key in results:
+                continue
+            if finals(suite, name, args.seed, args.img_size) is None:
+                print(f"{name}: no complete fixed runs at seed {args.seed} in suite-test.json; skipped")
+                continue
+            held = held_out(name, data, ROOT / "runs" / "suite-split")
+            results[key] = {"dataset": name, "seed": args.seed, "img": args.img_size,
+                            "rungs": rungs(name, held, args.seed, args.img_size)}
+            save_json(OUT, results)
+    text = report(results, suite)
+    OUT.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
