@@ -24,6 +24,7 @@ from layerwise.backbones import Candidate, choose, noise
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "squeezenet1_1")
 SHORT = {"efficientnet_lite0": "Lite0", "efficientnet_lite1": "Lite1", "efficientnet_lite2": "Lite2",
          "squeezenet1_1": "SqueezeNet", "auto": "--model auto"}
+LOADED = 3.0  # a run's load average above this on the 2-core machine: another job shared it
 README_BEGIN = "<!-- backbone table: written by `python bench/backbone_table.py --readme` -->"
 README_END = "<!-- end of the backbone table -->"
 
@@ -49,8 +50,8 @@ def pick(by_model: dict[str, list[dict]], model: str, key: tuple[str, int]) -> d
     return next(r for r in by_model[model] if (r["dataset"], r["seed"]) == key)
 
 
-# A backbone rule: (probe val accuracy per backbone, GFLOPs per backbone, val images) -> backbone.
-Rule = Callable[[dict[str, float], dict[str, float], int], str]
+# A backbone rule: (probe val accuracy, GFLOPs and fine-tuning gain per backbone, val images) -> backbone.
+Rule = Callable[[dict[str, float], dict[str, float], dict[str, float], int], str]
 
 
 def in_noise(probe: dict[str, float], n_val: int) -> list[str]:
@@ -59,37 +60,67 @@ def in_noise(probe: dict[str, float], n_val: int) -> list[str]:
     return [k for k in probe if probe[k] >= top - noise(top, n_val)]
 
 
-def cheapest_in_noise(probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:
-    """backbones.choose itself: the cheapest whose probe is within the noise of the best (it
-    reads a candidate's name, probe accuracy and GFLOPs only)."""
+def _choose(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
     rows = [Candidate(k, acc, skill=0.0, knn_acc=None, img_size=0, gflops=gflops[k], seconds=0.0)
             for k, acc in probe.items()]
-    return choose(rows, n_val)[0]
+    return choose(rows, n_val, gains)[0]
 
 
-def largest_in_noise(probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:
+def with_gain(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
+    """backbones.choose itself: the best probe plus measured fine-tuning gain, or the cheapest
+    within the noise of it (it reads a candidate's name, probe accuracy and GFLOPs only)."""
+    return _choose(probe, gflops, gains, n_val)
+
+
+def cheapest_in_noise(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
+    """backbones.choose without gains: the cheapest whose probe is within the noise of the best."""
+    return _choose(probe, gflops, {}, n_val)
+
+
+def largest_in_noise(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
     """The costliest within the noise of the best probe: fine-tuning may take a bigger model further."""
     return max(in_noise(probe, n_val), key=lambda k: gflops[k])
 
 
-def best_probe(probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:
+def best_probe(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
     return max(probe, key=lambda k: (probe[k], -gflops[k]))
 
 
-RULES: dict[str, Rule] = {"cheapest within the noise (backbones.choose)": cheapest_in_noise, "best probe": best_probe,
-                          "largest within the noise": largest_in_noise}
+RULES: dict[str, Rule] = {
+    "probe + fine-tuning gain, cheapest within the noise (backbones.choose)": with_gain,
+    "probe only, cheapest within the noise": cheapest_in_noise,
+    "best probe": best_probe,
+    "largest within the noise": largest_in_noise,
+}
 
 
-def rule_outcome(by_model: dict[str, list[dict]], rule: Rule) -> dict[tuple[str, int], str]:
-    """(dataset, seed) -> the backbone ``rule`` picks from --model auto's recorded probes of the
-    backbones whose own auto has run there too (so the pick's test accuracy is known)."""
+def singles(by_model: dict[str, list[dict]]) -> list[str]:
+    return [m for m in BACKBONES if m in by_model]
+
+
+def fine_tune_gain(by_model: dict[str, list[dict]], model: str, keys: Sequence[tuple[str, int]]) -> float:
+    """What ``model``'s auto added to its frozen probe: test accuracy minus the probe's val
+    accuracy (both unbiased: neither split chose anything about the other), over ``keys``."""
+    return over_datasets(lambda k: pick(by_model, model, k)["test"] - pick(by_model, model, k)["probe_acc"], keys)
+
+
+def gains(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]) -> dict[str, float]:
+    return {m: fine_tune_gain(by_model, m, keys) for m in singles(by_model)}
+
+
+def rule_outcome(by_model: dict[str, list[dict]], rule: Rule, gflops: dict[str, float]) -> dict[tuple[str, int], str]:
+    """(dataset, seed) -> the backbone ``rule`` picks from the single backbones' own recorded
+    probes, where every one's auto has run (so the pick's test accuracy is known). The gains come
+    from the *other* datasets only: a rule is not scored on the data that set it."""
+    models = singles(by_model)
+    keys = shared({m: by_model[m] for m in models})
     out = {}
-    for key in shared(by_model):
-        rec = pick(by_model, "auto", key)
-        bb = rec["backbone"]
-        probes = {k: v for k, v in bb["probe_val"].items() if k in by_model}
-        # before backbone.json recorded n_val: the test half's size (val and test halve each class)
-        out[key] = rule(probes, bb["gflops"], bb.get("n_val") or len(rec["test_correct"]))
+    for key in keys:
+        probes = {m: pick(by_model, m, key)["probe_acc"] for m in models}
+        rec = pick(by_model, models[0], key)
+        # val and test halve each class: the test half's size stands in where n_val was not recorded
+        n_val = rec.get("n_val") or len(rec["test_correct"])
+        out[key] = rule(probes, gflops, gains(by_model, [k for k in keys if k[0] != key[0]]), n_val)
     return out
 
 
@@ -105,18 +136,24 @@ def mean_test(by_model: dict[str, list[dict]], model: str, keys: Sequence[tuple[
 
 
 def table(by_model: dict[str, list[dict]], speed: dict | None) -> list[str]:
-    """The single backbones over the datasets they all ran; then ``--model auto`` over the
-    datasets where it has run too, with its comparisons."""
-    singles = [m for m in BACKBONES if m in by_model]
-    keys = shared({m: by_model[m] for m in singles})
+    """The single backbones over the datasets they all ran, their fine-tuning gains and the
+    backbone rules scored on them; then ``--model auto`` over the datasets where it has run too,
+    with its comparisons."""
+    models = singles(by_model)
+    keys = shared({m: by_model[m] for m in models})
     seeds = sorted({s for _, s in keys})
     lines = [f"Test accuracy of each backbone's `auto` (seeds {', '.join(map(str, seeds))}; 112 px; the suite's "
              f"held-out splits, `bench/suite.py --test-split --model MODEL --variants auto`).", "",
-             *grid(by_model, singles, keys, speed)]
+             *grid(by_model, models, keys, speed), "",
+             "Fine-tuning gain (auto's test accuracy minus its frozen probe's val accuracy, mean over these "
+             "datasets): " + ", ".join(f"{SHORT[m]} {100 * g:+.1f}" for m, g in gains(by_model, keys).items()) + " points."]
+    if speed:
+        lines += ["", "Backbone rules on the same datasets, each scored with the gains of the *other* datasets "
+                  "(leave one dataset out):", *rule_lines(by_model, speed["gflops"])]
     if "auto" in by_model:
         both = shared(by_model)
         lines += ["", f"`--model auto` on the {len({d for d, _ in both})} datasets where it has run:", "",
-                  *grid(by_model, [*singles, "auto"], both, None), "", *comparisons(by_model, both)]
+                  *grid(by_model, [*models, "auto"], both, None), "", *comparisons(by_model, both)]
     return lines
 
 
@@ -134,18 +171,21 @@ def grid(by_model: dict[str, list[dict]], models: Sequence[str], keys: Sequence[
                      + (f" | {picked} |" if chose else " |"))
     lines.append("| **mean** | " + " | ".join(f"**{mean_test(by_model, m, keys):.3f}**" for m in models) + end)
     walls = {m: over_datasets(lambda k, m=m: pick(by_model, m, k)["wall"], keys) for m in models}
-    lines.append("| wall s (mean) | " + " | ".join(f"{walls[m]:.0f}" for m in models) + end)
+    loaded = {m for m in models if any(max(pick(by_model, m, k).get("load") or [0.0]) > LOADED for k in keys)}
+    lines.append("| wall s (mean) | " + " | ".join(f"{walls[m]:.0f}{' †' * (m in loaded)}" for m in models) + end)
     if speed:
         rates = speed["rates"]
         for what, label in (("train", "train img/s"), ("infer", "inference img/s")):
             lines.append(f"| {label} | " + " | ".join(f"{rates[m][what]:.0f}" if m in rates else "" for m in models) + end)
+    if loaded:
+        lines += ["", f"† measured while another job shared the 2-core CPU (load average above {LOADED:g}): "
+                  "the wall time is not the backbone's; its speed rows are"]
     return lines
 
 
 def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]) -> list[str]:
     """`--model auto` against Lite0's auto and the best single backbone's, paired, 95 % intervals."""
-    singles = [m for m in BACKBONES if m in by_model]
-    best = max(singles, key=lambda m: mean_test(by_model, m, keys))
+    best = max(singles(by_model), key=lambda m: mean_test(by_model, m, keys))
     out = []
     for m in dict.fromkeys((BACKBONES[0], best)):
         mats = [paired_matrix([pick(by_model, "auto", k) for k in keys if k[0] == d],
@@ -153,13 +193,18 @@ def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]
         ratio = over_datasets(lambda k, m=m: pick(by_model, "auto", k)["wall"] / pick(by_model, m, k)["wall"], keys)
         out.append(f"- `--model auto` − {SHORT[m]}'s auto{' (the best single backbone)' if m == best else ''}: "
                    f"{suite_diff(mats).cell().replace(']', '] points', 1)}; wall time {ratio:.2f}× its")
+    return out
+
+
+def rule_lines(by_model: dict[str, list[dict]], gflops: dict[str, float]) -> list[str]:
+    """Each rule's mean test accuracy on the datasets where every single backbone's auto ran."""
+    out = []
     for name, rule in RULES.items():
-        picks = rule_outcome(by_model, rule)
+        picks = rule_outcome(by_model, rule, gflops)
         acc = over_datasets(lambda k, p=picks: pick(by_model, p[k], k)["test"], list(picks))
         counts = ", ".join(f"{SHORT[b]} {sum(v == b for v in picks.values())}" for b in BACKBONES
                            if any(v == b for v in picks.values()))
-        out.append(f"- rule *{name}* on the recorded probes of {', '.join(SHORT[m] for m in BACKBONES if m in by_model)}:"
-                   f" mean test {acc:.3f} ({counts})")
+        out.append(f"- rule *{name}*: mean test {acc:.3f} ({counts})")
     return out
 
 

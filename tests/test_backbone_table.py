@@ -22,6 +22,7 @@ from backbone_table import (  # noqa: E402
     readme_block,
     rule_outcome,
     table,
+    with_gain,
 )
 
 GFLOPS = {"efficientnet_lite0": 0.1, "efficientnet_lite1": 0.15, "efficientnet_lite2": 0.2, "squeezenet1_1": 0.09}
@@ -36,49 +37,74 @@ def auto_rec(d: str, bits: str, chosen: str, probe: dict[str, float], n_val: int
     return rec("auto", d, bits, wall=12.0, backbone={"chosen": chosen, "probe_val": probe, "gflops": GFLOPS, "n_val": n_val})
 
 
+def single(model: str, d: str, bits: str, probe: float, wall: float = 10.0, n_val: int = 100_000) -> dict:
+    return rec(model, d, bits, wall=wall, probe_acc=probe, n_val=n_val)
+
+
 def test_the_cheapest_backbone_in_the_noise_wins_unless_the_gap_is_real():
     probe = {"efficientnet_lite0": 0.80, "squeezenet1_1": 0.79, "efficientnet_lite2": 0.70}
-    assert cheapest_in_noise(probe, GFLOPS, n_val=100) == "squeezenet1_1"  # 1 point on 100 images: noise
-    assert cheapest_in_noise(probe, GFLOPS, n_val=100_000) == "efficientnet_lite0"
-    assert best_probe(probe, GFLOPS, 100) == "efficientnet_lite0"
-    assert largest_in_noise(probe, GFLOPS, n_val=100) == "efficientnet_lite0"  # Lite2's 0.70 is outside the noise
-    assert largest_in_noise(probe, GFLOPS, n_val=10) == "efficientnet_lite2"
+    assert cheapest_in_noise(probe, GFLOPS, {}, n_val=100) == "squeezenet1_1"  # 1 point on 100 images: noise
+    assert cheapest_in_noise(probe, GFLOPS, {}, n_val=100_000) == "efficientnet_lite0"
+    assert best_probe(probe, GFLOPS, {}, 100) == "efficientnet_lite0"
+    assert largest_in_noise(probe, GFLOPS, {}, n_val=100) == "efficientnet_lite0"  # Lite2's 0.70 is outside the noise
+    assert largest_in_noise(probe, GFLOPS, {}, n_val=10) == "efficientnet_lite2"
+    # a measured gain moves the expectation: SqueezeNet's probe lead is what fine-tuning loses
+    assert with_gain(probe, GFLOPS, {"efficientnet_lite0": 0.08, "squeezenet1_1": -0.02}, 100) == "efficientnet_lite0"
 
 
 def test_the_table_scores_each_rule_by_the_picked_backbones_own_auto():
-    """Where the probes are within the noise, the cheap rule picks SqueezeNet; its own auto run
-    scored 0.5, Lite0's 1.0."""
-    probe = {"efficientnet_lite0": 0.81, "efficientnet_lite1": 0.78, "efficientnet_lite2": 0.78, "squeezenet1_1": 0.80}
-    by_model = {"efficientnet_lite0": [rec("efficientnet_lite0", "x", "1111")],
-                "efficientnet_lite1": [rec("efficientnet_lite1", "x", "1110")],
-                "efficientnet_lite2": [rec("efficientnet_lite2", "x", "1100")],
-                "squeezenet1_1": [rec("squeezenet1_1", "x", "1010", wall=3.0)],
-                "auto": [auto_rec("x", "1010", "squeezenet1_1", probe)]}
-    assert rule_outcome(by_model, cheapest_in_noise) == {("x", 0): "squeezenet1_1"}
-    assert rule_outcome(by_model, best_probe) == {("x", 0): "efficientnet_lite0"}
-    lines = table(by_model, None)
+    """On x the probes are within the noise and the cheap rule picks SqueezeNet, whose own auto
+    scored 0.5 there, Lite0's 1.0; on y, the dataset the gains come from when x is scored,
+    SqueezeNet's fine-tuning lost 0.5 to its probe and Lite0's gained 0.4."""
+    by_model = {"efficientnet_lite0": [single("efficientnet_lite0", "x", "1111", 0.81, n_val=100),
+                                       single("efficientnet_lite0", "y", "1111", 0.6)],
+                "efficientnet_lite1": [single("efficientnet_lite1", "x", "1110", 0.78, n_val=100),
+                                       single("efficientnet_lite1", "y", "1110", 0.75)],
+                "efficientnet_lite2": [single("efficientnet_lite2", "x", "1100", 0.78, n_val=100),
+                                       single("efficientnet_lite2", "y", "1100", 0.5)],
+                "squeezenet1_1": [single("squeezenet1_1", "x", "1010", 0.80, wall=3.0, n_val=100),
+                                  single("squeezenet1_1", "y", "1100", 1.0, wall=3.0)],
+                "auto": [auto_rec("x", "1010", "squeezenet1_1", {})]}
+    assert rule_outcome(by_model, cheapest_in_noise, GFLOPS)[("x", 0)] == "squeezenet1_1"
+    assert rule_outcome(by_model, best_probe, GFLOPS)[("x", 0)] == "efficientnet_lite0"
+    assert rule_outcome(by_model, with_gain, GFLOPS)[("x", 0)] == "efficientnet_lite0"
+    lines = table(by_model, {"gflops": GFLOPS, "rates": {}})
     assert "| x | 1.000 | 0.750 | 0.500 | 0.500 | 0.500 | SqueezeNet |" in lines
     assert "| wall s (mean) | 10 | 10 | 10 | 3 | 12 | |" in lines
+    by_model["efficientnet_lite1"][0]["load"] = [3.5, 2.0]  # another job shared the CPU
+    lines = table(by_model, {"gflops": GFLOPS, "rates": {}})
+    assert "| wall s (mean) | 10 | 10 † | 10 | 3 | 12 | |" in lines and any(line.startswith("† measured") for line in lines)
     text = "\n".join(lines)
     assert "`--model auto` − Lite0's auto (the best single backbone): -50.0 [" in text and "] points" in text
     assert "wall time 1.20× its" in text
-    assert "rule *cheapest within the noise (backbones.choose)* on the recorded probes of Lite0, Lite1, Lite2, SqueezeNet: mean test 0.500 (SqueezeNet 1)" in text
-    assert "rule *best probe* on the recorded probes of Lite0, Lite1, Lite2, SqueezeNet: mean test 1.000 (Lite0 1)" in text
-    assert "rule *largest within the noise* on the recorded probes of Lite0, Lite1, Lite2, SqueezeNet: mean test 0.500 (Lite2 1)" in text
+    # gains over x and y: Lite0 ((1 - 0.81) + (1 - 0.6)) / 2 = +29.5 points, SqueezeNet ((0.5 - 0.8) + (0.5 - 1)) / 2
+    assert "Lite0 +29.5, Lite1 -1.5, Lite2 -14.0, SqueezeNet -40.0 points" in text
+    # on y every probe is outside the noise (100,000 images): best probe picks SqueezeNet (0.5); the
+    # gain rule, with x's gains, Lite0 (1.0)
+    assert "rule *probe + fine-tuning gain, cheapest within the noise (backbones.choose)*: mean test 1.000 (Lite0 2)" in text
+    assert "rule *best probe*: mean test 0.750 (Lite0 1, SqueezeNet 1)" in text
+    assert "rule *probe only, cheapest within the noise*: mean test 0.500 (SqueezeNet 2)" in text
 
 
-def test_a_rule_picks_among_the_backbones_whose_own_auto_ran():
-    """Lite2's probe is the best, but its own auto has not run: the rule picks among the others."""
-    probe = {"efficientnet_lite0": 0.80, "efficientnet_lite2": 0.95, "squeezenet1_1": 0.60}
-    by_model = {"efficientnet_lite0": [rec("efficientnet_lite0", "x", "11")], "squeezenet1_1": [rec("squeezenet1_1", "x", "10")],
-                "auto": [auto_rec("x", "11", "efficientnet_lite2", probe, n_val=1000)]}
-    assert rule_outcome(by_model, best_probe) == {("x", 0): "efficientnet_lite0"}
-    assert "on the recorded probes of Lite0, SqueezeNet: mean test 1.000 (Lite0 1)" in "\n".join(table(by_model, None))
+def test_a_rule_is_scored_with_the_gains_of_the_other_datasets_only():
+    seen = {}
+
+    def spy(probe, gflops, gains, n_val):
+        seen[tuple(sorted(probe.items()))] = gains
+        return "efficientnet_lite0"
+
+    by_model = {"efficientnet_lite0": [single("efficientnet_lite0", "x", "11", 0.5), single("efficientnet_lite0", "y", "10", 0.5)],
+                "squeezenet1_1": [single("squeezenet1_1", "x", "10", 0.25), single("squeezenet1_1", "y", "11", 0.75)]}
+    assert rule_outcome(by_model, spy, GFLOPS) == {("x", 0): "efficientnet_lite0", ("y", 0): "efficientnet_lite0"}
+    on_x = seen[(("efficientnet_lite0", 0.5), ("squeezenet1_1", 0.25))]
+    assert on_x == {"efficientnet_lite0": pytest.approx(0.0), "squeezenet1_1": pytest.approx(0.25)}  # y's gains
+    on_y = seen[(("efficientnet_lite0", 0.5), ("squeezenet1_1", 0.75))]
+    assert on_y == {"efficientnet_lite0": pytest.approx(0.5), "squeezenet1_1": pytest.approx(0.25)}  # x's gains
 
 
 def test_only_datasets_every_backbone_ran_are_compared():
-    by_model = {"efficientnet_lite0": [rec("efficientnet_lite0", "x", "11"), rec("efficientnet_lite0", "y", "11")],
-                "squeezenet1_1": [rec("squeezenet1_1", "x", "10")]}
+    by_model = {"efficientnet_lite0": [single("efficientnet_lite0", "x", "11", 0.5), single("efficientnet_lite0", "y", "11", 0.5)],
+                "squeezenet1_1": [single("squeezenet1_1", "x", "10", 0.5)]}
     lines = table(by_model, None)
     assert any(line.startswith("| x |") for line in lines) and not any(line.startswith("| y |") for line in lines)
 

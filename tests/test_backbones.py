@@ -15,15 +15,23 @@ def _row(name, acc, gflops):
 
 
 def test_the_clearly_best_probe_wins_whatever_it_costs():
-    name, why = choose([_row("small", 0.70, 0.5), _row("big", 0.90, 1.7)], n_val=500)
-    assert name == "big" and "best probe" in why
+    name, why = choose([_row("small", 0.70, 0.5), _row("big", 0.90, 1.7)], n_val=500, gains={})
+    assert name == "big" and "best expected accuracy (probe val accuracy 0.900)" in why
+
+
+def test_a_backbone_that_fine_tunes_worse_loses_a_probe_lead():
+    # a frozen probe measures the features as they are; the gain is what fine-tuning added on the suite
+    rows = [_row("ahead-frozen", 0.80, 0.5), _row("fine-tunes", 0.75, 1.7)]
+    assert choose(rows, n_val=10_000, gains={})[0] == "ahead-frozen"
+    name, why = choose(rows, n_val=10_000, gains={"ahead-frozen": -0.02, "fine-tunes": 0.08})
+    assert name == "fine-tunes" and "probe 0.750 + fine-tuning gain +0.080" in why
 
 
 def test_within_the_noise_the_cheapest_wins():
     rows = [_row("small", 0.88, 0.5), _row("big", 0.90, 1.7), _row("mid", 0.60, 0.1)]
-    name, why = choose(rows, n_val=100)  # 2 points on 100 images is noise (s.e. 3 points)
+    name, why = choose(rows, n_val=100, gains={})  # 2 points on 100 images is noise (s.e. 3 points)
     assert name == "small" and "within the noise" in why
-    assert choose(rows, n_val=100_000)[0] == "big"  # on enough images the same gap is real
+    assert choose(rows, n_val=100_000, gains={})[0] == "big"  # on enough images the same gap is real
 
 
 def test_flops_are_counted_not_timed():

