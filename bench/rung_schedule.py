@@ -78,25 +78,37 @@ def leader(accs: dict[str, float]) -> str:
     return max(accs, key=lambda c: (accs[c], -list(accs).index(c)))
 
 
-def report(results: dict, suite: dict) -> str:
-    rows, regrets = [], {s: [] for s in SCHEDULES}
-    hits = {s: 0 for s in SCHEDULES}
+def outcomes(results: dict, suite: dict) -> list[tuple[str, int, dict[str, float], dict[str, dict[str, float]]]]:
+    """Per recorded dataset with complete fixed runs: (name, seed, final test per candidate,
+    schedule -> rung val accuracy per candidate)."""
+    out = []
     for _key, rec in sorted(results.items()):
-        name, seed, img = rec["dataset"], rec["seed"], rec["img"]
-        final = finals(suite, name, seed, img)
-        if final is None:
-            continue
+        final = finals(suite, rec["dataset"], rec["seed"], rec["img"])
+        if final is not None:
+            out.append((rec["dataset"], rec["seed"], final,
+                        {s: {c: v["val_acc"] for c, v in rec["rungs"][s].items()} for s in SCHEDULES}))
+    return out
+
+
+def summary(results: dict, suite: dict) -> dict[str, tuple[int, int, float, float]]:
+    """schedule -> (times its rung leader ended best, datasets, mean and max regret in points)."""
+    rows = outcomes(results, suite)
+    out = {}
+    for s in SCHEDULES:
+        regrets = [100 * (max(final.values()) - final[leader(accs[s])]) for _, _, final, accs in rows]
+        hits = sum(r == 0 for r in regrets)
+        out[s] = (hits, len(rows), statistics.mean(regrets) if rows else 0.0, max(regrets, default=0.0))
+    return out
+
+
+def report(results: dict, suite: dict) -> str:
+    rows = []
+    for name, seed, final, accs in outcomes(results, suite):
         best = max(final.values())
-        cells = []
-        for s in SCHEDULES:
-            accs = {c: v["val_acc"] for c, v in rec["rungs"][s].items()}
-            lead = leader(accs)
-            regrets[s].append(100 * (best - final[lead]))
-            hits[s] += final[lead] == best
-            cells.append(f"{lead} ({' / '.join(f'{a:.3f}' for a in accs.values())}); regret {regrets[s][-1]:.1f}")
+        cells = [f"{leader(accs[s])} ({' / '.join(f'{a:.3f}' for a in accs[s].values())}); regret "
+                 f"{100 * (best - final[leader(accs[s])]):.1f}" for s in SCHEDULES]
         rows.append(f"| {name} | {seed} | " + " / ".join(f"{final[c]:.3f}" for c in FINAL) + " | "
                     + " | ".join(cells) + " |")
-    n = len(rows)
     lines = ["# Which schedule inside a rung predicts the final ranking", "",
              "`.venv/bin/python bench/rung_schedule.py` (held-out splits, Lite0, 112 px, auto's budget). Rung val "
              "accuracies are in the race's order: " + ", ".join(FINAL) + ". The final column is each candidate's "
@@ -104,10 +116,9 @@ def report(results: dict, suite: dict) -> str:
              "the rung leader's final, in points.", "",
              "| dataset | seed | final test | " + " | ".join(f"rung: {s}" for s in SCHEDULES) + " |",
              "|---|---:|---|" + "---|" * len(SCHEDULES), *rows, ""]
-    for s in SCHEDULES:
+    for s, (hits, n, mean, worst) in summary(results, suite).items():
         if n:
-            lines.append(f"- `{s}`: the leader ended best on {hits[s]} of {n}; regret mean "
-                         f"{statistics.mean(regrets[s]):.1f}, max {max(regrets[s]):.1f} points")
+            lines.append(f"- `{s}`: the leader ended best on {hits} of {n}; regret mean {mean:.1f}, max {worst:.1f} points")
     return "\n".join(lines) + "\n"
 
 
