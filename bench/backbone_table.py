@@ -105,7 +105,8 @@ def fine_tune_gain(by_model: dict[str, list[dict]], model: str, keys: Sequence[t
 
 
 def gains(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]) -> dict[str, float]:
-    return {m: fine_tune_gain(by_model, m, keys) for m in singles(by_model)}
+    """Each single backbone's gain over ``keys``; none over no datasets (one left out of one)."""
+    return {m: fine_tune_gain(by_model, m, keys) for m in singles(by_model)} if keys else {}
 
 
 def rule_outcome(by_model: dict[str, list[dict]], rule: Rule, gflops: dict[str, float]) -> dict[tuple[str, int], str]:

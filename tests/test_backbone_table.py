@@ -105,7 +105,7 @@ def test_a_rule_is_scored_with_the_gains_of_the_other_datasets_only():
 def test_only_datasets_every_backbone_ran_are_compared():
     by_model = {"efficientnet_lite0": [single("efficientnet_lite0", "x", "11", 0.5), single("efficientnet_lite0", "y", "11", 0.5)],
                 "squeezenet1_1": [single("squeezenet1_1", "x", "10", 0.5)]}
-    lines = table(by_model, None)
+    lines = table(by_model, {"gflops": GFLOPS, "rates": {}})  # one dataset: left out, no other sets a gain
     assert any(line.startswith("| x |") for line in lines) and not any(line.startswith("| y |") for line in lines)
 
 
@@ -143,3 +143,18 @@ def test_the_backbone_figures_in_concepts_md_are_the_suites():
             f"{mean(sq, lambda r: r['test']):.3f} against {mean(lo, lambda r: r['test']):.3f})") in docs
     assert (f"Fine-tuning took Lite0 {100 * mean(lo, lambda r: r['test'] - r['probe_acc']):.1f} points above its probe "
             f"on average and SqueezeNet {-100 * mean(sq, lambda r: r['test'] - r['probe_acc']):.1f} below") in docs
+
+
+def test_the_shipped_fine_tuning_gains_are_the_suites():
+    """backbones.FINE_TUNE_GAIN is the gain bench/backbone_table measures over the datasets where
+    every backbone's auto ran, and its comment names those datasets."""
+    from backbone_table import gains, shared, singles
+
+    from layerwise.backbones import FINE_TUNE_GAIN, OFFLINE
+
+    by_model = load(ROOT / "bench" / "results")
+    models = singles(by_model)
+    keys = shared({m: by_model[m] for m in models})
+    assert set(models) == set(OFFLINE) and FINE_TUNE_GAIN == {m: round(g, 3) for m, g in gains(by_model, keys).items()}
+    source = " ".join((ROOT / "src" / "layerwise" / "backbones.py").read_text().split())
+    assert all(d in source for d, _ in keys)

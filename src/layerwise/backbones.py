@@ -2,10 +2,13 @@
 
 Each backbone whose ImageNet weights work offline here gets one frozen forward pass over the
 training and val images (at its own resolution unless ``--img-size`` is given) and the linear
-probe auto already fits. The rule: the best probe val accuracy wins, unless a backbone with
-fewer forward FLOPs per image (counted at its size) is within 1.96 binomial standard errors of
-it on val; then the cheapest of those wins. Training cost scales with the forward pass, so this
-trades expected accuracy for cost only where the data cannot tell them apart.
+probe auto already fits. A frozen probe measures the features as they are, not how far
+fine-tuning takes them, so each backbone's expected accuracy is its probe val accuracy plus the
+gain its own auto made over its probe on the development suite (:data:`FINE_TUNE_GAIN`). The
+best expectation wins, unless a backbone with fewer forward FLOPs per image (counted at its
+size) is within 1.96 binomial standard errors of it on val; then the cheapest of those wins.
+Training cost scales with the forward pass, so this trades expected accuracy for cost only where
+the data cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -107,4 +110,5 @@ def choose_backbone(cfg: RunConfig) -> tuple[RunConfig, dict]:
     say(f"model auto: {name} ({reason})")
     return dataclasses.replace(cfg, model=name), {
         "candidates": [dataclasses.asdict(r) for r in rows], "chosen": name, "reason": reason, "n_val": n_val,
-        "rule": "best probe val accuracy; within 1.96 binomial s.e. of it, the cheapest per image"}
+        "rule": "best probe val accuracy + the backbone's measured fine-tuning gain; within 1.96 binomial s.e. "
+                "of it, the cheapest per image", "gains": {r.name: FINE_TUNE_GAIN.get(r.name, 0.0) for r in rows}}
