@@ -60,21 +60,28 @@ def in_noise(probe: dict[str, float], n_val: int) -> list[str]:
     return [k for k in probe if probe[k] >= top - noise(top, n_val)]
 
 
-def _choose(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
+def with_gain(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
+    """backbones.choose itself: the best probe plus measured fine-tuning gain (it reads a
+    candidate's name, probe accuracy and GFLOPs only)."""
     rows = [Candidate(k, acc, skill=0.0, knn_acc=None, img_size=0, gflops=gflops[k], seconds=0.0)
             for k, acc in probe.items()]
     return choose(rows, n_val, gains)[0]
 
 
-def with_gain(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
-    """backbones.choose itself: the best probe plus measured fine-tuning gain, or the cheapest
-    within the noise of it (it reads a candidate's name, probe accuracy and GFLOPs only)."""
-    return _choose(probe, gflops, gains, n_val)
+def cheapest_near(expected: dict[str, float], probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:
+    """The cheapest backbone whose expectation is within the noise of the best probe's."""
+    top = max(expected, key=lambda k: expected[k])
+    band = noise(probe[top], n_val)
+    return min((k for k in expected if expected[k] >= expected[top] - band), key=lambda k: gflops[k])
+
+
+def gain_cheapest_in_noise(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
+    return cheapest_near({k: a + gains.get(k, 0.0) for k, a in probe.items()}, probe, gflops, n_val)
 
 
 def cheapest_in_noise(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
-    """backbones.choose without gains: the cheapest whose probe is within the noise of the best."""
-    return _choose(probe, gflops, {}, n_val)
+    """The rule before the gains: the cheapest whose probe is within the noise of the best."""
+    return cheapest_near(probe, probe, gflops, n_val)
 
 
 def largest_in_noise(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
@@ -87,7 +94,8 @@ def best_probe(probe: dict[str, float], gflops: dict[str, float], gains: dict[st
 
 
 RULES: dict[str, Rule] = {
-    "probe + fine-tuning gain, cheapest within the noise (backbones.choose)": with_gain,
+    "probe + fine-tuning gain (backbones.choose)": with_gain,
+    "probe + fine-tuning gain, cheapest within the noise": gain_cheapest_in_noise,
     "probe only, cheapest within the noise": cheapest_in_noise,
     "best probe": best_probe,
     "largest within the noise": largest_in_noise,
@@ -147,7 +155,8 @@ def table(by_model: dict[str, list[dict]], speed: dict | None) -> list[str]:
              f"held-out splits, `bench/suite.py --test-split --model MODEL --variants auto`).", "",
              *grid(by_model, models, keys, speed), "",
              "Fine-tuning gain (auto's test accuracy minus its frozen probe's val accuracy, mean over these "
-             "datasets): " + ", ".join(f"{SHORT[m]} {100 * g:+.1f}" for m, g in gains(by_model, keys).items()) + " points."]
+             "datasets): " + ", ".join(f"{SHORT[m]} {100 * g:+.1f}" for m, g in gains(by_model, keys).items()) + " points.",
+             "", *against(by_model, models[1:], models[0], keys)]
     if speed:
         lines += ["", "Backbone rules on the same datasets, each scored with the gains of the *other* datasets "
                   "(leave one dataset out):", *rule_lines(by_model, speed["gflops"])]
@@ -184,6 +193,17 @@ def grid(by_model: dict[str, list[dict]], models: Sequence[str], keys: Sequence[
     return lines
 
 
+def against(by_model: dict[str, list[dict]], models: Sequence[str], ref: str, keys: Sequence[tuple[str, int]]) -> list[str]:
+    """Each of ``models``' auto minus ``ref``'s, paired on seeds and test images, 95 % intervals."""
+    datasets = sorted({d for d, _ in keys})
+    out = []
+    for m in models:
+        mats = [paired_matrix([pick(by_model, m, k) for k in keys if k[0] == d],
+                              [pick(by_model, ref, k) for k in keys if k[0] == d]) for d in datasets]
+        out.append(f"- {SHORT[m]}'s auto − {SHORT[ref]}'s: {suite_diff(mats).cell().replace(']', '] points', 1)}")
+    return out
+
+
 def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]) -> list[str]:
     """`--model auto` against Lite0's auto and the best single backbone's, paired, 95 % intervals."""
     best = max(singles(by_model), key=lambda m: mean_test(by_model, m, keys))
@@ -198,14 +218,20 @@ def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]
 
 
 def rule_lines(by_model: dict[str, list[dict]], gflops: dict[str, float]) -> list[str]:
-    """Each rule's mean test accuracy on the datasets where every single backbone's auto ran."""
+    """Each rule's mean test accuracy on the datasets where every single backbone's auto ran, and
+    its picks minus the best single backbone's auto, paired (95 % interval)."""
     out = []
     for name, rule in RULES.items():
         picks = rule_outcome(by_model, rule, gflops)
-        acc = over_datasets(lambda k, p=picks: pick(by_model, p[k], k)["test"], list(picks))
+        keys = list(picks)
+        best = max(singles(by_model), key=lambda m: mean_test(by_model, m, keys))
+        acc = over_datasets(lambda k, p=picks: pick(by_model, p[k], k)["test"], keys)
         counts = ", ".join(f"{SHORT[b]} {sum(v == b for v in picks.values())}" for b in BACKBONES
                            if any(v == b for v in picks.values()))
-        out.append(f"- rule *{name}*: mean test {acc:.3f} ({counts})")
+        mats = [paired_matrix([pick(by_model, picks[k], k) for k in keys if k[0] == d],
+                              [pick(by_model, best, k) for k in keys if k[0] == d]) for d in sorted({d for d, _ in keys})]
+        out.append(f"- rule *{name}*: mean test {acc:.3f} ({counts}); − {SHORT[best]}'s auto, the best single "
+                   f"backbone: {suite_diff(mats).cell().replace(']', '] points', 1)}")
     return out
 
 

@@ -17,6 +17,7 @@ from backbone_table import (  # noqa: E402
     README_END,
     best_probe,
     cheapest_in_noise,
+    gain_cheapest_in_noise,
     largest_in_noise,
     load,
     readme_block,
@@ -49,7 +50,9 @@ def test_the_cheapest_backbone_in_the_noise_wins_unless_the_gap_is_real():
     assert largest_in_noise(probe, GFLOPS, {}, n_val=100) == "efficientnet_lite0"  # Lite2's 0.70 is outside the noise
     assert largest_in_noise(probe, GFLOPS, {}, n_val=10) == "efficientnet_lite2"
     # a measured gain moves the expectation: SqueezeNet's probe lead is what fine-tuning loses
-    assert with_gain(probe, GFLOPS, {"efficientnet_lite0": 0.08, "squeezenet1_1": -0.02}, 100) == "efficientnet_lite0"
+    moved = {"efficientnet_lite0": 0.08, "efficientnet_lite2": 0.0, "squeezenet1_1": -0.02}
+    assert with_gain({"efficientnet_lite0": 0.78, "squeezenet1_1": 0.80}, GFLOPS, moved, 100) == "efficientnet_lite0"
+    assert gain_cheapest_in_noise(probe, GFLOPS, moved, 10) == "squeezenet1_1"  # in the noise of 0.88: the cheapest
 
 
 def test_the_table_scores_each_rule_by_the_picked_backbones_own_auto():
@@ -79,10 +82,11 @@ def test_the_table_scores_each_rule_by_the_picked_backbones_own_auto():
     assert "wall time 1.20× its" in text
     # gains over x and y: Lite0 ((1 - 0.81) + (1 - 0.6)) / 2 = +29.5 points, SqueezeNet ((0.5 - 0.8) + (0.5 - 1)) / 2
     assert "Lite0 +29.5, Lite1 -1.5, Lite2 -14.0, SqueezeNet -40.0 points" in text
+    assert "- SqueezeNet's auto − Lite0's: -50.0 [" in text and "- Lite1's auto − Lite0's: -25.0 [" in text
     # on y every probe is outside the noise (100,000 images): best probe picks SqueezeNet (0.5); the
     # gain rule, with x's gains, Lite0 (1.0)
-    assert "rule *probe + fine-tuning gain, cheapest within the noise (backbones.choose)*: mean test 1.000 (Lite0 2)" in text
-    assert "rule *best probe*: mean test 0.750 (Lite0 1, SqueezeNet 1)" in text
+    assert "rule *probe + fine-tuning gain (backbones.choose)*: mean test 1.000 (Lite0 2); − Lite0's auto, the best single backbone: the same run" in text
+    assert "rule *best probe*: mean test 0.750 (Lite0 1, SqueezeNet 1); − Lite0's auto, the best single backbone: -25.0 [" in text
     assert "rule *probe only, cheapest within the noise*: mean test 0.500 (SqueezeNet 2)" in text
 
 

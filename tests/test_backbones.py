@@ -16,7 +16,8 @@ def _row(name, acc, gflops):
 
 def test_the_clearly_best_probe_wins_whatever_it_costs():
     name, why = choose([_row("small", 0.70, 0.5), _row("big", 0.90, 1.7)], n_val=500, gains={})
-    assert name == "big" and "best expected accuracy (probe val accuracy 0.900)" in why
+    assert name == "big" and why.startswith("best expected accuracy: probe 0.900 + fine-tuning gain +0.000 = 0.900")
+    assert "next small 0.700" in why and "inside the noise" not in why
 
 
 def test_a_backbone_that_fine_tunes_worse_loses_a_probe_lead():
@@ -24,14 +25,20 @@ def test_a_backbone_that_fine_tunes_worse_loses_a_probe_lead():
     rows = [_row("ahead-frozen", 0.80, 0.5), _row("fine-tunes", 0.75, 1.7)]
     assert choose(rows, n_val=10_000, gains={})[0] == "ahead-frozen"
     name, why = choose(rows, n_val=10_000, gains={"ahead-frozen": -0.02, "fine-tunes": 0.08})
-    assert name == "fine-tunes" and "probe 0.750 + fine-tuning gain +0.080" in why
+    assert name == "fine-tunes" and "probe 0.750 + fine-tuning gain +0.080 = 0.830" in why
 
 
-def test_within_the_noise_the_cheapest_wins():
+def test_inside_the_noise_the_expectation_still_decides_and_says_so():
     rows = [_row("small", 0.88, 0.5), _row("big", 0.90, 1.7), _row("mid", 0.60, 0.1)]
     name, why = choose(rows, n_val=100, gains={})  # 2 points on 100 images is noise (s.e. 3 points)
-    assert name == "small" and "within the noise" in why
-    assert choose(rows, n_val=100_000, gains={})[0] == "big"  # on enough images the same gap is real
+    assert name == "big" and "next small 0.880 (inside the noise, ±0.059 on 100 val images)" in why
+    assert choose([_row("a", 0.9, 1.0), _row("b", 0.9, 0.5)], n_val=100, gains={})[0] == "b"  # a tie: the cheaper
+
+
+def test_the_shipped_gains_cover_every_offline_backbone():
+    from layerwise.backbones import FINE_TUNE_GAIN, OFFLINE
+
+    assert set(FINE_TUNE_GAIN) == set(OFFLINE)
 
 
 def test_flops_are_counted_not_timed():
