@@ -15,6 +15,7 @@ from backbone_speed import rates  # noqa: E402
 from backbone_table import (  # noqa: E402
     README_BEGIN,
     README_END,
+    SHORT,
     best_probe,
     cheapest_in_noise,
     gain_cheapest_in_noise,
@@ -127,26 +128,40 @@ def test_the_readme_block_is_the_committed_results():
 
 
 def test_the_backbone_figures_in_concepts_md_are_the_suites():
-    """docs/concepts.md quotes SqueezeNet's auto against Lite0's and both fine-tuning gains over
-    their probes: recomputed here from the committed results."""
-    import statistics
+    """docs/concepts.md quotes the backbones' gains, SqueezeNet's auto against Lite0's and the
+    rules' scores: recomputed here from the committed results."""
+    from backbone_table import RULES, gains, mean_test, pick, shared, singles
 
-    by_model = load(ROOT / "bench" / "results")
-    lite0, squeeze = ({(r["dataset"], r["seed"]): r for r in by_model[m]} for m in ("efficientnet_lite0", "squeezenet1_1"))
-    keys = sorted(set(lite0) & set(squeeze))
+    results = ROOT / "bench" / "results"
+    by_model = load(results)
+    models = singles(by_model)
+    keys = shared({m: by_model[m] for m in models})
     words = {7: "seven", 8: "eight"}
-
-    def mean(rs, f):
-        return statistics.fmean(f(r) for r in rs)
-
-    lo, sq = [lite0[k] for k in keys], [squeeze[k] for k in keys]
-    below = sum(s["test"] < m["test"] for s, m in zip(sq, lo))
+    lo, sq = "efficientnet_lite0", "squeezenet1_1"
+    gflops = json.loads((results / "backbone-speed.json").read_text())["gflops"]
+    score = {}
+    for name, rule in RULES.items():
+        picks = rule_outcome(by_model, rule, gflops)
+        score[name] = (sum(pick(by_model, picks[k], k)["test"] for k in keys) / len(keys),
+                       {m: sum(v == m for v in picks.values()) for m in models})
     docs = " ".join((ROOT / "docs" / "concepts.md").read_text().split())
-    assert below == len(keys)
-    assert (f"ended below Lite0's on all {words[len(keys)]} held-out splits where both ran (mean "
-            f"{mean(sq, lambda r: r['test']):.3f} against {mean(lo, lambda r: r['test']):.3f})") in docs
-    assert (f"Fine-tuning took Lite0 {100 * mean(lo, lambda r: r['test'] - r['probe_acc']):.1f} points above its probe "
-            f"on average and SqueezeNet {-100 * mean(sq, lambda r: r['test'] - r['probe_acc']):.1f} below") in docs
+    g = gains(by_model, keys)
+    assert ("112 px: " + ", ".join(f"{SHORT[m]} {100 * g[m]:+.1f}" for m in models).replace("+-", "-")
+            + " points)") in docs
+    assert all(pick(by_model, sq, k)["test"] < pick(by_model, lo, k)["test"] for k in keys)
+    assert (f"below Lite0's on all {words[len(keys)]} held-out splits (mean {mean_test(by_model, sq, keys):.3f} "
+            f"against {mean_test(by_model, lo, keys):.3f})") in docs
+    old, new, cheap = (score[n] for n in ("probe only, cheapest within the noise",
+                                          "probe + fine-tuning gain (backbones.choose)",
+                                          "probe + fine-tuning gain, cheapest within the noise"))
+    assert f"picked SqueezeNet on {old[1][sq]} of the {len(keys)} and scored {old[0]:.3f}" in docs
+    assert (f"the gain rule scores {new[0]:.3f} (Lite0 on {new[1][lo]}, Lite2 on {new[1]['efficientnet_lite2']}), "
+            f"the same as always taking Lite2, the best single backbone "
+            f"({mean_test(by_model, 'efficientnet_lite2', keys):.3f}), and above always Lite0 "
+            f"({mean_test(by_model, lo, keys):.3f})") in docs
+    assert f"still picked SqueezeNet once and scored {cheap[0]:.3f}" in docs and cheap[1][sq] == 1
+    lift = mean_test(by_model, "efficientnet_lite2", keys) - mean_test(by_model, lo, keys)
+    assert f"Lite2's auto is {100 * lift:+.1f} points above Lite0's there, inside the noise" in docs
 
 
 def test_the_shipped_fine_tuning_gains_are_the_suites():
