@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from layerwise.backbones import Candidate, available, choose, forward_gflops
+from layerwise.backbones import FINE_TUNE_GAIN, Candidate, available, choose, forward_gflops
 from layerwise.cli import main
 
 
@@ -36,7 +36,7 @@ def test_inside_the_noise_the_expectation_still_decides_and_says_so():
 
 
 def test_the_shipped_gains_cover_every_offline_backbone():
-    from layerwise.backbones import FINE_TUNE_GAIN, OFFLINE
+    from layerwise.backbones import OFFLINE
 
     assert set(FINE_TUNE_GAIN) == set(OFFLINE)
 
@@ -55,7 +55,11 @@ def test_fit_model_auto_probes_each_offline_backbone_and_records_the_choice(data
                  "--epochs", "1", "--quiet", "--out", str(run)]) == 0
     record = json.loads((run / "backbone.json").read_text())
     assert [c["name"] for c in record["candidates"]] == available() and len(available()) == 4
-    assert record["chosen"] in available() and record["reason"]
+    assert record["chosen"] in available() and record["reason"].startswith("best expected accuracy")
+    # the recorded evidence gives the recorded choice: the best probe plus its recorded gain
+    assert record["gains"] == {k: FINE_TUNE_GAIN[k] for k in available()}
+    expected = {c["name"]: c["val_acc"] + record["gains"][c["name"]] for c in record["candidates"]}
+    assert record["chosen"] == max(record["candidates"], key=lambda c: (expected[c["name"]], -c["gflops"]))["name"]
     assert record["n_val"] == sum(1 for f in (data / "val").rglob("*") if f.is_file())  # what the rule's noise is on
     assert yaml.safe_load((run / "config.yaml").read_text())["model"] == record["chosen"]
     assert json.loads((run / "model.json").read_text())["name"] == record["chosen"]

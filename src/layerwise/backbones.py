@@ -107,8 +107,9 @@ def choose_backbone(cfg: RunConfig) -> tuple[RunConfig, dict]:
         side = c.img_size or p.model.loaded.img_size
         rows.append(Candidate(name, res.acc, res.skill, res.knn_acc, side, forward_gflops(p.model.loaded.model, side),
                               res.seconds))
-        say(f"model auto: {name} at {c.img_size}px: probe val acc {res.acc:.3f} (skill {res.skill:.2f}), "
-            f"{res.seconds:.1f}s")
+        gain = FINE_TUNE_GAIN.get(name, 0.0)
+        say(f"model auto: {name} at {c.img_size}px: probe val acc {res.acc:.3f} (skill {res.skill:.2f}) "
+            f"+ fine-tuning gain {gain:+.3f} = {res.acc + gain:.3f} expected; {res.seconds:.1f}s")
         del p
     name, reason = choose(rows, n_val)
     say(f"model auto: {name} ({reason})")
