@@ -55,10 +55,11 @@ def pick(by_model: dict[str, list[dict]], model: str, key: tuple[str, int]) -> d
 Rule = Callable[[dict[str, float], dict[str, float], dict[str, float], int], str]
 
 
-def in_noise(probe: dict[str, float], n_val: int) -> list[str]:
-    """The backbones whose probe is within the noise (backbones.noise) of the best one's."""
-    top = max(probe.values())
-    return [k for k in probe if probe[k] >= top - noise(top, n_val)]
+def in_noise(expected: dict[str, float], probe: dict[str, float], n_val: int) -> list[str]:
+    """The backbones whose expectation is within the noise (backbones.noise, of the best one's
+    probe: an expectation with a gain added is not an accuracy) of the best expectation."""
+    top = max(expected, key=lambda k: expected[k])
+    return [k for k in expected if expected[k] >= expected[top] - noise(probe[top], n_val)]
 
 
 def with_gain(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
@@ -69,25 +70,19 @@ def with_gain(probe: dict[str, float], gflops: dict[str, float], gains: dict[str
     return choose(rows, n_val, gains)[0]
 
 
-def cheapest_near(expected: dict[str, float], probe: dict[str, float], gflops: dict[str, float], n_val: int) -> str:
-    """The cheapest backbone whose expectation is within the noise of the best probe's."""
-    top = max(expected, key=lambda k: expected[k])
-    band = noise(probe[top], n_val)
-    return min((k for k in expected if expected[k] >= expected[top] - band), key=lambda k: gflops[k])
-
-
 def gain_cheapest_in_noise(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
-    return cheapest_near({k: a + gains.get(k, 0.0) for k, a in probe.items()}, probe, gflops, n_val)
+    expected = {k: a + gains.get(k, 0.0) for k, a in probe.items()}
+    return min(in_noise(expected, probe, n_val), key=lambda k: gflops[k])
 
 
 def cheapest_in_noise(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
     """The rule before the gains: the cheapest whose probe is within the noise of the best."""
-    return cheapest_near(probe, probe, gflops, n_val)
+    return min(in_noise(probe, probe, n_val), key=lambda k: gflops[k])
 
 
 def largest_in_noise(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
     """The costliest within the noise of the best probe: fine-tuning may take a bigger model further."""
-    return max(in_noise(probe, n_val), key=lambda k: gflops[k])
+    return max(in_noise(probe, probe, n_val), key=lambda k: gflops[k])
 
 
 def best_probe(probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
@@ -182,57 +177,66 @@ def grid(by_model: dict[str, list[dict]], models: Sequence[str], keys: Sequence[
                      + (f" | {picked} |" if chose else " |"))
     lines.append("| **mean** | " + " | ".join(f"**{mean_test(by_model, m, keys):.3f}**" for m in models) + end)
     walls = {m: over_datasets(lambda k, m=m: pick(by_model, m, k)["wall"], keys) for m in models}
-    loaded = {m for m in models if any(max(pick(by_model, m, k).get("load") or [0.0]) > LOADED for k in keys)}
-    lines.append("| wall s (mean) | " + " | ".join(f"{walls[m]:.0f}{' †' * (m in loaded)}" for m in models) + end)
+    shared_cpu = {m for m in models if loaded(by_model, m, keys)}
+    lines.append("| wall s (mean) | " + " | ".join(f"{walls[m]:.0f}{' †' * (m in shared_cpu)}" for m in models) + end)
     if speed:
         rates = speed["rates"]
         for what, label in (("train", "train img/s"), ("infer", "inference img/s")):
             lines.append(f"| {label} | " + " | ".join(f"{rates[m][what]:.0f}" if m in rates else "" for m in models) + end)
-    if loaded:
+    if shared_cpu:
         lines += ["", f"† measured while another job shared the 2-core CPU (load average above {LOADED:g}): "
                   "the wall time is not the backbone's; its speed rows are"]
     return lines
 
 
+def paired(by_model: dict[str, list[dict]], left: Callable[[tuple[str, int]], str], right: str,
+           keys: Sequence[tuple[str, int]]) -> str:
+    """The auto of ``left(key)`` minus ``right``'s, paired on seeds and test images per dataset,
+    its 95 % interval and whether it is inside the noise (heldout.suite_diff)."""
+    mats = [paired_matrix([pick(by_model, left(k), k) for k in keys if k[0] == d],
+                          [pick(by_model, right, k) for k in keys if k[0] == d]) for d in sorted({d for d, _ in keys})]
+    return suite_diff(mats).cell().replace("]", "] points", 1)
+
+
+def loaded(by_model: dict[str, list[dict]], model: str, keys: Sequence[tuple[str, int]]) -> bool:
+    """Whether any of ``model``'s runs over ``keys`` shared the CPU with another job."""
+    return any(max(pick(by_model, model, k).get("load") or [0.0]) > LOADED for k in keys)
+
+
+def best_single(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]) -> str:
+    return max(singles(by_model), key=lambda m: mean_test(by_model, m, keys))
+
+
 def against(by_model: dict[str, list[dict]], models: Sequence[str], ref: str, keys: Sequence[tuple[str, int]]) -> list[str]:
     """Each of ``models``' auto minus ``ref``'s, paired on seeds and test images, 95 % intervals."""
-    datasets = sorted({d for d, _ in keys})
-    out = []
-    for m in models:
-        mats = [paired_matrix([pick(by_model, m, k) for k in keys if k[0] == d],
-                              [pick(by_model, ref, k) for k in keys if k[0] == d]) for d in datasets]
-        out.append(f"- {SHORT[m]}'s auto − {SHORT[ref]}'s: {suite_diff(mats).cell().replace(']', '] points', 1)}")
-    return out
+    return [f"- {SHORT[m]}'s auto − {SHORT[ref]}'s: {paired(by_model, lambda k, m=m: m, ref, keys)}" for m in models]
 
 
 def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]) -> list[str]:
     """`--model auto` against Lite0's auto and the best single backbone's, paired, 95 % intervals."""
-    best = max(singles(by_model), key=lambda m: mean_test(by_model, m, keys))
+    best = best_single(by_model, keys)
     out = []
     for m in dict.fromkeys((BACKBONES[0], best)):
-        mats = [paired_matrix([pick(by_model, "auto", k) for k in keys if k[0] == d],
-                              [pick(by_model, m, k) for k in keys if k[0] == d]) for d in sorted({d for d, _ in keys})]
         ratio = over_datasets(lambda k, m=m: pick(by_model, "auto", k)["wall"] / pick(by_model, m, k)["wall"], keys)
+        mark = " †" if loaded(by_model, "auto", keys) or loaded(by_model, m, keys) else ""
         out.append(f"- `--model auto` − {SHORT[m]}'s auto{' (the best single backbone)' if m == best else ''}: "
-                   f"{suite_diff(mats).cell().replace(']', '] points', 1)}; wall time {ratio:.2f}× its")
+                   f"{paired(by_model, lambda k: 'auto', m, keys)}; wall time {ratio:.2f}× its{mark}")
     return out
 
 
 def rule_lines(by_model: dict[str, list[dict]], gflops: dict[str, float]) -> list[str]:
     """Each rule's mean test accuracy on the datasets where every single backbone's auto ran, and
     its picks minus the best single backbone's auto, paired (95 % interval)."""
+    keys = shared({m: by_model[m] for m in singles(by_model)})
+    best = best_single(by_model, keys)
     out = []
     for name, rule in RULES.items():
         picks = rule_outcome(by_model, rule, gflops)
-        keys = list(picks)
-        best = max(singles(by_model), key=lambda m: mean_test(by_model, m, keys))
         acc = over_datasets(lambda k, p=picks: pick(by_model, p[k], k)["test"], keys)
         counts = ", ".join(f"{SHORT[b]} {sum(v == b for v in picks.values())}" for b in BACKBONES
                            if any(v == b for v in picks.values()))
-        mats = [paired_matrix([pick(by_model, picks[k], k) for k in keys if k[0] == d],
-                              [pick(by_model, best, k) for k in keys if k[0] == d]) for d in sorted({d for d, _ in keys})]
         out.append(f"- rule *{name}*: mean test {acc:.3f} ({counts}); − {SHORT[best]}'s auto, the best single "
-                   f"backbone: {suite_diff(mats).cell().replace(']', '] points', 1)}")
+                   f"backbone: {paired(by_model, lambda k, p=picks: p[k], best, keys)}")
     return out
 
 

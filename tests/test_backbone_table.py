@@ -80,7 +80,9 @@ def test_the_table_scores_each_rule_by_the_picked_backbones_own_auto():
     assert "| wall s (mean) | 10 | 10 † | 10 | 3 | 12 | |" in lines and any(line.startswith("† measured") for line in lines)
     text = "\n".join(lines)
     assert "`--model auto` − Lite0's auto (the best single backbone): -50.0 [" in text and "] points" in text
-    assert "wall time 1.20× its" in text
+    assert "wall time 1.20× its\n" in text + "\n"  # no run shared the CPU: no mark
+    by_model["auto"][0]["load"] = [3.5, 2.0]
+    assert "wall time 1.20× its †" in "\n".join(table(by_model, {"gflops": GFLOPS, "rates": {}}))
     # gains over x and y: Lite0 ((1 - 0.81) + (1 - 0.6)) / 2 = +29.5 points, SqueezeNet ((0.5 - 0.8) + (0.5 - 1)) / 2
     assert "Lite0 +29.5, Lite1 -1.5, Lite2 -14.0, SqueezeNet -40.0 points" in text
     assert "- SqueezeNet's auto − Lite0's: -50.0 [" in text and "- Lite1's auto − Lite0's: -25.0 [" in text
