@@ -78,6 +78,11 @@ def leader(accs: dict[str, float]) -> str:
     return max(accs, key=lambda c: (accs[c], -list(accs).index(c)))
 
 
+def regret(final: dict[str, float], accs: dict[str, float]) -> float:
+    """Points the rung's leader ends below the candidate that ends best."""
+    return 100 * (max(final.values()) - final[leader(accs)])
+
+
 def outcomes(results: dict, suite: dict) -> list[tuple[str, int, dict[str, float], dict[str, dict[str, float]]]]:
     """Per recorded dataset with complete fixed runs: (name, seed, final test per candidate,
     schedule -> rung val accuracy per candidate)."""
@@ -95,7 +100,7 @@ def summary(results: dict, suite: dict) -> dict[str, tuple[int, int, float, floa
     rows = outcomes(results, suite)
     out = {}
     for s in SCHEDULES:
-        regrets = [100 * (max(final.values()) - final[leader(accs[s])]) for _, _, final, accs in rows]
+        regrets = [regret(final, accs[s]) for _, _, final, accs in rows]
         hits = sum(r == 0 for r in regrets)
         out[s] = (hits, len(rows), statistics.mean(regrets) if rows else 0.0, max(regrets, default=0.0))
     return out
@@ -104,9 +109,8 @@ def summary(results: dict, suite: dict) -> dict[str, tuple[int, int, float, floa
 def report(results: dict, suite: dict) -> str:
     rows = []
     for name, seed, final, accs in outcomes(results, suite):
-        best = max(final.values())
         cells = [f"{leader(accs[s])} ({' / '.join(f'{a:.3f}' for a in accs[s].values())}); regret "
-                 f"{100 * (best - final[leader(accs[s])]):.1f}" for s in SCHEDULES]
+                 f"{regret(final, accs[s]):.1f}" for s in SCHEDULES]
         rows.append(f"| {name} | {seed} | " + " / ".join(f"{final[c]:.3f}" for c in FINAL) + " | "
                     + " | ".join(cells) + " |")
     lines = ["# Which schedule inside a rung predicts the final ranking", "",

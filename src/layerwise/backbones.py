@@ -70,13 +70,19 @@ def noise(acc: float, n_val: int) -> float:
     return Z95 * math.sqrt(max(acc * (1 - acc), 1e-9) / max(n_val, 1))
 
 
+def expected_accuracy(name: str, probe_acc: float, gains: Mapping[str, float] | None = None) -> float:
+    """A backbone's probe val accuracy plus its fine-tuning gain (:data:`FINE_TUNE_GAIN` unless
+    ``gains``; a name without one gains nothing)."""
+    return probe_acc + (FINE_TUNE_GAIN if gains is None else gains).get(name, 0.0)
+
+
 def choose(rows: list[Candidate], n_val: int, gains: Mapping[str, float] | None = None) -> tuple[str, str]:
     """The backbone with the best expected accuracy (its probe val accuracy plus ``gains``, by
     default :data:`FINE_TUNE_GAIN`; a name without one gains nothing), the cheaper on an exact
     tie, and why. The reason says when the runner-up is inside the val noise: the data then
     cannot tell them apart, and the gains decided."""
     gains = FINE_TUNE_GAIN if gains is None else gains
-    expected = {r.name: r.val_acc + gains.get(r.name, 0.0) for r in rows}
+    expected = {r.name: expected_accuracy(r.name, r.val_acc, gains) for r in rows}
     ranked = sorted(rows, key=lambda r: (-expected[r.name], r.gflops))
     best = ranked[0]
     why = (f"best expected accuracy: probe {best.val_acc:.3f} + fine-tuning gain {gains.get(best.name, 0.0):+.3f} "
@@ -107,9 +113,9 @@ def choose_backbone(cfg: RunConfig) -> tuple[RunConfig, dict]:
         side = c.img_size or p.model.loaded.img_size
         rows.append(Candidate(name, res.acc, res.skill, res.knn_acc, side, forward_gflops(p.model.loaded.model, side),
                               res.seconds))
-        gain = FINE_TUNE_GAIN.get(name, 0.0)
         say(f"model auto: {name} at {c.img_size}px: probe val acc {res.acc:.3f} (skill {res.skill:.2f}) "
-            f"+ fine-tuning gain {gain:+.3f} = {res.acc + gain:.3f} expected; {res.seconds:.1f}s")
+            f"+ fine-tuning gain {FINE_TUNE_GAIN.get(name, 0.0):+.3f} = {expected_accuracy(name, res.acc):.3f} "
+            f"expected; {res.seconds:.1f}s")
         del p
     name, reason = choose(rows, n_val)
     say(f"model auto: {name} ({reason})")

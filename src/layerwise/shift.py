@@ -28,8 +28,9 @@ class BnShiftMeter:
 
     def observe(self, i: int, x: torch.Tensor) -> None:
         x = x.detach()
-        # Per image in float32 (a few thousand values each), then across images in float64: as
-        # exact as casting the whole activation to float64 first, which cost a fifth of the probe.
+        # Per image in float32 (a few thousand values each), then across images in float64: within
+        # about 1e-8 relative of casting the whole activation to float64 first, which cost a fifth
+        # of the probe's time.
         per_image = x.float().sum(list(range(2, x.dim()))) if x.dim() > 2 else x.float()
         self.sums[i] += per_image.double().sum(0).cpu()  # every axis but the channels
         self.count[i] += x.numel() // x.shape[1]
