@@ -312,3 +312,24 @@ def test_the_earlier_depth_is_the_output_of_every_group_before_the_bodys_last(da
     assert res.earlier_skill == pytest.approx((res.earlier_acc - res.chance) / (1 - res.chance))
     assert run_probe(loaded.model, p.model.groups, inputs, p.device, p.amp, channels_last=False,
                      quiet=True)[0].earlier_acc is None
+
+
+def test_the_probes_classical_fits_run_in_one_thread_and_restore_the_pools():
+    """fit_probe, knn_accuracy and h_score run with every BLAS/OpenMP pool at one thread (10x
+    faster for their small fits on a shared CPU), and the pools are as before afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from layerwise import probe
+
+    def threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info()]
+
+    seen: list[list[int]] = []
+    wrapped = probe.one_thread(lambda: seen.append(threads()))
+    wrapped()  # loads scikit-learn's libraries, so that before and after list the same pools
+    before = threads()
+    wrapped()
+    assert seen[0] and set(seen[0]) == {1}
+    assert threads() == before
+    for fn in (probe.fit_probe, probe.knn_accuracy, probe.h_score):
+        assert getattr(fn, "__wrapped__", None) is not None, fn  # decorated with one_thread

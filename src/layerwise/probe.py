@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -32,7 +34,28 @@ from layerwise.progress import bar
 from layerwise.rng import get_rng, set_rng
 from layerwise.shift import measure_bn_shift
 
+P = ParamSpec("P")
+R = TypeVar("R")
 PROBE_MAX_IMAGES = 2000  # train and val images the probe sees at most: enough to rank, cheap on a CPU
+# The probe's fits work on a few thousand rows at most: in one BLAS/OpenMP thread they ran 10-14x
+# faster than in the default pool on the 2-core CI machine beside another job (fit_probe on
+# 1000 x 1280 features, 10 classes: 1.1-1.4 s against 15.3-17.3 s; the L-BFGS steps are tiny and
+# the idle pool threads spun against each other), and never slower (the H-score's 1280 x 1280
+# solve alike). Not a global setting: torch's own threads stay as they are.
+def one_thread(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` run with every BLAS and OpenMP pool limited to one thread."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        # threadpoolctl limits the libraries already loaded: scikit-learn's (and scipy's
+        # OpenBLAS) load on first use, after a limit set before it would have been taken
+        import sklearn.linear_model  # noqa: F401
+        import sklearn.neighbors  # noqa: F401
+
+        with threadpool_limits(limits=1):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,7 @@ def skill(acc: float, chance: float) -> float:
 PROBE_CS = (0.01, 0.1, 1.0, 10.0)  # logistic regression's C, chosen per dataset on held-out training features
 
 
+@one_thread
 def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int, *, seed: int = 0, cs: tuple[float, ...] = PROBE_CS,
               holdout: float = 0.2) -> LinearHead:
     """Logistic regression on standardised features, its C chosen on a stratified held-out
@@ -202,6 +226,7 @@ def pooled_outputs(module: nn.Module | None) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+@one_thread
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, k: int = 10) -> float:
     """Validation accuracy of k nearest neighbours (cosine, standardised features): evidence
     that needs no fitting at all."""
@@ -214,6 +239,7 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     return float(np.mean(knn.predict(scaler.transform(val_x)) == val_y))
 
 
+@one_thread
 def h_score(x: np.ndarray, y: np.ndarray) -> float:
     """H-score, ``tr(cov(f)^-1 cov(E[f|y]))`` (Bao et al., 2019), on standardised features:
     how much of the features' variance separates the classes (higher: easier transfer)."""
