@@ -74,15 +74,20 @@ def suite_diff(matrices: Sequence[np.ndarray], seed: int = 0) -> Diff:
 
 
 def complete(records: Sequence[dict]) -> dict[str, dict[str, list[dict]]]:
-    """dataset -> variant -> runs, for the datasets where every variant has every seed with its
-    per-image outcomes (a dataset still running would compare unequal sets)."""
+    """dataset -> variant -> runs, each dataset at the seeds on which every variant has its
+    per-image outcomes there (a seed still running would compare unequal sets; a dataset with no
+    such seed is left out). Datasets may differ in their seeds: every difference is paired within
+    a dataset, and the suite's mean weighs each dataset once."""
     data = by_dataset([r for r in records if "test_correct" in r])
     if not data:
         return {}
     variants = set.union(*(set(v) for v in data.values()))
-    seeds = {r["seed"] for r in records if "test_correct" in r}
-    return {d: v for d, v in data.items()
-            if set(v) == variants and all({r["seed"] for r in runs} == seeds for runs in v.values())}
+    out = {}
+    for d, v in data.items():
+        seeds = set.intersection(*({r["seed"] for r in runs} for runs in v.values())) if set(v) == variants else set()
+        if seeds:
+            out[d] = {name: [r for r in runs if r["seed"] in seeds] for name, runs in v.items()}
+    return out
 
 
 def test_mean(runs: Sequence[dict]) -> float:
@@ -127,14 +132,22 @@ def summary(records: Sequence[dict], against: str = "auto") -> list[str]:
     if not data:
         return []
     names = sorted(set.intersection(*(set(v) for v in data.values())), key=lambda v: (v != against, v))
-    lines = [f"Datasets: {', '.join(sorted(data))}; seeds: "
-             f"{', '.join(str(s) for s in sorted({r['seed'] for r in records if 'test_correct' in r}))}.", "",
+    lines = [f"Datasets: {', '.join(sorted(data))}; seeds: {seed_text(data)}.", "",
              f"| variant | mean test acc | {against} − it, points [95 % interval] |", "|---|---:|---|"]
     for v in names:
         acc = statistics.fmean(test_mean(data[d][v]) for d in data)
         cell = "" if v == against else suite_diff([paired_matrix(data[d][against], data[d][v]) for d in data]).cell()
         lines.append(f"| {v} | {acc:.3f} | {cell} |")
     return lines
+
+
+def seed_text(data: dict[str, dict[str, list[dict]]]) -> str:
+    """The seeds of the complete datasets: one list when they share it, else per dataset."""
+    per = {d: sorted({r["seed"] for runs in v.values() for r in runs}) for d, v in data.items()}
+    lists = {tuple(s) for s in per.values()}
+    if len(lists) == 1:
+        return ", ".join(map(str, next(iter(lists))))
+    return "; ".join(f"{d} {', '.join(map(str, s))}" for d, s in sorted(per.items()))
 
 
 def per_dataset(records: Sequence[dict], against: str = "auto") -> list[str]:

@@ -86,10 +86,16 @@ def test_the_interval_holds_the_mean_and_stays_in_range(rows, seed):
     assert d.lo <= m.max() and d.hi >= m.min()
 
 
-def test_a_dataset_missing_a_run_is_left_out():
+def test_a_seed_still_running_is_left_out_of_its_dataset_only():
     full = [rec(d, v, s, "10") for d in ("x", "y") for v in ("auto", "b") for s in (0, 1)]
-    assert set(complete(full)) == {"x", "y"}
-    assert set(complete(full[:-1])) == {"x"}  # y's b lacks seed 1: it is still running
+    assert {d: sorted(r["seed"] for r in v["b"]) for d, v in complete(full).items()} == {"x": [0, 1], "y": [0, 1]}
+    running = complete(full[:-1])  # y's b lacks seed 1: y is reported at seed 0, x at both
+    assert {d: {v: sorted(r["seed"] for r in rs) for v, rs in runs.items()} for d, runs in running.items()} == {
+        "x": {"auto": [0, 1], "b": [0, 1]}, "y": {"auto": [0], "b": [0]}}
+    assert "Datasets: x, y; seeds: x 0, 1; y 0." in report(full[:-1], 112)
+    assert "Datasets: x, y; seeds: 0, 1." in report(full, 112)
+    no_b = [r for r in full if not (r["dataset"] == "y" and r["variant"] == "b")]
+    assert set(complete(no_b)) == {"x"}  # a variant y never ran: y is not comparable
 
 
 def test_the_oracle_is_best_on_test_and_the_loo_rule_learns_on_val():
