@@ -159,12 +159,15 @@ def test_the_backbone_figures_in_concepts_md_are_the_suites():
     old, new, cheap = (score[n] for n in ("probe only, cheapest within the noise",
                                           "probe + fine-tuning gain (backbones.choose)",
                                           "probe + fine-tuning gain, cheapest within the noise"))
+    def counts(picked: dict[str, int]) -> str:
+        return ", ".join(f"{SHORT[m]} on {n}" for m, n in picked.items() if n)
+
     assert f"picked SqueezeNet on {old[1][sq]} of the {len(keys)} and scored {old[0]:.3f}" in docs
-    assert (f"the gain rule scores {new[0]:.3f} (Lite0 on {new[1][lo]}, Lite2 on {new[1]['efficientnet_lite2']}), "
-            f"the same as always taking Lite2, the best single backbone "
-            f"({mean_test(by_model, 'efficientnet_lite2', keys):.3f}), against "
-            f"{mean_test(by_model, lo, keys):.3f} for always Lite0") in docs
-    assert f"still picked SqueezeNet once and scored {cheap[0]:.3f}" in docs and cheap[1][sq] == 1
+    assert (f"the gain rule scores {new[0]:.3f} ({counts(new[1])}), against "
+            f"{mean_test(by_model, 'efficientnet_lite2', keys):.3f} for always Lite2, the best single backbone, "
+            f"and {mean_test(by_model, lo, keys):.3f} for always Lite0") in docs
+    assert f"picked Lite0 on {cheap[1][lo]} of the {len(keys)} and scored {cheap[0]:.3f}, no better than" in docs
+    assert cheap[0] <= mean_test(by_model, lo, keys) + 1e-9
     lift = mean_test(by_model, "efficientnet_lite2", keys) - mean_test(by_model, lo, keys)
     assert f"Lite2's auto is {100 * lift:+.1f} points above Lite0's there, inside the noise" in docs
 
