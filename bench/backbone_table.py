@@ -142,10 +142,10 @@ def mean_test(by_model: dict[str, list[dict]], model: str, keys: Sequence[tuple[
     return over_datasets(lambda k: pick(by_model, model, k)["test"], keys)
 
 
-def table(by_model: dict[str, list[dict]], speed: dict | None) -> list[str]:
+def table(by_model: dict[str, list[dict]], speed: dict | None, cost: dict | None = None) -> list[str]:
     """The single backbones over the datasets they all ran, their fine-tuning gains and the
     backbone rules scored on them; then ``--model auto`` over the datasets where it has run too,
-    with its comparisons."""
+    with its comparisons, and (``cost``: model_auto_cost.summary) its controlled cost."""
     models = singles(by_model)
     keys = shared({m: by_model[m] for m in models})
     seeds = sorted({s for _, s in keys})
@@ -162,6 +162,11 @@ def table(by_model: dict[str, list[dict]], speed: dict | None) -> list[str]:
         both = shared(by_model)
         lines += ["", f"`--model auto` on the {len({d for d, _ in both})} datasets where it has run:", "",
                   *grid(by_model, [*models, "auto"], both, None), "", *comparisons(by_model, both)]
+    if cost and cost["geomean"] is not None:
+        lines.append(f"- Controlled cost (`bench/model_auto_cost.py`: the two runs back to back on each dataset, "
+                     f"nothing else running; [model-auto-cost.md](bench/results/model-auto-cost.md)): `--model auto` "
+                     f"takes {cost['geomean']:.2f}× Lite0's auto's wall time (geometric mean over {cost['clean']} "
+                     f"datasets: {', '.join(f'{d} {r:.2f}×' for d, r in cost['ratios'].items())})")
     return lines
 
 
@@ -220,9 +225,11 @@ def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]
     out = []
     for m in dict.fromkeys((BACKBONES[0], best)):
         ratio = over_datasets(lambda k, m=m: pick(by_model, "auto", k)["wall"] / pick(by_model, m, k)["wall"], keys)
-        mark = " †" if loaded(by_model, "auto", keys) or loaded(by_model, m, keys) else ""
+        # a ratio of runs that shared the CPU measures the other job: said, not quoted
+        wall = (f"wall time {ratio:.2f}× its" if not (loaded(by_model, "auto", keys) or loaded(by_model, m, keys))
+                else "wall times not comparable (†: a run shared the CPU)")
         out.append(f"- `--model auto` − {SHORT[m]}'s auto{' (the best single backbone)' if m == best else ''}: "
-                   f"{paired(by_model, lambda k: 'auto', m, keys)}; wall time {ratio:.2f}× its{mark}")
+                   f"{paired(by_model, lambda k: 'auto', m, keys)}; {wall}")
     return out
 
 
@@ -242,8 +249,16 @@ def rule_lines(by_model: dict[str, list[dict]], gflops: dict[str, float]) -> lis
     return out
 
 
-def readme_block(by_model: dict[str, list[dict]], speed: dict | None) -> str:
-    return "\n".join([README_BEGIN, *table(by_model, speed), README_END])
+def readme_block(by_model: dict[str, list[dict]], speed: dict | None, cost: dict | None = None) -> str:
+    return "\n".join([README_BEGIN, *table(by_model, speed, cost), README_END])
+
+
+def load_cost(results: Path) -> dict | None:
+    """model_auto_cost.summary of the recorded pairs, if any were measured."""
+    from model_auto_cost import summary
+
+    path = results / "model-auto-cost.json"
+    return summary(json.loads(path.read_text())) if path.is_file() else None
 
 
 if __name__ == "__main__":
@@ -256,7 +271,8 @@ if __name__ == "__main__":
     root = Path(__file__).resolve().parents[1]
     results = args.results or root / "bench" / "results"
     speed_path = results / "backbone-speed.json"
-    block = readme_block(load(results), json.loads(speed_path.read_text()) if speed_path.is_file() else None)
+    block = readme_block(load(results), json.loads(speed_path.read_text()) if speed_path.is_file() else None,
+                         load_cost(results))
     print(block)
     if args.readme:
         (root / "README.md").write_text(with_block((root / "README.md").read_text(), block, README_BEGIN, README_END))

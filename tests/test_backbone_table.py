@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from backbone_speed import rates  # noqa: E402
 from backbone_table import (  # noqa: E402
+    BACKBONES,
     README_BEGIN,
     README_END,
     SHORT,
@@ -21,6 +22,7 @@ from backbone_table import (  # noqa: E402
     gain_cheapest_in_noise,
     largest_in_noise,
     load,
+    load_cost,
     readme_block,
     rule_outcome,
     table,
@@ -85,7 +87,8 @@ def test_the_table_scores_each_rule_by_the_picked_backbones_own_auto():
     assert "`--model auto` − Lite0's auto (the best single backbone): -50.0 [" in text and "] points" in text
     assert "wall time 1.20× its\n" in text + "\n"  # no run shared the CPU: no mark
     by_model["auto"][0]["load"] = [3.5, 2.0]
-    assert "wall time 1.20× its †" in "\n".join(table(by_model, {"gflops": GFLOPS, "rates": {}}))
+    text = "\n".join(table(by_model, {"gflops": GFLOPS, "rates": {}}))
+    assert "wall time 1.20×" not in text and "wall times not comparable (†: a run shared the CPU)" in text
     # gains over x and y: Lite0 ((1 - 0.81) + (1 - 0.6)) / 2 = +29.5 points, SqueezeNet ((0.5 - 0.8) + (0.5 - 1)) / 2
     assert "Lite0 +29.5, Lite1 -1.5, Lite2 -14.0, SqueezeNet -40.0 points" in text
     assert "- SqueezeNet's auto − Lite0's: -50.0 [" in text and "- Lite1's auto − Lite0's: -25.0 [" in text
@@ -128,7 +131,7 @@ def test_the_readme_block_is_the_committed_results():
     results = ROOT / "bench" / "results"
     readme = (ROOT / "README.md").read_text()
     speed = results / "backbone-speed.json"
-    block = readme_block(load(results), json.loads(speed.read_text()) if speed.is_file() else None)
+    block = readme_block(load(results), json.loads(speed.read_text()) if speed.is_file() else None, load_cost(results))
     assert readme[readme.index(README_BEGIN):readme.index(README_END) + len(README_END)] == block
 
 
@@ -185,3 +188,13 @@ def test_the_shipped_fine_tuning_gains_are_the_suites():
     assert set(models) == set(OFFLINE) and FINE_TUNE_GAIN == {m: round(g, 3) for m, g in gains(by_model, keys).items()}
     source = " ".join((ROOT / "src" / "layerwise" / "backbones.py").read_text().split())
     assert all(d in source for d, _ in keys)
+
+
+def test_the_controlled_cost_line_quotes_the_geometric_mean_and_each_ratio():
+    by_model = {m: [single(m, "x", "1100", 0.5), single(m, "y", "1010", 0.5)] for m in BACKBONES}
+    by_model["auto"] = [auto_rec("x", "1100", "efficientnet_lite0", {m: 0.5 for m in BACKBONES}),
+                        auto_rec("y", "1010", "efficientnet_lite0", {m: 0.5 for m in BACKBONES})]
+    cost = {"ratios": {"x": 1.2, "y": 1.5}, "clean": 2, "geomean": (1.2 * 1.5) ** 0.5}
+    text = "\n".join(table(by_model, {"gflops": GFLOPS, "rates": {}}, cost))
+    assert "`--model auto` takes 1.34× Lite0's auto's wall time (geometric mean over 2 datasets: x 1.20×, y 1.50×)" in text
+    assert "Controlled cost" not in "\n".join(table(by_model, {"gflops": GFLOPS, "rates": {}}))
