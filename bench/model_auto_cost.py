@@ -76,6 +76,11 @@ def loaded(rec: dict) -> bool:
     return rec["load"][0] > LOADED
 
 
+def wall(rec: dict) -> str:
+    """A run's wall seconds, marked when it shared the CPU."""
+    return f"{rec['wall']:.0f}{' †' if loaded(rec) else ''}"
+
+
 def summary(results: dict) -> dict:
     """The ratio per dataset, and their geometric mean over the pairs where neither run shared the
     CPU (a ratio is a ratio: the geometric mean treats 2x and 0.5x alike)."""
@@ -96,9 +101,8 @@ def report(results: dict) -> str:
              "|---|---:|---:|---:|---|---:|---:|---:|"]
     for d, v in pairs(results).items():
         lo, au = v[MODELS[0]], v["auto"]
-        mark = lambda r: " †" if loaded(r) else ""  # noqa: E731
         probes = sum(au.get("probe_seconds", {}).values())
-        lines.append(f"| {d} | {lo['wall']:.0f}{mark(lo)} | {au['wall']:.0f}{mark(au)} | {s['ratios'][d]:.2f}× | "
+        lines.append(f"| {d} | {wall(lo)} | {wall(au)} | {s['ratios'][d]:.2f}× | "
                      f"{au['backbone']} | {probes:.0f} | {lo['test']:.3f} | {au['test']:.3f} |")
     if s["geomean"] is not None:
         verdict = "within" if s["geomean"] <= TARGET else "above"
