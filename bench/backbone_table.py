@@ -161,7 +161,8 @@ def table(by_model: dict[str, list[dict]], speed: dict | None, cost: dict | None
     if "auto" in by_model:
         both = shared(by_model)
         lines += ["", f"`--model auto` on the {len({d for d, _ in both})} datasets where it has run:", "",
-                  *grid(by_model, [*models, "auto"], both, None), "", *comparisons(by_model, both)]
+                  *grid(by_model, [*models, "auto"], both, None), "", *comparisons(by_model, both),
+                  worst_dataset(by_model, both)]
     if cost and cost["geomean"] is not None:
         lines.append(f"- Controlled cost (`bench/model_auto_cost.py`: the two runs back to back on each dataset, "
                      f"nothing else running; [model-auto-cost.md](bench/results/model-auto-cost.md)): `--model auto` "
@@ -231,6 +232,20 @@ def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]
         out.append(f"- `--model auto` − {SHORT[m]}'s auto{' (the best single backbone)' if m == best else ''}: "
                    f"{paired(by_model, lambda k: 'auto', m, keys)}; {wall}")
     return out
+
+
+def worst_dataset(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]], ref: str = BACKBONES[0]) -> str:
+    """The dataset where ``--model auto`` fell furthest below ``ref``'s auto, paired on seeds and
+    test images there, and whether that is inside its 95 % interval (issue 23: on no dataset
+    worse than Lite0's auto by more than its interval)."""
+    diffs = {d: suite_diff([paired_matrix([pick(by_model, "auto", k) for k in keys if k[0] == d],
+                                          [pick(by_model, ref, k) for k in keys if k[0] == d])])
+             for d in sorted({d for d, _ in keys})}
+    d = min(diffs, key=lambda d: diffs[d].mean)
+    outside = [x for x, v in diffs.items() if v.hi < 0]
+    return (f"- Worst dataset for `--model auto` against {SHORT[ref]}'s auto: {d}, "
+            f"{diffs[d].cell().replace(']', '] points', 1)}; below it outside the interval on "
+            + (", ".join(outside) if outside else "none") + f" of the {len(diffs)}")
 
 
 def rule_lines(by_model: dict[str, list[dict]], gflops: dict[str, float]) -> list[str]:

@@ -198,3 +198,18 @@ def test_the_controlled_cost_line_quotes_the_geometric_mean_and_each_ratio():
     text = "\n".join(table(by_model, {"gflops": GFLOPS, "rates": {}}, cost))
     assert "`--model auto` takes 1.34× Lite0's auto's wall time (geometric mean over 2 datasets: x 1.20×, y 1.50×)" in text
     assert "Controlled cost" not in "\n".join(table(by_model, {"gflops": GFLOPS, "rates": {}}))
+
+
+def test_the_worst_dataset_line_names_a_loss_outside_its_interval():
+    from backbone_table import worst_dataset
+
+    probes = {m: 0.5 for m in BACKBONES}
+    by_model = {m: [single(m, "x", "1" * 100, 0.5), single(m, "y", "10" * 50, 0.5)] for m in BACKBONES}
+    by_model["auto"] = [auto_rec("x", "1" * 60 + "0" * 40, "efficientnet_lite0", probes),
+                        auto_rec("y", "10" * 50, "efficientnet_lite0", probes)]
+    keys = [("x", 0), ("y", 0)]
+    line = worst_dataset(by_model, keys)
+    assert line.startswith("- Worst dataset for `--model auto` against Lite0's auto: x, -40.0 [")
+    assert line.endswith("below it outside the interval on x of the 2")
+    by_model["auto"][0] = auto_rec("x", "1" * 99 + "0", "efficientnet_lite0", probes)  # one image: inside the noise
+    assert "inside the noise; below it outside the interval on none of the 2" in worst_dataset(by_model, keys)
