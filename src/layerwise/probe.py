@@ -41,7 +41,7 @@ PROBE_MAX_IMAGES = 2000  # train and val images the probe sees at most: enough t
 # faster than in the default pool on the 2-core CI machine beside another job (fit_probe on
 # 1000 x 1280 features, 10 classes: 1.1-1.4 s against 15.3-17.3 s; the L-BFGS steps are tiny and
 # the idle pool threads spun against each other), and never slower (the H-score's 1280 x 1280
-# solve alike). Not a global setting: torch's own threads stay as they are.
+# solve alike). Scoped to these calls: every pool, torch's included, is as before afterwards.
 def one_thread(fn: Callable[P, R]) -> Callable[P, R]:
     """``fn`` run with every BLAS and OpenMP pool limited to one thread."""
 
