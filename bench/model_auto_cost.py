@@ -84,8 +84,9 @@ def wall(rec: dict) -> str:
 def summary(results: dict) -> dict:
     """The ratio per dataset, and their geometric mean over the pairs where neither run shared the
     CPU (a ratio is a ratio: the geometric mean treats 2x and 0.5x alike)."""
-    ratios = {d: v["auto"]["wall"] / v[MODELS[0]]["wall"] for d, v in pairs(results).items()}
-    clean = [r for d, r in ratios.items() if not any(loaded(x) for x in pairs(results)[d].values())]
+    done = pairs(results)
+    ratios = {d: v["auto"]["wall"] / v[MODELS[0]]["wall"] for d, v in done.items()}
+    clean = [r for d, r in ratios.items() if not any(loaded(x) for x in done[d].values())]
     return {"ratios": ratios, "clean": len(clean),
             "geomean": statistics.geometric_mean(clean) if clean else None}
 
@@ -96,7 +97,8 @@ def report(results: dict) -> str:
              "Written by `bench/model_auto_cost.py` from `bench/results/model-auto-cost.json`: on each dataset "
              "the two runs go back to back in alternating order, each started once the 1-minute load average "
              f"is below {QUIET} (the suite's held-out split and budget, 112 px, seed 0). "
-             f"† marks a run started above load {LOADED}: another job shared the 2-core CPU.", "",
+             f"† marks a run started above load {LOADED}: another job shared the 2-core CPU. One pair per "
+             "dataset: the run-to-run spread of a wall time is not measured here.", "",
              "| dataset | Lite0 auto s | --model auto s | ratio | chose | four probes s | Lite0 test | --model auto test |",
              "|---|---:|---:|---:|---|---:|---:|---:|"]
     for d, v in pairs(results).items():
