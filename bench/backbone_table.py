@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from heldout import paired_matrix, suite_diff, with_block
+from heldout import Diff, paired_matrix, suite_diff, with_block
 
 from layerwise.backbones import Candidate, choose, noise
 
@@ -197,13 +197,19 @@ def grid(by_model: dict[str, list[dict]], models: Sequence[str], keys: Sequence[
     return lines
 
 
-def paired(by_model: dict[str, list[dict]], left: Callable[[tuple[str, int]], str], right: str,
-           keys: Sequence[tuple[str, int]]) -> str:
+def paired_diff(by_model: dict[str, list[dict]], left: Callable[[tuple[str, int]], str], right: str,
+                keys: Sequence[tuple[str, int]]) -> Diff:
     """The auto of ``left(key)`` minus ``right``'s, paired on seeds and test images per dataset,
-    its 95 % interval and whether it is inside the noise (heldout.suite_diff)."""
+    with its 95 % interval (heldout.suite_diff)."""
     mats = [paired_matrix([pick(by_model, left(k), k) for k in keys if k[0] == d],
                           [pick(by_model, right, k) for k in keys if k[0] == d]) for d in sorted({d for d, _ in keys})]
-    return suite_diff(mats).cell().replace("]", "] points", 1)
+    return suite_diff(mats)
+
+
+def paired(by_model: dict[str, list[dict]], left: Callable[[tuple[str, int]], str], right: str,
+           keys: Sequence[tuple[str, int]]) -> str:
+    """:func:`paired_diff` as a cell, and whether it is inside the noise."""
+    return paired_diff(by_model, left, right, keys).cell().replace("]", "] points", 1)
 
 
 def loaded(by_model: dict[str, list[dict]], model: str, keys: Sequence[tuple[str, int]]) -> bool:
@@ -238,8 +244,7 @@ def worst_dataset(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int
     """The dataset where ``--model auto`` fell furthest below ``ref``'s auto, paired on seeds and
     test images there, and whether that is inside its 95 % interval (issue 23: on no dataset
     worse than Lite0's auto by more than its interval)."""
-    diffs = {d: suite_diff([paired_matrix([pick(by_model, "auto", k) for k in keys if k[0] == d],
-                                          [pick(by_model, ref, k) for k in keys if k[0] == d])])
+    diffs = {d: paired_diff(by_model, lambda k: "auto", ref, [k for k in keys if k[0] == d])
              for d in sorted({d for d, _ in keys})}
     d = min(diffs, key=lambda d: diffs[d].mean)
     outside = [x for x, v in diffs.items() if v.hi < 0]
