@@ -17,6 +17,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from competitor import LOADED
 from heldout import Diff, paired_matrix, suite_diff, with_block
 
 from layerwise.backbones import Candidate, choose, noise
@@ -24,7 +25,6 @@ from layerwise.backbones import Candidate, choose, noise
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "squeezenet1_1")
 SHORT = {"efficientnet_lite0": "Lite0", "efficientnet_lite1": "Lite1", "efficientnet_lite2": "Lite2",
          "squeezenet1_1": "SqueezeNet", "auto": "--model auto"}
-LOADED = 3.0  # a run's load average above this on the 2-core machine: another job shared it
 README_BEGIN = "<!-- backbone table: written by `python bench/backbone_table.py --readme` -->"
 README_END = "<!-- end of the backbone table -->"
 

@@ -43,6 +43,11 @@ def run_child(cmd: list[str]) -> tuple[str, float, float]:
     return out, time.perf_counter() - tic, usage.ru_maxrss / 1024
 
 
+# a 1-minute load average above this on the 2-core machine means another job shared the CPU: a
+# run measured then has a wall time that is not its own, and the reports mark it
+LOADED = 3.0
+
+
 def with_load(run: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> tuple[T, list[float]]:
     """run(*args, **kwargs)'s result and the 1-minute load average before and after it: the
     machine is shared, so every benchmark records how busy it was."""

@@ -17,17 +17,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from competitor import ROOT, run_child, save_json
-from suite import budget, datasets, held_out
+from competitor import LOADED, ROOT, run_child, save_json
+from suite import budget, datasets, fit_command, held_out
 
 RESULTS = ROOT / "bench" / "results"
 MODELS = ("efficientnet_lite0", "auto")
 QUIET = 1.0  # the 1-minute load average a run waits for (nothing else running on the 2-core machine)
-LOADED = 3.0  # a run that started above this shared the CPU: marked †, its wall time is not its own
 TARGET = 1.3  # issue 23's bound on --model auto's wall time against Lite0's auto
 
 
@@ -48,12 +46,7 @@ def wait_for_quiet(limit: float = QUIET, patience_s: float = 600.0) -> float:
 
 def run_one(data: Path, model: str, img: int, seed: int, out: Path) -> dict:
     """One ``layerwise fit --strategy auto`` with the suite's budget: wall, backbone, val, test."""
-    epochs, batch, patience, _ = budget(data)
-    cmd = [sys.executable, "-m", "layerwise", "fit", str(data), "--model", model, "--strategy", "auto",
-           "--epochs", str(epochs), "--batch-size", str(batch), "--img-size", str(img), "--seed", str(seed),
-           "--workers", "1", "--quiet", "--out", str(out), "--overwrite"]
-    if patience:
-        cmd += ["--patience", str(patience)]
+    cmd = fit_command(data, model=model, strategy="auto", seed=seed, img=img, b=budget(data), out=out)
     _, wall, _ = run_child(cmd)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rec = {"wall": wall, "best": max(r["val_acc"] for r in rows), "test": json.loads((out / "test.json").read_text())["test_acc"],

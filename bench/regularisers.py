@@ -15,25 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from competitor import ROOT, run_child, save_json
 from heldout import paired_matrix, suite_diff
-from suite import RESULTS, budget, datasets, held_out, test_record
+from suite import RESULTS, budget, datasets, fit_command, held_out, test_record
 
 REGS = {"none": [], "l2sp:0.01": ["--reg", "l2sp:0.01"], "lwf:1": ["--reg", "lwf:1"], "cotune:2.3": ["--reg", "cotune:2.3"]}
 PATH = RESULTS / "regularisers.json"
 
 
 def run(data: Path, name: str, reg: str, seed: int, strategy: list[str], b: tuple) -> dict:
-    epochs, batch, patience, _ = b
+    """One fit: ``strategy`` is the strategy name and its flags (e.g. ``discriminative --bn eval``)."""
     out = ROOT / "runs" / "regularisers" / name / f"{reg.replace(':', '-')}-seed{seed}"
-    cmd = [sys.executable, "-m", "layerwise", "fit", str(data), "--model", "efficientnet_lite0", *strategy,
-           "--epochs", str(epochs), "--batch-size", str(batch), "--img-size", "112", "--seed", str(seed),
-           "--workers", "1", "--quiet", "--out", str(out), "--overwrite", *REGS[reg]]
-    if patience:
-        cmd += ["--patience", str(patience)]
+    cmd = fit_command(data, model="efficientnet_lite0", strategy=strategy[0], seed=seed, img=112, b=b, out=out,
+                      extra=[*strategy[1:], *REGS[reg]])
     _, wall, _ = run_child(cmd)
     return test_record(json.loads((out / "test.json").read_text())) | {"wall": wall}
 
@@ -64,7 +60,7 @@ def main() -> None:
     data = held_out(args.dataset, datasets()[args.dataset], ROOT / "runs" / "suite-split")
     b = budget(data)
     records = json.loads(PATH.read_text()) if PATH.is_file() else {}
-    strategy = ["--strategy", *args.strategy.split()]
+    strategy = args.strategy.split()
     for seed in (int(s) for s in args.seeds.split(",")):
         for reg in REGS:
             key = f"{args.dataset}|{reg}|{seed}"

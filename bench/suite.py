@@ -28,6 +28,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from competitor import ROOT, run_child, save_json, with_load  # bench/ is on the path: these run as scripts
@@ -133,20 +134,24 @@ def budget(data: Path) -> tuple[int, int, int | None, str]:
     return cfg.epochs, cfg.batch_size, cfg.patience, why
 
 
-def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: tuple, model: str = DEFAULT_MODEL) -> dict:
-    strategy, _, bn = ("auto", "", "") if variant in AUTO_VARIANTS else variant.partition("+bn-")
+def fit_command(data: Path, *, model: str, strategy: str, seed: int, img: int, b: tuple, out: Path,
+                extra: Sequence[str] = ()) -> list[str]:
+    """The ``layerwise fit`` command of one suite run: the suite's budget ``b`` (from budget()),
+    one loader worker, quiet, into ``out``. Every bench script that runs layerwise on the suite
+    builds it here, so their runs stay comparable."""
     epochs, batch, patience, _ = b
-    tag = "" if model == DEFAULT_MODEL else f"-{model}"
-    run = ROOT / "runs" / "suite" / name / f"{variant}-{img}px-seed{seed}{tag}"
     cmd = [sys.executable, "-m", "layerwise", "fit", str(data), "--model", model, "--strategy", strategy,
            "--epochs", str(epochs), "--batch-size", str(batch), "--img-size", str(img), "--seed", str(seed),
-           "--workers", "1", "--quiet", "--out", str(run), "--overwrite"]
-    if bn:
-        cmd += ["--bn", bn]
-    cmd += AUTO_VARIANTS.get(variant, [])
-    if patience:
-        cmd += ["--patience", str(patience)]
-    _, wall, _ = run_child(cmd)
+           "--workers", "1", "--quiet", "--out", str(out), "--overwrite", *extra]
+    return cmd + (["--patience", str(patience)] if patience else [])
+
+
+def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: tuple, model: str = DEFAULT_MODEL) -> dict:
+    strategy, _, bn = ("auto", "", "") if variant in AUTO_VARIANTS else variant.partition("+bn-")
+    tag = "" if model == DEFAULT_MODEL else f"-{model}"
+    run = ROOT / "runs" / "suite" / name / f"{variant}-{img}px-seed{seed}{tag}"
+    extra = (["--bn", bn] if bn else []) + AUTO_VARIANTS.get(variant, [])
+    _, wall, _ = run_child(fit_command(data, model=model, strategy=strategy, seed=seed, img=img, b=b, out=run, extra=extra))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rec = {"curve": [[r["elapsed_seconds"], r["val_acc"]] for r in rows], "wall": wall}
     if (run / "test.json").is_file():  # the best-on-val weights, scored once on the held-out split

@@ -87,3 +87,20 @@ def test_another_backbone_runs_layerwise_alone_into_its_own_runs(tmp_path, monke
     suite.run_layerwise("ds", tmp_path, "full", 0, 112, (4, 32, 2, ""), "squeezenet1_1")
     cmd = seen["full-112px-seed0-squeezenet1_1"]
     assert cmd[cmd.index("--model") + 1] == "squeezenet1_1"
+
+
+def test_fit_command_is_a_command_layerwise_parses(tmp_path):
+    """Every bench script builds its fit through suite.fit_command: a renamed flag fails here, not
+    an hour into a suite run."""
+    import suite
+
+    from layerwise.cli import build_parser
+
+    cmd = suite.fit_command(tmp_path, model="efficientnet_lite1", strategy="discriminative", seed=3, img=112,
+                            b=(5, 16, 2, "why"), out=tmp_path / "run", extra=["--bn", "eval", "--reg", "l2sp:0.01"])
+    args = build_parser().parse_args(cmd[cmd.index("fit"):])
+    assert (args.model, args.strategy, args.bn, args.seed, args.img_size) == ("efficientnet_lite1", "discriminative", "eval", 3, 112)
+    assert (args.epochs, args.batch_size, args.patience, args.workers) == (5, 16, 2, 1)
+    assert args.quiet and args.overwrite and args.out == str(tmp_path / "run")
+    no_patience = suite.fit_command(tmp_path, model="m", strategy="full", seed=0, img=64, b=(5, 16, None, ""), out=tmp_path)
+    assert "--patience" not in no_patience
