@@ -108,3 +108,37 @@ def test_only_racers_that_share_the_winners_start_join_its_soup(tmp_path):
     rungs = {"full": {"val_acc": 0.6}, "disc": {"val_acc": 0.5}, "lp-ft": {"val_acc": 0.7}}
     assert race.soup_losers(runs, rungs, "full") == {tmp_path / "disc": 0.5}
     assert race.soup_losers(runs, rungs, "lp-ft") == {}
+
+
+def test_a_mix_is_scored_on_test_with_the_runs_tta_views(data, tmp_path, monkeypatch):
+    """When averaging changes the weights, test.json and tta.json are the mix's, scored with
+    the views the winner's run resolved (and test.json also without them)."""
+    import shutil
+
+    from conftest import make_image_folder
+    from layerwise.config import RunConfig
+    from layerwise.data import load_splits
+
+    d = tmp_path / "d"
+    shutil.copytree(data, d)
+    shutil.copytree(make_image_folder(tmp_path / "o", classes=3, per_class=3, size=20) / "val", d / "test")
+    winner, run = tmp_path / "winner", tmp_path / "run"
+    assert main(["fit", str(d), *TINY, "--strategy", "full", "--epochs", "1", "--tta", "auto", "--precision", "fp32",
+                 "--no-channels-last", "--out", str(winner)]) == 0
+    run.mkdir()
+
+    def nudged(model, winner_acc, losers, val_acc, norm):  # a soup that moved the weights
+        with torch.no_grad():
+            next(model.parameters()).mul_(0.5)
+        return {"members": ["winner", "other"], "val_acc": val_acc()}
+
+    monkeypatch.setattr(averaging, "_soup", nudged)
+    splits = load_splits(str(d))
+    averaging.finish(RunConfig(data=str(d), soup=True, wise=False), run, winner, {tmp_path / "other": 0.1},
+                     splits.val, splits)
+    test, before = json.loads((run / "test.json").read_text()), json.loads((winner / "test.json").read_text())
+    assert test["views"] == ["hflip", "multi-scale"] and "without_views" in test
+    assert test["test_loss"] != pytest.approx(before["test_loss"], rel=1e-6)  # the mix's score, not the winner's
+    tta = json.loads((run / "tta.json").read_text())
+    assert tta["views"] == test["views"] and tta["val_loss"] != pytest.approx(
+        json.loads((winner / "tta.json").read_text())["val_loss"], rel=1e-6)

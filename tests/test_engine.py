@@ -602,6 +602,35 @@ def test_a_test_folder_is_scored_once_at_the_end_apart_from_val(tmp_path, capsys
     assert "test accuracy" in capsys.readouterr().out
 
 
+def test_tta_auto_scores_test_with_and_without_its_views_and_evaluate_reuses_them(tmp_path):
+    """--tta auto: val and test with the views light augmentation trains for; test.json also
+    holds the score without them, image by image; evaluate defaults to the run's views."""
+    import shutil
+
+    from layerwise.config import load_yaml
+    from layerwise.inference import evaluate_run
+
+    d = make_image_folder(tmp_path / "d", classes=3, per_class=8)
+    shutil.copytree(make_image_folder(tmp_path / "other", classes=3, per_class=4, size=20) / "val", d / "test")
+    run = tmp_path / "run"
+    # fp32 pinned: evaluate scores in fp32, and a timed numerics choice may pick bf16 under load
+    assert _fit(str(d), *TINY, "--strategy", "full", "--epochs", "1", "--tta", "auto", "--precision", "fp32",
+                "--no-channels-last", "--out", str(run)) == 0
+    assert load_yaml(run / "config.yaml")["tta"] == ["hflip", "multi-scale"]
+    test = json.loads((run / "test.json").read_text())
+    plain = test["without_views"]
+    assert test["views"] == ["hflip", "multi-scale"] and set(plain["correct"]) == set(test["correct"])
+    assert json.loads((run / "tta.json").read_text())["views"] == test["views"]
+    # losses, not accuracies: an untrained tiny model's accuracy rarely moves, and its loss by
+    # about 1e-4 (relative) between the views and none, so the comparisons are exact to 1e-6
+    assert test["test_loss"] != pytest.approx(plain["test_loss"], rel=1e-6)
+    same = evaluate_run(run, str(d))
+    assert (same["accuracy"], same["loss"]) == (pytest.approx(test["test_acc"]), pytest.approx(test["test_loss"], rel=1e-6))
+    for off in (["identity"], []):
+        assert evaluate_run(run, str(d), views=off)["loss"] == pytest.approx(plain["test_loss"], rel=1e-6)
+    assert f"({plain['test_acc']:.4f} without them)" in (run / "report.md").read_text()
+
+
 def test_lr_and_weight_decay_maps_reach_the_optimizer(data, tmp_path):
     """differential's --lr-map and any strategy's --wd-map, as the optimizer ran them."""
     from layerwise.checkpoint import load_state

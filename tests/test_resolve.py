@@ -143,3 +143,14 @@ def test_the_embedded_digits_resolve_to_the_data_modules_size_and_no_augmentatio
 def test_an_override_reaches_a_list_setting_left_empty_but_not_one_given():
     assert apply_overrides(RunConfig(), "x", {"tta": ["hflip"]}).tta == ["hflip"]
     assert apply_overrides(RunConfig(tta=["five-crop"]), "x", {"tta": ["hflip"]}).tta == ["five-crop"]
+
+
+def test_tta_auto_resolves_to_the_views_the_augmentation_trains_for():
+    cfg = RunConfig(strategy="full", epochs=2, tta=["auto"])
+    assert resolve(cfg, FACTS).config.tta == ["hflip", "multi-scale"]
+    assert resolve(dataclasses.replace(cfg, augment="none"), FACTS).config.tta == []
+    assert resolve(dataclasses.replace(cfg, tta=["five-crop"]), FACTS).config.tta == ["five-crop"]  # the user's views stay
+    with pytest.raises(LayerwiseError, match="stands alone"):
+        resolve(dataclasses.replace(cfg, tta=["auto", "hflip"]), FACTS)
+    with pytest.raises(UnknownNameError, match="auto"):  # the error lists auto beside the views
+        resolve(dataclasses.replace(cfg, tta=["spin"]), FACTS)

@@ -55,3 +55,20 @@ def test_views_show_what_their_names_say():
     span = (ramp[..., 8, -1] - ramp[..., 8, 0]).item()
     assert (zoom_in[..., 8, -1] - zoom_in[..., 8, 0]).item() < span  # a narrower window of the ramp
     assert torch.equal(zoom_out[..., 8, :1], zoom_out[..., 8, 1:2])  # replicate-padded edge
+
+
+def test_auto_views_follow_the_training_augmentation():
+    """--tta auto: a view only where the preset trains on such images (flips, rescaled crops)."""
+    from torchvision.transforms import v2
+
+    from layerwise.augment import PRESETS
+    from layerwise.tta import views_for
+
+    assert views_for("light") == ["hflip", "multi-scale"]
+    assert views_for("none") == []  # the embedded digits: never flipped, never rescaled
+    assert all(views_for(p) == ["hflip", "multi-scale"] for p in PRESETS if p != "none")
+    PRESETS["flip-only"] = lambda size, mean, std: v2.Compose([v2.RandomApply([v2.RandomHorizontalFlip(p=1)], p=0.5)])
+    try:  # a user's preset: the flip nested inside RandomApply is found
+        assert views_for("flip-only") == ["hflip"]
+    finally:
+        del PRESETS["flip-only"]

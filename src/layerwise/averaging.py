@@ -25,10 +25,10 @@ from layerwise import rundir
 from layerwise.checkpoint import atomic_write_text, load_weights, save_weights, write_json
 from layerwise.config import RunConfig
 from layerwise.data import ImageDataset, Splits, check_images, spread
-from layerwise.evaluation import test_result
+from layerwise.evaluation import score_test
 from layerwise.freeze import recalibrate_norms
 from layerwise.groups import head_module
-from layerwise.inference import Scorer, validated_scorer
+from layerwise.inference import Scorer, run_views, validated_scorer
 from layerwise.progress import say
 from layerwise.racecost import WISE_NORM_IMAGES
 from layerwise.soup import greedy_soup
@@ -61,7 +61,7 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
     sections and, when the result beats the winner on val, best.safetensors and test.json.
     Returns race.json's record of both."""
     rd = rundir.RunDir(run)
-    score = validated_scorer(winner)
+    score, views = validated_scorer(winner), run_views(winner)
     model, norm = score.run.model, NormBatches(splits, score)
     winner_acc = score(val).acc
     out: dict = {"winner_val_acc": winner_acc}
@@ -69,13 +69,16 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
     # DATA/test decoded once, and only if a mix needs a score
     test: Callable[[], tuple[list, list[dict]]] = functools.cache(lambda: check_images(splits.test))
 
+    def tested() -> dict:  # the model as it stands on DATA/test, with the run's TTA views
+        return score_test(lambda v: score(test()[0], views=v), *test(), views)
+
     if cfg.soup and losers:
         out["soup"] = _soup(model, winner_acc, losers, lambda: score(val).acc, norm)
         acc = out["soup"]["val_acc"]
         kept["soup_members"] = out["soup"]["members"]
         soup = dict(out["soup"])
         if len(soup["members"]) > 1 and cfg.wise and test()[0]:  # the soup's own test score, before WiSE-FT mixes it
-            soup["test"] = test_result(score(test()[0]), *test(), ())
+            soup["test"] = tested()
             out["soup"]["test_acc"] = soup["test"]["test_acc"]
         write_json(rd.soup, soup)
         _append_report(rd, soup_section(out["soup"], winner.name))
@@ -87,13 +90,16 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
     changed = len(out.get("soup", {}).get("members", [None])) > 1 or out.get("wise", {}).get("alpha", 1.0) < 1.0
     if changed:
         save_weights(rd.best, model)
+        if views:  # tta.json held the winner's val score with the views: now the mix's
+            ev = score(val, views=views)
+            write_json(rd.tta, {"views": views, "val_acc": ev.acc, "val_loss": ev.loss})
         if test()[0]:
-            ev = score(test()[0])
-            write_json(rd.test, test_result(ev, *test(), ()) | kept)
-            out["test_acc"] = ev.acc
+            res = tested()
+            write_json(rd.test, res | kept)
+            out["test_acc"] = res["test_acc"]
             for part in ("soup", "wise"):  # each record says what the run ended with
                 if part in out:
-                    out[part]["final_test_acc"] = ev.acc
+                    out[part]["final_test_acc"] = res["test_acc"]
     return out
 
 

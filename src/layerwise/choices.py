@@ -12,10 +12,11 @@ from typing import Any
 from layerwise.augment import PRESETS
 from layerwise.cache import CACHE_MODES
 from layerwise.config import CHECK_DATA, NAN_POLICIES, PRECISIONS, RunConfig, from_mapping
-from layerwise.errors import UnknownNameError
+from layerwise.errors import LayerwiseError, UnknownNameError
 from layerwise.features import FEATURE_CACHE_MODES
 from layerwise.freeze import BN_MODES
 from layerwise.strategies import STRATEGIES
+from layerwise.tta import AUTO as TTA_AUTO
 from layerwise.tta import VIEWS
 
 
@@ -33,9 +34,12 @@ def check_choices(cfg: RunConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value not in valid:
             raise UnknownNameError(kind, value, valid)
+    if TTA_AUTO in cfg.tta and len(cfg.tta) > 1:
+        raise LayerwiseError(f"--tta {','.join(cfg.tta)}: 'auto' chooses the views itself and stands alone; "
+                             f"give either auto or views from: {', '.join(VIEWS)}")
     for v in cfg.tta:
-        if v not in VIEWS:
-            raise UnknownNameError("TTA view", v, VIEWS)
+        if v not in VIEWS and v != TTA_AUTO:
+            raise UnknownNameError("TTA view", v, [*VIEWS, TTA_AUTO])
     if cfg.reg is not None:
         from layerwise.regularise import parse_reg
 

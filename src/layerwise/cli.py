@@ -287,11 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     from layerwise.inference import EXPORT_FORMATS
     from layerwise.tta import VIEWS
 
-    tta_help = f"comma-separated TTA views: {', '.join(VIEWS)}"
+    tta_help = (f"comma-separated TTA views: {', '.join(VIEWS)} (default: the run's own, as its fit's --tta "
+                "resolved them; identity: none)")
     ev = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a run on DATA")
     ev.add_argument("run", help="run folder")
     ev.add_argument("data", help="folder of class folders (as is), dataset root (its test/, else val/), or CSV")
-    ev.add_argument("--tta", type=csv_list, default=[], help=tta_help)
+    ev.add_argument("--tta", type=csv_list, default=None, help=tta_help)
     ev.add_argument("--batch-size", dest="batch_size", type=int_in(1, MAX_BATCH_SIZE), default=None,
                     help="images per batch (default: 64, fewer at large image sizes)")
     ev.add_argument("--device", default="auto")
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="top-k classes with probabilities for image files")
     pr.add_argument("run", help="run folder")
     pr.add_argument("images", nargs="+", help="image files")
-    pr.add_argument("--tta", type=csv_list, default=[], help=tta_help)
+    pr.add_argument("--tta", type=csv_list, default=None, help=tta_help)
     pr.add_argument("--topk", type=int_in(1, MAX_CLASSES), default=3, help="classes to list per image (3)")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)

@@ -187,7 +187,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", dest="channels_last", action="store_true", default=S,
                    help="NHWC memory format (default: measured against NCHW when --precision is auto)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=S)
-    g.add_argument("--tta", type=csv_list, default=S, help=f"views for the final evaluation: {', '.join(VIEWS)}")
+    g.add_argument("--tta", type=csv_list, default=S, help=f"views for the final evaluation (val, test): {', '.join(VIEWS)}; or auto: the views "
+                   "the --augment preset trains for (hflip,multi-scale; none with --augment none)")
     g.add_argument("--check-data", dest="check_data", choices=CHECK_DATA, default=S,
                    help="decode every image once before training and skip unreadable ones (auto: under 50k images)")
     g.add_argument("--cache", choices=CACHE_MODES, default=S,

@@ -100,6 +100,17 @@ def test_result(ev: EvalResult, items: Sequence[tuple], skipped: list[dict], vie
             "correct": {image_key(src): int(ok) for (src, _), ok in zip(items, (ev.preds == ev.labels).tolist())}}
 
 
+def score_test(score: Callable[[Sequence[str]], EvalResult], items: Sequence[tuple], skipped: list[dict],
+               views: Sequence[str]) -> dict:
+    """test.json from ``score(views)``; with TTA views, also the score without them
+    (``without_views``, image by image), so what TTA added is measured on the same images."""
+    out = test_result(score(views), items, skipped, views)
+    if views:
+        plain = test_result(score(()), items, skipped, ())
+        out["without_views"] = {k: plain[k] for k in ("test_acc", "test_loss", "correct")}
+    return out
+
+
 def image_key(src: object) -> str:
     """``class/file`` for an image file; the index for an in-memory image."""
     return f"{Path(src).parent.name}/{Path(src).name}" if isinstance(src, (str, Path)) else str(src)

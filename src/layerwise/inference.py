@@ -135,9 +135,20 @@ def eval_batch_size(img_size: int, *, ram: int | None = None, most: int = 64) ->
     return max(1, min(most, (ram or total_ram()) // EVAL_RAM_SHARE // per_image))
 
 
-def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] = (), batch_size: int | None = None,
+def run_views(run: str | Path) -> list[str]:
+    """The TTA views RUN's final evaluation used (config.yaml's resolved ``tta``; none for a
+    run without, or one older than the field)."""
+    from layerwise.config import load_yaml
+
+    cfg = rundir.RunDir(Path(run)).config
+    return list(load_yaml(cfg).get("tta") or []) if cfg.is_file() else []
+
+
+def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] | None = None, batch_size: int | None = None,
                  precision: str = "fp32", device: str = "auto") -> dict:
-    """Accuracy, per-class accuracy and confusion matrix of RUN's best weights on DATA."""
+    """Accuracy, per-class accuracy and confusion matrix of RUN's best weights on DATA, with
+    ``views`` (None: the run's own, so test.json's score is reproduced; ``["identity"]``: none)."""
+    views = run_views(run) if views is None else views
     score = scorer(run, precision=precision, device=device, batch_size=batch_size)
     rm = score.run
     scored, items = eval_items(data, rm.classes)
@@ -156,13 +167,14 @@ def evaluate_run(run: str | Path, data: str, *, views: Sequence[str] = (), batch
     }
 
 
-def iter_predictions(run: str | Path, images: Sequence[str], *, views: Sequence[str] = (),
+def iter_predictions(run: str | Path, images: Sequence[str], *, views: Sequence[str] | None = None,
                      topk: int = 3) -> Iterator[dict]:
-    """Top-k classes with probabilities for each image file, as each is done. A file that is
-    missing or unreadable gives ``{"image", "error"}`` instead: one bad file of many costs
-    only itself."""
+    """Top-k classes with probabilities for each image file, as each is done, with ``views``
+    (None: the run's own TTA views). A file that is missing or unreadable gives ``{"image",
+    "error"}`` instead: one bad file of many costs only itself."""
     from layerwise.tta import predict_proba
 
+    views = run_views(run) if views is None else views
     rm = load_run(run)
     tf = rm.transform()
     for path in images:
@@ -180,7 +192,7 @@ def iter_predictions(run: str | Path, images: Sequence[str], *, views: Sequence[
                                       for v, i in zip(top.values.tolist(), top.indices.tolist())]}
 
 
-def predict(run: str | Path, images: Sequence[str], *, views: Sequence[str] = (), topk: int = 3) -> list[dict]:
+def predict(run: str | Path, images: Sequence[str], *, views: Sequence[str] | None = None, topk: int = 3) -> list[dict]:
     """:func:`iter_predictions` as a list; an error only when no image could be read."""
     out = list(iter_predictions(run, images, views=views, topk=topk))
     if out and all("error" in r for r in out):

@@ -137,17 +137,19 @@ def _test_eval(t: Trainer) -> dict | None:
     recorded apart from val, which made every choice (strategy, epoch, threshold)."""
     from layerwise.augment import eval_transform
     from layerwise.data import check_images
-    from layerwise.evaluation import evaluate_images, test_result
+    from layerwise.evaluation import evaluate_images, score_test
 
     items, skipped = check_images(t.splits.test)
     if not items:
         say(f"warning: DATA/test has no readable image ({len(skipped)} skipped); no test accuracy")
         return None
-    loaded = t.kit.loaded
-    ev = evaluate_images(t.kit.eval_model(), items, eval_transform(t.cfg.img_size, loaded.mean, loaded.std), t.kit.amp,
-                         t.kit.device, batch_size=t.cfg.batch_size, views=t.cfg.tta, channels_last=t.cfg.channels_last)
-    result = test_result(ev, items, skipped, t.cfg.tta)
-    say(f"test accuracy {ev.acc:.4f} on {len(items)} images of DATA/test (never used for a choice)")
+    tf = eval_transform(t.cfg.img_size, t.kit.loaded.mean, t.kit.loaded.std)
+    result = score_test(lambda views: evaluate_images(t.kit.eval_model(), items, tf, t.kit.amp, t.kit.device,
+                                                      batch_size=t.cfg.batch_size, views=views,
+                                                      channels_last=t.cfg.channels_last),
+                        items, skipped, t.cfg.tta)
+    say(f"test accuracy {result['test_acc']:.4f} on {len(items)} images of DATA/test (never used for a choice)"
+        + (f"; {result['without_views']['test_acc']:.4f} without TTA" if "without_views" in result else ""))
     if t.kit.dist.is_main:
         write_json(t.run.test, result)
     return result

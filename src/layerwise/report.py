@@ -122,8 +122,8 @@ def write_run_report(run: Path, classes: Sequence[str], best: EvalResult, *, tes
         f"(final {rows[-1]['val_acc']:.4f}). {plan['reason']}".rstrip(),
         "",
         *([f"Test accuracy **{test['test_acc']:.4f}** on {test['images']} images of DATA/test, with the best "
-           "weights; the test split was never used for a choice (val chose the strategy and the epoch).", ""]
-          if test else []),
+           "weights" + _tta_note(test) + "; the test split was never used for a choice (val chose the strategy "
+           "and the epoch).", ""] if test else []),
         f"Images: {sizes}.",
         "",
         "| epoch | train px | train loss | train acc | val loss | val acc | trainable params | s | img/s |",
@@ -189,3 +189,10 @@ def plot_lr_find(res: LRFind, path: Path) -> Path:
     ax.legend()
     save_figure(fig, path)
     return path
+
+
+def _tta_note(test: dict) -> str:
+    """What the test score's TTA views were, and the score without them."""
+    plain = test.get("without_views")
+    return (f" and TTA views {', '.join(test['views'])} ({plain['test_acc']:.4f} without them)"
+            if plain and test.get("views") else "")

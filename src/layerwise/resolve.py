@@ -23,6 +23,8 @@ from layerwise.errors import LayerwiseError
 from layerwise.groups import LayerGroup
 from layerwise.plan import NOMINAL_STEPS_PER_EPOCH, Plan, make_plan
 from layerwise.strategies import Strategy, StrategyOptions, make_strategy
+from layerwise.tta import AUTO as TTA_AUTO
+from layerwise.tta import views_for
 
 LR_TO_FIND = 1e-3  # --lr auto before the range test: the base the test's multipliers are taken at
 
@@ -87,6 +89,8 @@ def resolve(cfg: RunConfig, facts: Facts, evidence: Evidence | None = None) -> R
         strategy = _strategy(probed, facts)
         c = probed if strategy.trains_from_probe else c
     c = apply_overrides(c, strategy.name, strategy.overrides)
+    if c.tta == [TTA_AUTO]:  # the views follow the augmentation, now decided
+        c = dataclasses.replace(c, tta=views_for(c.augment or DEFAULTS["augment"]))
     if c.img_size is None:
         c = dataclasses.replace(c, img_size=facts.model_img_size)
     if facts.precision is not None:
