@@ -121,6 +121,9 @@ def derived_rows(data: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, 
         before = [r | r["race"]["winner_test"] for r in runs["auto"] if "winner_test" in r.get("race", {})]
         if before and len(before) == len(runs["auto"]):  # the race's winner before the soup and WiSE-FT
             extra["auto-before-averaging"] = before
+        tta = [r | r["tta"] for r in runs["auto"] if "tta" in r]
+        if tta and len(tta) == len(runs["auto"]):  # the same runs scored with their --tta auto views
+            extra["auto+tta"] = tta
         out[d] = runs | extra
     return out
 
@@ -214,7 +217,8 @@ def report(records: Sequence[dict], img: int, seeds: Sequence[int] | None = None
             "no win and no loss. *oracle* is the fixed variant with the best mean test accuracy on each dataset, "
             "known only in hindsight; *loo-rule* is the fixed variant a threshold on the BatchNorm shift picks "
             "when the threshold is fitted on the other datasets' val accuracy; *auto-before-averaging* is the race's "
-            "winner before the soup and WiSE-FT (so auto − it is their gain). *the same run* marks a pair whose "
+            "winner before the soup and WiSE-FT (so auto − it is their gain); *auto+tta* is auto's own runs scored with "
+            "the views of `--tta auto` (so auto − it is minus their gain). *the same run* marks a pair whose "
             "outcomes agree image for image on every seed.", "", "## Mean over the suite", ""]
     rows = summary(records) or ["No dataset has every variant at every reported seed yet."]
     return "\n".join([*head, *rows, "", *averaging(records), "## Per dataset", "", *per_dataset(records)]) + "\n"

@@ -121,7 +121,9 @@ def variants(quick: bool, model: str = DEFAULT_MODEL) -> list[str]:
 # auto as users run it (it races where the 1.5x cost bound affords it: racecost.affordable); the
 # threshold rule alone; and a race the suite's small budgets (4-7 epochs) cannot afford at 1.5x,
 # to measure what racing itself is worth on held-out data
-AUTO_VARIANTS = {"auto": [], "auto+no-race": ["--no-race"], "auto+race-2.5": ["--race-cost", "2.5"]}
+# auto also scores test with its --tta auto views: training is the same, its record keeps the
+# score without them (comparable with runs before the flag) and the views' own under "tta"
+AUTO_VARIANTS = {"auto": ["--tta", "auto"], "auto+no-race": ["--no-race"], "auto+race-2.5": ["--race-cost", "2.5"]}
 
 
 def budget(data: Path) -> tuple[int, int, int | None, str]:
@@ -207,6 +209,13 @@ def run_competitor(script: str, data: Path, seed: int, img: int, b: tuple, *extr
 def test_record(result: dict) -> dict:
     """A run's test accuracy and its per-image outcomes as one string of 0/1, in the sorted order
     of the images' class/file names, so runs of any tool pair image for image."""
+    plain = result.get("without_views")  # TTA views were used: the record is the score without them
+    if plain:
+        return _outcome(plain) | {"tta": {"views": result["views"]} | _outcome(result)}
+    return _outcome(result)
+
+
+def _outcome(result: dict) -> dict:
     correct = result.get("correct", {})
     return {"test": result["test_acc"]} | ({"test_correct": "".join(str(correct[k]) for k in sorted(correct))}
                                            if correct else {})

@@ -16,6 +16,7 @@ from heldout import (  # noqa: E402
     Diff,
     averaging,
     complete,
+    derived_rows,
     loo_rule,
     oracle,
     paired_matrix,
@@ -121,6 +122,17 @@ def test_the_averaging_gain_is_paired_against_the_winner_before_it():
         runs.append(rec(d, "a", 0, "1100"))
     text = report(runs, 112)
     assert "| auto-before-averaging | 0.500 | +25.0 [" in text  # one more image right on each dataset
+
+
+def test_tta_is_a_row_of_auto_s_own_runs_paired_against_them():
+    runs = []
+    for d in ("x", "y", "z"):
+        runs.append(rec(d, "auto", 0, "1100", bn_shift=0.1, tta={"views": ["hflip"], "test": 0.75, "test_correct": "1110"}))
+        runs.append(rec(d, "a", 0, "1100"))
+    text = report(runs, 112)
+    assert "| auto+tta | 0.750 | -25.0 [" in text  # one more image right with the views, on each dataset
+    runs[0].pop("tta")  # one run without views: no row for its dataset
+    assert "auto+tta" not in derived_rows(complete(runs))["x"] and "auto+tta" in derived_rows(complete(runs))["y"]
 
 
 def test_the_soup_and_wise_ft_are_each_paired_against_what_they_started_from():

@@ -53,7 +53,7 @@ def test_each_layerwise_variant_runs_the_command_its_name_says(tmp_path, monkeyp
     def flags(cmd):
         return cmd[cmd.index("--strategy") + 1], cmd[cmd.index("--overwrite") + 1:]
 
-    assert flags(seen["auto"]) == ("auto", ["--patience", "2"])
+    assert flags(seen["auto"]) == ("auto", ["--tta", "auto", "--patience", "2"])
     assert flags(seen["auto+no-race"]) == ("auto", ["--no-race", "--patience", "2"])
     assert flags(seen["auto+race-2.5"]) == ("auto", ["--race-cost", "2.5", "--patience", "2"])
     assert flags(seen["full+bn-eval"]) == ("full", ["--bn", "eval", "--patience", "2"])
@@ -104,3 +104,15 @@ def test_fit_command_is_a_command_layerwise_parses(tmp_path):
     assert args.quiet and args.overwrite and args.out == str(tmp_path / "run")
     no_patience = suite.fit_command(tmp_path, model="m", strategy="full", seed=0, img=64, b=(5, 16, None, ""), out=tmp_path)
     assert "--patience" not in no_patience
+
+
+def test_a_run_with_tta_views_records_its_score_without_them_and_the_views_apart():
+    """auto runs with --tta auto: "test" stays the score without views (comparable with every
+    other run), and "tta" holds the views' own score, image by image."""
+    import suite
+
+    plain = suite.test_record({"test_acc": 0.5, "correct": {"b/2": 0, "a/1": 1}})
+    assert plain == {"test": 0.5, "test_correct": "10"}
+    both = suite.test_record({"test_acc": 1.0, "views": ["hflip"], "correct": {"b/2": 1, "a/1": 1},
+                              "without_views": {"test_acc": 0.5, "correct": {"b/2": 0, "a/1": 1}}})
+    assert both == plain | {"tta": {"views": ["hflip"], "test": 1.0, "test_correct": "11"}}
