@@ -602,7 +602,7 @@ def test_a_test_folder_is_scored_once_at_the_end_apart_from_val(tmp_path, capsys
     assert "test accuracy" in capsys.readouterr().out
 
 
-def test_tta_auto_scores_test_with_and_without_its_views_and_evaluate_reuses_them(tmp_path):
+def test_tta_auto_scores_test_with_and_without_its_views_and_evaluate_reuses_them(tmp_path, capsys):
     """--tta auto: val and test with the views light augmentation trains for; test.json also
     holds the score without them, image by image; evaluate defaults to the run's views."""
     import shutil
@@ -617,6 +617,7 @@ def test_tta_auto_scores_test_with_and_without_its_views_and_evaluate_reuses_the
     assert _fit(str(d), *TINY, "--strategy", "full", "--epochs", "1", "--tta", "auto", "--precision", "fp32",
                 "--no-channels-last", "--out", str(run)) == 0
     assert load_yaml(run / "config.yaml")["tta"] == ["hflip", "multi-scale"]
+    assert "tta auto: hflip, multi-scale, the views --augment light trains for" in capsys.readouterr().out
     test = json.loads((run / "test.json").read_text())
     plain = test["without_views"]
     assert test["views"] == ["hflip", "multi-scale"] and set(plain["correct"]) == set(test["correct"])

@@ -50,6 +50,7 @@ from layerwise.rundir import RunDir
 from layerwise.setup import ModelSetup, load_data, set_up_model
 from layerwise.step import train_step
 from layerwise.trainer import Interrupted, Kit, Trainer
+from layerwise.tta import AUTO as TTA_AUTO
 
 # What --resume may change: how far and how fast to go, and what to do about divergence.
 # Anything else would make the checkpoint and the config disagree.
@@ -86,6 +87,9 @@ def prepare(cfg: RunConfig, info: DistInfo = DistInfo()) -> Prepared:
     c, model = ms.resolved.config, ms.loaded.model
     if ms.resolved.budget:
         say(ms.resolved.budget)
+    if cfg.tta == [TTA_AUTO]:  # say what auto made of it: with --augment none it is no views at all
+        say(f"tta auto: {', '.join(c.tta)}, the views --augment {c.augment} trains for, in the final evaluation" if c.tta
+            else f"tta auto: no views: --augment {c.augment} trains on no flipped or rescaled images")
     if c.batch_size == 1 and c.bn != "eval" and has_norms(model):
         raise LayerwiseError(f"--batch-size 1 cannot train {ms.loaded.name}'s BatchNorm layers on batch statistics "
                              "(one value per channel); use --batch-size 2 or more, or --bn eval")
