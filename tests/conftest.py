@@ -103,3 +103,20 @@ def _no_probe_from_another_test():
 
     engine._probed.clear()
     yield
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list[tuple]:
+    """Every connection attempt fails, as on a machine with no network at all; the attempts
+    are recorded in the returned list."""
+    import socket
+
+    attempts: list[tuple] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts

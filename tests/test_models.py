@@ -124,18 +124,6 @@ def test_missing_weights_file():
         create_model("resnet18", 3, weights="nope.safetensors")
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Every connection attempt fails, as on a machine with no network at all."""
-    import socket
-
-    def refuse(*args, **kwargs):
-        raise OSError(101, "Network is unreachable")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-
-
 def test_torchvision_weights_offline_is_a_clear_error(no_network, tmp_path, monkeypatch, capsys):
     from layerwise.cli import main
 

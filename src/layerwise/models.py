@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import pickle
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -13,11 +11,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError, quote_error
-
-
-class WeightsDownloadError(LayerwiseError):
-    """Pretrained weights that must be downloaded could not be."""
+from layerwise.errors import LayerwiseError, MissingPathError, UnknownNameError
+from layerwise.hub import explain_download, hf_download, torch_cache_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -218,7 +213,7 @@ def _torchvision_weighted(tvm: ModuleType, arch: str, weights: str, meta: dict) 
     t = w.transforms()
     meta = {"mean": tuple(t.mean), "std": tuple(t.std), "img_size": int(t.crop_size[0])}
     # torch.hub reads its cache first, so weights downloaded once load without a network.
-    with _explain_download(f"{arch} {key} weights", w.url, _torch_cache_dir(), "TORCH_HOME"):
+    with explain_download(f"{arch} {key} weights", w.url, torch_cache_dir(), "TORCH_HOME"):
         return tvm.get_model(arch, weights=w), meta
 
 
@@ -240,8 +235,7 @@ def _build_timm(arch: str, weights: str) -> tuple[nn.Module, dict, str]:
         if tagged and weights not in tags:
             raise UnknownNameError(f"weights for timm {arch}", weights, ["default", "none", *tags])
         name = f"{arch}.{weights}" if tagged else arch
-        with _explain_download(f"timm {name} weights", f"https://huggingface.co/timm/{name}", _hf_cache_dir(),
-                               "HF_HOME"):
+        with hf_download(f"timm {name} weights", f"https://huggingface.co/timm/{name}"):
             model = timm.create_model(name, pretrained=True)  # hub download, for users with a network
     cfg = model.pretrained_cfg
     meta = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "img_size": int(cfg["input_size"][-1])}
@@ -261,37 +255,11 @@ def _build_hub(name: str, weights: str) -> tuple[nn.Module, dict, str, str]:
         return model, meta, "timm", built
     if weights == "file":
         raise LayerwiseError(f"{name}: a local weights file needs a local architecture; use timm/ARCH or torchvision/ARCH")
-    with _explain_download(f"{name} (architecture and weights)", f"https://huggingface.co/{org}/{repo}",
-                           _hf_cache_dir(), "HF_HOME"):
+    with hf_download(f"{name} (architecture and weights)", f"https://huggingface.co/{org}/{repo}"):
         model = timm.create_model(name, pretrained=weights not in ("none",))
     cfg = model.pretrained_cfg
     return model, {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "img_size": int(cfg["input_size"][-1])}, \
         "timm", name
-
-
-def _torch_cache_dir() -> str:
-    return str(Path(torch.hub.get_dir()) / "checkpoints")
-
-
-def _hf_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
-@contextlib.contextmanager
-def _explain_download(what: str, url: str, cache: str, env: str) -> Iterator[None]:
-    """A failed weights download (no network, proxy, offline mode) becomes a user error that
-    says where the file comes from, where it is cached, and how to use a local copy."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:  # URLError, hub's LocalEntryNotFoundError, HTTP errors
-        raise WeightsDownloadError(
-            f"{what} need a download from {url}, which failed ({quote_error(e)}). "
-            f"Downloaded weights are cached in {cache} (set {env} to move it) and are used from "
-            "there without a network; copy the file there, or pass a local file with --weights path/to/file.pth "
-            "(or .safetensors), or train from scratch with --weights none."
-        ) from e
 
 
 def _load_file_into(model: nn.Module, state: dict[str, torch.Tensor], num_classes: int, head: str, hidden: int) -> str:
