@@ -17,7 +17,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,55 +113,18 @@ def _promoted(run: Path) -> bool:
 
 
 def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
+    """Start (or resume) the race, train each candidate's rung, pick the winner, let it finish
+    from its checkpoint, then average; race.json is saved after each step."""
     from layerwise import engine
     from layerwise.setup import load_data
 
     rd = rundir.RunDir(run)
     started = time.perf_counter()
-    splits: Splits | None = None  # loaded once: by prepare on a new race, below on a resumed one
     with rundir.writer_lock(run):
-        if not resume and not overwrite:
-            rundir.refuse_existing(run)
         if resume:
-            state = json.loads(rd.race.read_text())
+            state, splits = json.loads(rd.race.read_text()), None
         else:
-            p = engine.prepare(cfg)
-            epochs = p.resolved.config.epochs
-            splits = p.splits
-            n_train, n_val = len(splits.train), len(splits.val)
-
-            def race_plan(favourite: str) -> RacePlan:
-                return plan(ordered(favourite, cfg.bn), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
-                            wise=cfg.wise, soup=cfg.soup, limit=cfg.race_cost)
-
-            # whether a race happens depends on neither the favourite nor the averaging
-            # (racecost.plan), so it is known before the probe
-            head = head_module(p.model.loaded.model, p.model.groups)
-            if not race_plan("discriminative").raced or head is None:
-                order = ordered("discriminative", cfg.bn)  # the price of a race of two is the favourite's too
-                price = estimate(order[:2], epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None, wise=False,
-                                 soup=False, order=order)
-                why = (f"{epochs} epochs of {n_train} images afford no race within {cfg.race_cost:g}x one run "
-                       f"(--race-cost; the cheapest race, probe included, costs about {price:.2f}x)"
-                       if head is not None else "the model has no linear head")
-                say(f"auto: {why}; the probe's thresholds choose")
-                state = None
-            else:
-                if overwrite:
-                    rundir.clear(run)
-                # evidence given by hand (--probe-skill) orders the race without a probe
-                r = p.resolved if cfg.probe_skill is not None else engine.probe(cfg, p, run)[0]
-                rp = race_plan(r.strategy.name)
-                left_out = [k for k, asked, kept in (("WiSE-FT", cfg.wise, rp.wise), ("the soup", cfg.soup, rp.soup))
-                            if asked and not kept]
-                if left_out:
-                    say(f"auto: {' and '.join(left_out)} left out: the race takes the budget (--race-cost {cfg.race_cost:g})")
-                state = _new_state(r, rp.raced) | {"cost": {"limit": cfg.race_cost, "estimate": round(rp.cost, 3)},
-                                                   "averaging": {"wise": rp.wise, "soup": rp.soup}}
-                write_json(rd.race, state)
-                write_json(rd.fingerprint, rundir.run_fingerprint(cfg))  # what compare predicts for auto
-                atomic_write_text(rd.config, r.config.to_yaml())  # a run is here: --resume finds it
-            del p
+            state, splits = _start(cfg, run, overwrite=overwrite)
     if state is None:
         return engine.fit(cfg, resume=False, overwrite=overwrite)
     before = state.get("wall_seconds", 0.0)  # earlier sittings of this race
@@ -170,24 +133,12 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
         state["wall_seconds"] = before + time.perf_counter() - started
         write_json(rd.race, state)
 
-    splits = splits or load_data(cfg)
+    splits = splits or load_data(cfg)  # loaded once: by _start on a new race, here on a resumed one
     val = check_images(splits.val)[0]  # a score cannot skip a file: unchecked large data is checked here
-    settings = state["settings"]
-    runs = {c["name"]: candidate_config(cfg, settings, c, run) for c in state["candidates"]}
-    priced = (f", about {state['cost']['estimate']:.2f}x one run in all (limit {state['cost']['limit']:g}x)"
-              if "cost" in state else "")
-    say(f"auto: racing {', '.join(runs)} for {state['rung_epochs']} epoch(s) each (favourite first: "
-        f"{state['favourite']}{priced}); then the winner continues from its checkpoint")
-    for name, sub in runs.items():
-        if name not in state["rungs"]:
-            train_rung(sub, state["rung_epochs"])
-            state["rungs"][name] = rung_result(Path(sub.out), val, splits if on_batch_statistics(sub.bn) else None)
-            save()
-        say(f"race: {name}: val acc {state['rungs'][name]['val_acc']:.4f} after {state['rung_epochs']} epoch(s)"
-            + _norm_note(state["rungs"][name]))
+    runs = {c["name"]: candidate_config(cfg, state["settings"], c, run) for c in state["candidates"]}
+    _run_rungs(state, runs, val, splits, save)
     if state["winner"] is None:
-        outcomes = {k: _bits(v["correct"]) for k, v in state["rungs"].items()}
-        verdict = pick(outcomes, list(runs))
+        verdict = pick({k: _bits(v["correct"]) for k, v in state["rungs"].items()}, list(runs))
         state |= {"winner": verdict.winner, "reason": verdict.reason,
                   "stopped": {k: f"paused after the rung: {verdict.winner} won" for k in runs if k != verdict.winner}}
         save()
@@ -203,6 +154,68 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     # the winner's own fit named its race folder last; the run is this one
     say(f"run folder: {run} (auto's race: {state['winner']} won; race.json)\nreport: {rd.report}")
     return run
+
+
+def _start(cfg: RunConfig, run: Path, *, overwrite: bool) -> tuple[dict | None, Splits]:
+    """A new race's state, written to race.json with the probe's evidence (None, and the
+    reason said, when the budget affords no race or the model has no linear head), and the
+    data it loaded."""
+    from layerwise import engine
+
+    rd = rundir.RunDir(run)
+    if not overwrite:
+        rundir.refuse_existing(run)
+    p = engine.prepare(cfg)
+    epochs, splits = p.resolved.config.epochs, p.splits
+    n_train, n_val = len(splits.train), len(splits.val)
+
+    def race_plan(favourite: str) -> RacePlan:
+        return plan(ordered(favourite, cfg.bn), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
+                    wise=cfg.wise, soup=cfg.soup, limit=cfg.race_cost)
+
+    # whether a race happens depends on neither the favourite nor the averaging (racecost.plan),
+    # so it is known before the probe
+    head = head_module(p.model.loaded.model, p.model.groups)
+    if not race_plan("discriminative").raced or head is None:
+        order = ordered("discriminative", cfg.bn)  # the price of a race of two is the favourite's too
+        price = estimate(order[:2], epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None, wise=False,
+                         soup=False, order=order)
+        why = (f"{epochs} epochs of {n_train} images afford no race within {cfg.race_cost:g}x one run "
+               f"(--race-cost; the cheapest race, probe included, costs about {price:.2f}x)"
+               if head is not None else "the model has no linear head")
+        say(f"auto: {why}; the probe's thresholds choose")
+        return None, splits
+    if overwrite:
+        rundir.clear(run)
+    # evidence given by hand (--probe-skill) orders the race without a probe
+    r = p.resolved if cfg.probe_skill is not None else engine.probe(cfg, p, run)[0]
+    rp = race_plan(r.strategy.name)
+    left_out = [k for k, asked, kept in (("WiSE-FT", cfg.wise, rp.wise), ("the soup", cfg.soup, rp.soup))
+                if asked and not kept]
+    if left_out:
+        say(f"auto: {' and '.join(left_out)} left out: the race takes the budget (--race-cost {cfg.race_cost:g})")
+    state = _new_state(r, rp.raced) | {"cost": {"limit": cfg.race_cost, "estimate": round(rp.cost, 3)},
+                                       "averaging": {"wise": rp.wise, "soup": rp.soup}}
+    write_json(rd.race, state)
+    write_json(rd.fingerprint, rundir.run_fingerprint(cfg))  # what compare predicts for auto
+    atomic_write_text(rd.config, r.config.to_yaml())  # a run is here: --resume finds it
+    return state, splits
+
+
+def _run_rungs(state: dict, runs: dict[str, RunConfig], val: Sequence[tuple], splits: Splits,
+               save: Callable[[], None]) -> None:
+    """Each candidate trained to its rung (those already there are kept) and scored on val."""
+    priced = (f", about {state['cost']['estimate']:.2f}x one run in all (limit {state['cost']['limit']:g}x)"
+              if "cost" in state else "")
+    say(f"auto: racing {', '.join(runs)} for {state['rung_epochs']} epoch(s) each (favourite first: "
+        f"{state['favourite']}{priced}); then the winner continues from its checkpoint")
+    for name, sub in runs.items():
+        if name not in state["rungs"]:
+            train_rung(sub, state["rung_epochs"])
+            state["rungs"][name] = rung_result(Path(sub.out), val, splits if on_batch_statistics(sub.bn) else None)
+            save()
+        say(f"race: {name}: val acc {state['rungs'][name]['val_acc']:.4f} after {state['rung_epochs']} epoch(s)"
+            + _norm_note(state["rungs"][name]))
 
 
 def soup_losers(runs: dict[str, RunConfig], rungs: dict, winner: str) -> dict[Path, float]:
