@@ -108,7 +108,10 @@ def test_the_winner_trains_exactly_the_steps_of_an_uninterrupted_run(raced, tmp_
         [r["val_acc"] for r in read_jsonl(straight / "metrics.jsonl")]
 
 
-def test_a_race_stopped_part_way_resumes_into_the_same_race(raced, data, tmp_path, monkeypatch):
+def test_a_race_stopped_part_way_resumes_into_the_same_race(data, tmp_path, monkeypatch):
+    """Killed between full's rung and its score, then resumed: the same outcomes and weights as
+    a race run straight through. Evidence by hand makes discriminative --bn eval the favourite,
+    so the resumed run's config.yaml says --bn eval; full must still race on batch statistics."""
     calls = []
     real = race.rung_result
 
@@ -118,19 +121,22 @@ def test_a_race_stopped_part_way_resumes_into_the_same_race(raced, data, tmp_pat
             raise KeyboardInterrupt  # a kill between the second candidate's rung and its result
         return real(*args)
 
-    run = tmp_path / "run"
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _race(data, ref, "--probe-skill", "0.5") == 0
     monkeypatch.setattr(race, "rung_result", second_stops)
-    assert _race(data, run) == 130
+    assert _race(data, run, "--probe-skill", "0.5") == 130
     state = json.loads((run / "race.json").read_text())
     assert len(state["rungs"]) == 1 and state["winner"] is None
+    assert [c["name"] for c in state["candidates"]] == ["discriminative-bn-eval", "full"]
     monkeypatch.setattr(race, "rung_result", real)
     assert main(["fit", "--resume", str(run)]) == 0
-    done, ref = json.loads((run / "race.json").read_text()), json.loads((raced / "race.json").read_text())
+    done, ref_state = json.loads((run / "race.json").read_text()), json.loads((ref / "race.json").read_text())
     def outcomes(state):  # everything but the wall times
         return {k: {f: v for f, v in r.items() if f != "epoch_seconds"} for k, r in state["rungs"].items()}
 
-    assert done["winner"] == ref["winner"] and outcomes(done) == outcomes(ref)
-    assert (run / "best.safetensors").read_bytes() == (raced / "best.safetensors").read_bytes()
+    assert "norm_images" in done["rungs"]["full"]  # scored on re-estimated statistics, as on batch statistics
+    assert done["winner"] == ref_state["winner"] and outcomes(done) == outcomes(ref_state)
+    assert (run / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
 
 
 def test_no_race_keeps_the_thresholds_choice(data, tmp_path):
@@ -225,3 +231,13 @@ def test_a_rung_on_batch_statistics_is_scored_after_re_estimating_them(data, tmp
     assert settled["running_stats_val_acc"] == read_jsonl(run / "metrics.jsonl")[-1]["val_acc"]
     assert settled["val_acc"] > as_is["val_acc"]
     assert all(torch.equal(load_file(run / "best.safetensors")[k], v) for k, v in stale.items())  # nothing written
+
+
+def test_the_report_says_when_the_thresholds_favourite_is_not_a_candidate():
+    """Without a probe, small data can make the thresholds favour gradual or head: the race
+    then runs in the candidates' own order, and says so instead of 'gradual first'."""
+    state = {"favourite": "gradual", "rule": "small dataset", "rung_epochs": 1, "rungs": {}, "winner": None,
+             "stopped": {}, "reason": "r", "candidates": [{"name": "discriminative-bn-eval"}, {"name": "full"}]}
+    text = race.race_section(state)
+    assert "the thresholds' favourite, gradual, is not a candidate; discriminative-bn-eval first" in text
+    assert "favourite first: full" in race.race_section(state | {"favourite": "auto:full"})

@@ -207,8 +207,8 @@ def _run_rungs(state: dict, runs: dict[str, RunConfig], val: Sequence[tuple], sp
     """Each candidate trained to its rung (those already there are kept) and scored on val."""
     priced = (f", about {state['cost']['estimate']:.2f}x one run in all (limit {state['cost']['limit']:g}x)"
               if "cost" in state else "")
-    say(f"auto: racing {', '.join(runs)} for {state['rung_epochs']} epoch(s) each (favourite first: "
-        f"{state['favourite']}{priced}); then the winner continues from its checkpoint")
+    say(f"auto: racing {', '.join(runs)} for {state['rung_epochs']} epoch(s) each ({_order_note(state)}"
+        f"{priced}); then the winner continues from its checkpoint")
     for name, sub in runs.items():
         if name not in state["rungs"]:
             train_rung(sub, state["rung_epochs"])
@@ -241,14 +241,16 @@ def _new_state(r: Resolved, raced: list[Candidate]) -> dict:
 
 def candidate_config(cfg: RunConfig, settings: dict, c: dict, run: Path) -> RunConfig:
     """A fixed-strategy run with auto's budget (epochs, batch, patience, size): the user's
-    other settings, including a --bn they gave, hold for every candidate. ``lp-ft`` starts
+    other settings hold for every candidate. Its ``--bn`` is the candidate's own, a --bn the user
+    gave already in it (:func:`ordered`): on a resumed race ``cfg`` is the resolved config.yaml,
+    whose ``bn`` is the thresholds' choice, not the user's. ``lp-ft`` starts
     from the probe's head, as auto's own lp-ft does: the probe *is* its linear-probing stage,
     fitted to convergence, so its rung is an epoch of fine-tuning like the others' (from its
     own head-only epoch it always ranked last: gtsrb, pbc-blood, cifar10-mini, held-out split)."""
     probe_head = rundir.RunDir(run).probe_head
     from_probe = c["strategy"] == "lp-ft" and cfg.probe_epochs is None and probe_head.is_file()
     lp = {"probe_head": str(probe_head.resolve()), "probe_epochs": 0} if from_probe else {"probe_head": None}
-    return dataclasses.replace(cfg, strategy=c["strategy"], bn=cfg.bn or c["bn"], **settings, race=False,
+    return dataclasses.replace(cfg, strategy=c["strategy"], bn=c["bn"], **settings, race=False,
                                probe_skill=None, bn_shift=None, **lp, out=str(run / rundir.RACE_DIR / c["name"]))
 
 
@@ -277,6 +279,13 @@ def rung_result(run: Path, val: Sequence[tuple], norm_from: Splits | None = None
             "epoch_seconds": sum(r["epoch_seconds"] for r in rows),
             "correct": "".join("1" if ok else "0" for ok in (ev.preds == ev.labels).tolist())} | (
         {"norm_images": seen, "running_stats_val_acc": rows[-1]["val_acc"]} if seen else {})
+
+
+def _order_note(state: dict) -> str:
+    """Which candidate the thresholds put first, or that their favourite is not a candidate."""
+    fav = state["favourite"].removeprefix("auto:")
+    return (f"favourite first: {fav}" if fav in CANDIDATES
+            else f"the thresholds' favourite, {fav}, is not a candidate; {state['candidates'][0]['name']} first")
 
 
 def _norm_note(rung: dict) -> str:
@@ -319,7 +328,7 @@ def _promote(run: Path, winner: Path, state: dict) -> None:
 def race_section(state: dict) -> str:
     """report.md's account of the race."""
     lines = ["", "## auto's race", "",
-             f"The probe's thresholds ordered the candidates ({state['favourite']} first: {state['rule']}). Each "
+             f"The probe's thresholds ordered the candidates ({_order_note(state)}: {state['rule']}). Each "
              f"trained {state['rung_epochs']} epoch(s) of its own plan; the winner continued from its checkpoint.", "",
              "| candidate | val acc per epoch | at the rung | outcome |", "|---|---|---:|---|"]
     for name, res in state["rungs"].items():
