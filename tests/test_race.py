@@ -51,6 +51,11 @@ def test_a_clear_lead_wins_and_a_lead_inside_the_noise_keeps_the_prior():
     assert race.pick(close, ["b", "a"]).winner == "b"  # the leader first in the order simply wins
     tie = {"a": _bits("10" * (n // 2)), "b": _bits("10" * (n // 2))}
     assert race.pick(tie, ["b", "a"]).winner == "b"
+    # of three, only the favourite is a prior: c leads a clearly and b (second in the order) by
+    # 3 images of 100; c wins, not b
+    three = {"a": _bits("1" * 50 + "0" * 50), "b": _bits("1" * 87 + "0" * 13), "c": _bits("1" * 90 + "0" * 10)}
+    assert race.pick(three, ["a", "b", "c"]).winner == "c"
+    assert race.pick(three, ["b", "a", "c"]).winner == "b"  # b, the favourite, inside the noise
 
 
 def _race(data, run, *extra):

@@ -3,10 +3,9 @@
 The probe's thresholds (strategies.auto_choice) only *order* the candidates, favourite first.
 Each candidate is a complete run folder under ``RUN/race/``, trained by :func:`engine.fit`
 for one rung (:data:`RUNG_EPOCHS`) of its own full plan and paused there, checkpointed. The
-candidates are compared on the same val images; a lead inside the noise keeps the earlier
-(prior) candidate. The winner's run then resumes from its own checkpoint, so no step is
-trained twice and its steps are exactly those of an uninterrupted run; the losers stay paused
-and resumable. At the end the winner's files are the run folder's, with ``race.json`` beside
+candidates are compared on the same val images; a lead inside the noise keeps the favourite.
+The winner's run then resumes from its own checkpoint, so no step is trained twice and its
+steps are exactly those of an uninterrupted run; the losers stay paused and resumable. At the end the winner's files are the run folder's, with ``race.json`` beside
 them.
 """
 
@@ -68,16 +67,20 @@ class Verdict:
 
 def pick(outcomes: dict[str, torch.Tensor], order: Sequence[str]) -> Verdict:
     """The winner from each candidate's right/wrong on the same val images. The leader wins
-    unless some candidate earlier in ``order`` trails it by no more than the noise of the
-    paired difference; then the earliest such candidate stays."""
+    unless the favourite (``order[0]``, the thresholds' prior) trails it by no more than the noise
+    of the paired difference; then the favourite stays. The order of the other candidates is
+    no prior: in a race of three on dtd's held-out split (seeds 0 and 1) an earlier rule kept
+    the earliest candidate inside the noise, full, over a leader 6-8 points ahead and a
+    favourite outside the noise, and full ended 7-8 points below both on test."""
     acc = {k: outcomes[k].float().mean().item() for k in order}
     leader = max(order, key=lambda k: (acc[k], -order.index(k)))
-    for k in order[:order.index(leader)]:
-        diff = outcomes[leader].float() - outcomes[k].float()
+    fav = order[0]
+    if leader != fav:
+        diff = outcomes[leader].float() - outcomes[fav].float()
         se = diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
         if diff.mean().item() <= Z95 * se:
-            return Verdict(k, f"{leader} led {k} by {100 * diff.mean().item():.1f} points on the same val images, "
-                              f"inside the noise (±{100 * Z95 * se:.1f}): {k}, earlier in the order, stays")
+            return Verdict(fav, f"{leader} led {fav} by {100 * diff.mean().item():.1f} points on the same val images, "
+                                f"inside the noise (±{100 * Z95 * se:.1f}): {fav}, the favourite, stays")
     runner = max((k for k in order if k != leader), key=lambda k: acc[k])
     return Verdict(leader, f"{leader} led on val ({acc[leader]:.3f}, next {runner} {acc[runner]:.3f})")
 
