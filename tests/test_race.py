@@ -246,3 +246,23 @@ def test_the_report_says_when_the_thresholds_favourite_is_not_a_candidate():
     text = race.race_section(state)
     assert "the thresholds' favourite, gradual, is not a candidate; discriminative-bn-eval first" in text
     assert "favourite first: full" in race.race_section(state | {"favourite": "auto:full"})
+
+
+def test_a_race_never_ends_below_the_probe_on_val(data, tmp_path, raced, monkeypatch):
+    """discriminative and full start from a fresh head, with no probe row to beat. Raced without
+    lp-ft (which starts from the probe's head) at an LR that teaches them nothing, the probe model
+    is better on val, and it becomes the run's weights, as it would without a race; a race whose
+    winner beats the probe keeps the winner (the raced fixture)."""
+    from layerwise.inference import evaluate_run
+
+    monkeypatch.delitem(race.CANDIDATES, "lp-ft")
+    run = tmp_path / "run"
+    assert _race(data, run, "--lr", "1e-12") == 0
+    state = json.loads((run / "race.json").read_text())
+    guard, probe = state["probe_guard"], json.loads((run / "probe.json").read_text())
+    assert guard["kept"] and guard["probe_model_val_acc"] > guard["run_val_acc"]
+    assert guard["probe_model_val_acc"] == pytest.approx(probe["val_acc"], abs=0.05)
+    assert evaluate_run(run, str(data))["accuracy"] == pytest.approx(guard["probe_model_val_acc"])  # val: no test/
+    assert "## The probe model kept" in (run / "report.md").read_text()
+    kept = json.loads((raced / "race.json").read_text())["probe_guard"]
+    assert not kept["kept"] and "probe_model_val_acc" not in kept  # the winner beat the probe: nothing re-scored

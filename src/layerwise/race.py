@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from layerwise import backbones, rundir
-from layerwise.averaging import NormBatches, finish
+from layerwise.averaging import NormBatches, finish, probe_guard
 from layerwise.checkpoint import atomic_write_text, read_jsonl, write_json
 from layerwise.config import AUTO_MODEL, RunConfig
 from layerwise.data import Splits, check_images
@@ -153,6 +153,8 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     if (averaging["soup"] or averaging["wise"]) and "averaged" not in state:
         state |= finish(dataclasses.replace(cfg, **averaging), run, Path(runs[state["winner"]].out),
                         soup_losers(runs, state["rungs"], state["winner"]), val, splits) | {"averaged": True}
+    if "probe_guard" not in state:  # never below the probe on val, as without a race
+        state["probe_guard"] = probe_guard(cfg, run, val, splits)
     save()
     # the winner's own fit named its race folder last; the run is this one
     say(f"run folder: {run} (auto's race: {state['winner']} won; race.json)\nreport: {rd.report}")
