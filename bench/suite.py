@@ -161,7 +161,8 @@ def run_layerwise(name: str, data: Path, variant: str, seed: int, img: int, b: t
     if (run / "race.json").is_file():  # auto's race: what it ordered, what won
         race = json.loads((run / "race.json").read_text())
         rec["race"] = {k: race[k] for k in ("favourite", "winner", "reason")} | {
-            "rungs": {k: v["val_acc"] for k, v in race["rungs"].items()}}
+            "rungs": {k: v["val_acc"] for k, v in race["rungs"].items()}} | (
+            {"probe_guard": race["probe_guard"]} if "probe_guard" in race else {})
     if (run / "soup.json").is_file():  # the soup of the racers: what it kept, its own test score before WiSE-FT
         soup = json.loads((run / "soup.json").read_text())
         rec["soup"] = {"members": soup["members"], "val_acc": soup["val_acc"]}
