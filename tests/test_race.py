@@ -194,7 +194,9 @@ def test_wise_ft_after_the_race_keeps_the_best_mix_on_val(data, tmp_path):
                  str(run)]) == 0
     wise = json.loads((run / "wise.json").read_text())
     assert wise["alphas"][0] == 0.0 and wise["alphas"][-1] == 1.0 and wise["val_acc"][wise["alphas"].index(wise["alpha"])] == max(wise["val_acc"])
-    assert json.loads((run / "race.json").read_text())["wise"]["alpha"] == wise["alpha"]
+    state = json.loads((run / "race.json").read_text())
+    assert state["wise"]["alpha"] == wise["alpha"]
+    assert "probe_guard" not in state  # WiSE-FT's alpha 0 is the probe model: no second check
     # best.safetensors holds the kept mix: evaluate (val of a train/val folder) scores what WiSE-FT chose
     assert evaluate_run(run, str(data))["accuracy"] == pytest.approx(max(wise["val_acc"]))
     assert "## WiSE-FT" in (run / "report.md").read_text()

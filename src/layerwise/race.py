@@ -5,8 +5,8 @@ Each candidate is a complete run folder under ``RUN/race/``, trained by :func:`e
 for one rung (:data:`RUNG_EPOCHS`) of its own full plan and paused there, checkpointed. The
 candidates are compared on the same val images; a lead inside the noise keeps the favourite.
 The winner's run then resumes from its own checkpoint, so no step is trained twice and its
-steps are exactly those of an uninterrupted run; the losers stay paused and resumable. At the end the winner's files are the run folder's, with ``race.json`` beside
-them.
+steps are exactly those of an uninterrupted run; the losers stay paused and resumable. At the
+end the winner's files are the run folder's, with ``race.json`` beside them.
 """
 
 from __future__ import annotations
@@ -69,9 +69,10 @@ def pick(outcomes: dict[str, torch.Tensor], order: Sequence[str]) -> Verdict:
     """The winner from each candidate's right/wrong on the same val images. The leader wins
     unless the favourite (``order[0]``, the thresholds' prior) trails it by no more than the noise
     of the paired difference; then the favourite stays. The order of the other candidates is
-    no prior: in a race of three on dtd's held-out split (seeds 0 and 1) an earlier rule kept
-    the earliest candidate inside the noise, full, over a leader 6-8 points ahead and a
-    favourite outside the noise, and full ended 7-8 points below both on test."""
+    no prior: in a race of three on dtd's held-out split (seed 1; seed 0's rungs replay the
+    same way) an earlier rule kept the earliest candidate inside the noise, full, over a leader
+    4 points ahead and a favourite outside the noise, and full ended 8 points below both on test
+    (one seed, 150 test images: docs/strategies.md)."""
     acc = {k: outcomes[k].float().mean().item() for k in order}
     leader = max(order, key=lambda k: (acc[k], -order.index(k)))
     fav = order[0]
@@ -153,7 +154,10 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     if (averaging["soup"] or averaging["wise"]) and "averaged" not in state:
         state |= finish(dataclasses.replace(cfg, **averaging), run, Path(runs[state["winner"]].out),
                         soup_losers(runs, state["rungs"], state["winner"]), val, splits) | {"averaged": True}
-    if "probe_guard" not in state:  # never below the probe on val, as without a race
+    # never below the probe on val, as without a race; WiSE-FT, when it ran, already was (its
+    # alpha 0 is the probe model, scored exactly), so the guard would only score it again
+    wise_ran = "wise" in state and "skipped" not in state["wise"]
+    if "probe_guard" not in state and not wise_ran:
         state["probe_guard"] = probe_guard(cfg, run, val, splits)
     save()
     # the winner's own fit named its race folder last; the run is this one
