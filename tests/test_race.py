@@ -268,3 +268,26 @@ def test_a_race_never_ends_below_the_probe_on_val(data, tmp_path, raced, monkeyp
     assert "## The probe model kept" in (run / "report.md").read_text()
     kept = json.loads((raced / "race.json").read_text())["probe_guard"]
     assert not kept["kept"] and "probe_model_val_acc" not in kept  # the winner beat the probe: nothing re-scored
+
+
+def test_a_race_killed_after_its_winner_finished_resumes_into_the_guard(data, tmp_path, monkeypatch):
+    """Killed after the winner's last epoch, in the probe guard: --resume finishes the race (the
+    winner is not trained again; the guard runs and keeps the probe model) instead of taking the
+    run folder for a plain run, which would end without the guard."""
+    monkeypatch.delitem(race.CANDIDATES, "lp-ft")
+    real, run = race.probe_guard, tmp_path / "run"
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(race, "probe_guard", killed)
+    assert _race(data, run, "--lr", "1e-12") == 130
+    winner = run / "race" / json.loads((run / "race.json").read_text())["winner"]
+    rows = read_jsonl(winner / "metrics.jsonl")
+    monkeypatch.setattr(race, "probe_guard", real)
+    assert main(["fit", "--resume", str(run)]) == 0
+    state = json.loads((run / "race.json").read_text())
+    assert state["promoted"] and state["probe_guard"]["kept"]
+    assert read_jsonl(winner / "metrics.jsonl") == rows  # no epoch trained again
+    assert (run / "report.md").read_text().count("## auto's race") == 1
+    assert "## The probe model kept" in (run / "report.md").read_text()

@@ -148,6 +148,8 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
         save()
     say(f"race: {state['winner']} wins ({state['reason']}); it continues from its epoch-{state['rung_epochs']} checkpoint")
     engine.fit(runs[state["winner"]], resume=True)
+    # saved only with the averaging and the guard (the last save below): a race killed before
+    # then resumes as a race, not as the plain run the promoted folder would look like
     state["promoted"] = True
     _promote(run, Path(runs[state["winner"]].out), state)
     averaging = state.get("averaging", {"wise": cfg.wise, "soup": cfg.soup})  # what the race's budget left room for
