@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from heldout import (  # noqa: E402
     Diff,
     averaging,
+    ceiling,
     complete,
     derived_rows,
     loo_rule,
@@ -109,6 +110,7 @@ def test_the_oracle_is_best_on_test_and_the_loo_rule_learns_on_val():
             runs.append(rec(d, v, 0, bits, best=0.9 if v == val_best else 0.5))
     data = complete(runs)
     assert oracle(data["x"]) == "hi" and oracle(data["z"]) == "lo"
+    assert derived_rows(data)["x"]["ceiling"] == data["x"]["hi"]  # one seed: the ceiling is its best run
     picks = loo_rule(data)
     assert picks["x"] == "lo"  # from y (low shift -> lo on val) and z (high shift -> hi)
     text = report(runs, 112)
@@ -185,3 +187,15 @@ def test_each_race_is_listed_with_its_rungs_and_winner():
         runs += [rec(d, "auto", 0, "11", race=race), rec(d, "a", 0, "10")]
     text = report(runs, 112)
     assert "- auto, seed 0: raced full 0.600, lp-ft-bn-eval 0.700 (val, after the rung) -> lp-ft-bn-eval" in text
+
+
+def test_the_ceiling_takes_each_seeds_best_fixed_run():
+    """Two seeds where a different fixed variant wins each: the ceiling beats the oracle, which
+    must keep one variant for both; auto's own runs never enter it."""
+    runs = [rec("x", "auto", s, "1111") for s in (0, 1)]
+    runs += [rec("x", "a", 0, "1110"), rec("x", "a", 1, "1000"), rec("x", "b", 0, "1000"), rec("x", "b", 1, "1100")]
+    data = complete(runs)
+    rows = ceiling(data["x"])
+    assert [(r["variant"], r["seed"]) for r in rows] == [("a", 0), ("b", 1)]
+    assert oracle(data["x"]) == "a" and oracle(derived_rows(data)["x"]) == "a"  # never a derived row
+    assert sum(r["test"] for r in rows) > sum(r["test"] for r in data["x"]["a"])
