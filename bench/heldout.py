@@ -277,7 +277,7 @@ def averaging(records: Sequence[dict], variants: Sequence[str] = RACED) -> list[
 
 
 # The README's summary: auto against the rows a skeptic asks about first (suite-test.md has all).
-README_ROWS = ("auto", "oracle", "loo-rule", "discriminative+bn-eval", "full", "plain", "fastai", "fastai-lrfind")
+README_ROWS = ("auto", "oracle", "ceiling", "loo-rule", "discriminative+bn-eval", "full", "plain", "fastai", "fastai-lrfind")
 README_BEGIN = "<!-- held-out summary: written by `python bench/heldout.py --readme` from bench/results/suite-test.json -->"
 README_END = "<!-- end of the held-out summary -->"
 
