@@ -154,6 +154,27 @@ def test_broken_files_are_skipped_with_reasons(tmp_path):
     assert all(s["reason"] for s in skipped)
 
 
+def test_a_file_is_decoded_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """auto's race and --model auto check the same data once per set-up: each file is decoded
+    the first time only, broken ones stay skipped, and a file rewritten since is decoded again."""
+    import layerwise.data as data_module
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    items = [(str(tmp_path / "ok.png"), 0), (str(tmp_path / "bad.png"), 1)]
+    opened = []
+    real = data_module.open_image
+    monkeypatch.setattr(data_module, "open_image", lambda src: opened.append(src) or real(src))
+    first, second = check_images(items), check_images(items)
+    assert first == second and first[0] == items[:1] and len(first[1]) == 1
+    assert len(opened) == 2  # each file once, across both checks
+    (tmp_path / "bad.png").unlink()
+    Image.new("RGB", (9, 9)).save(tmp_path / "bad.png")  # fixed: new size and mtime
+    assert check_images(items)[0] == items and len(opened) == 3
+    (tmp_path / "ok.png").unlink()
+    assert "FileNotFoundError" in check_images(items)[1][0]["reason"]  # gone since: not taken from the memo
+
+
 def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
     Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
     Image.new("RGB", (40, 40)).save(tmp_path / "warn.png")

@@ -116,20 +116,44 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     return default_collate(kept)
 
 
+# Files this process has decoded, by (path, size, mtime, PIL's pixel limit): None when
+# readable, else why not.
+# auto's race sets the data up once per candidate and --model auto once per backbone, and
+# each set-up checks it; decoding a large folder again each time cost minutes, not seconds.
+CHECKED_KEPT = 500_000
+_checked: dict[tuple[str, int, int, int | None], str | None] = {}
+
+
 def check_images(items: Sequence[Item], *, progress: bool = False) -> tuple[list[Item], list[dict]]:
-    """Decode every file once; returns the readable items and ``{path, reason}`` per skip."""
+    """Decode every file once per process (a file changed since is decoded again); returns the
+    readable items and ``{path, reason}`` per skip."""
     good: list[Item] = []
     skipped: list[dict] = []
     for src, label in bar(items, "checking images", enabled=progress, unit="img"):
-        if isinstance(src, np.ndarray):
+        reason = None if isinstance(src, np.ndarray) else _unreadable(src)
+        if reason is None:
             good.append((src, label))
-            continue
+        else:
+            skipped.append({"path": src, "reason": reason})
+    return good, skipped
+
+
+def _unreadable(src: str) -> str | None:
+    """Why ``src`` cannot be read (None: it can), decoded only if not seen unchanged before."""
+    try:
+        st = os.stat(src)
+    except OSError as e:  # not cached: a missing file may appear
+        return f"{type(e).__name__}: {e}"
+    key = (src, st.st_size, st.st_mtime_ns, Image.MAX_IMAGE_PIXELS)
+    if key not in _checked:
+        if len(_checked) >= CHECKED_KEPT:
+            _checked.clear()
         try:
             open_image(src)
-            good.append((src, label))
+            _checked[key] = None
         except IMAGE_ERRORS as e:
-            skipped.append({"path": src, "reason": f"{type(e).__name__}: {e}"})
-    return good, skipped
+            _checked[key] = f"{type(e).__name__}: {e}"
+    return _checked[key]
 
 
 def drop_unreadable(splits: Splits, *, check: str, limit: int, progress: bool) -> None:
