@@ -165,10 +165,15 @@ def test_a_race_cost_of_one_run_affords_no_race(data, tmp_path, capsys):
     assert main(["fit", str(data), *TINY, "--race-cost", "0.5", "--out", str(tmp_path / "bad")]) == 2
 
 
-def test_one_epoch_affords_no_race(data, tmp_path, capsys):
+def test_one_epoch_affords_no_race(data, tmp_path, capsys, monkeypatch):
+    """The set-up that found no race affordable is the run's: data and model are set up once."""
+    calls, real = [], engine.prepare
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
     run = tmp_path / "run"
     assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "1", "--out", str(run)]) == 0
-    assert not (run / "race.json").exists() and "afford no race" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert not (run / "race.json").exists() and "afford no race" in out
+    assert len(calls) == 1 and out.count("budget:") == 1
 
 
 def test_evidence_given_by_hand_orders_the_race_without_a_probe(data, tmp_path, monkeypatch):

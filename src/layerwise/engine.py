@@ -215,13 +215,16 @@ def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Tra
     return build(p, p.resolved, run, info)
 
 
-def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, until: int | None = None) -> Path:
+def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, until: int | None = None,
+        prepared: Prepared | None = None) -> Path:
     """Train ``cfg`` into its run folder (``cfg.out``); returns the folder.
 
     A folder that already holds a run is refused unless ``resume`` (continue it) or
     ``overwrite`` (replace it); one process writes a run folder at a time. ``until``: stop
     after that many epochs, checkpointed, as an interruption would (auto's race pauses its
-    candidates this way; a resume continues them exactly)."""
+    candidates this way; a resume continues them exactly). ``prepared``: :func:`prepare`'s
+    result for ``cfg``, untouched since, when the caller already set up (auto deciding
+    against a race)."""
     started = time.perf_counter()
     info = from_env()
     if info.enabled and not cfg.out:
@@ -240,16 +243,17 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, until:
                     rundir.clear_unstarted(run)
             # Taken before set-up resolves defaults, so compare can predict it from its inputs.
             fingerprint = None if resume else rundir.run_fingerprint(cfg)
-            t = _start(cfg, run, info, started, resume=resume, overwrite=overwrite, fingerprint=fingerprint)
+            t = _start(cfg, run, info, started, resume=resume, overwrite=overwrite, fingerprint=fingerprint,
+                       prepared=prepared)
             return run_epochs(t, info, until=until)
     finally:
         shutdown(info)
 
 
 def _start(cfg: RunConfig, run: Path, info: DistInfo, started: float, *, resume: bool, overwrite: bool,
-           fingerprint: dict | None) -> Trainer:
+           fingerprint: dict | None, prepared: Prepared | None) -> Trainer:
     """Set up, gather the evidence, resolve, build, restore a checkpoint, write the header files."""
-    p = prepare(cfg, info)
+    p = prepared or prepare(cfg, info)
     if overwrite and info.is_main:  # only now: a config or data error must not cost the old run
         rundir.clear(run)
     restored = resume and rundir.has_checkpoint(run)

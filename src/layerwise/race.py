@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,6 +42,9 @@ from layerwise.racecost import (
     plan,
 )
 from layerwise.resolve import Resolved
+
+if TYPE_CHECKING:
+    from layerwise.engine import Prepared
 
 # The strategies auto's threshold rule chooses among, each at its recommended --bn.
 CANDIDATES: dict[str, Candidate] = {
@@ -126,18 +130,18 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     started = time.perf_counter()
     with rundir.writer_lock(run):
         if resume:
-            state, splits = json.loads(rd.race.read_text()), None
+            state, p = json.loads(rd.race.read_text()), None
         else:
-            state, splits = _start(cfg, run, overwrite=overwrite)
-    if state is None:
-        return engine.fit(cfg, resume=False, overwrite=overwrite)
+            state, p = _start(cfg, run, overwrite=overwrite)
+    if state is None:  # no race: the set-up _start made is the run's
+        return engine.fit(cfg, resume=False, overwrite=overwrite, prepared=p)
     before = state.get("wall_seconds", 0.0)  # earlier sittings of this race
 
     def save() -> None:  # the whole race's wall time so far (probe and every candidate), each time
         state["wall_seconds"] = before + time.perf_counter() - started
         write_json(rd.race, state)
 
-    splits = splits or load_data(cfg)  # loaded once: by _start on a new race, here on a resumed one
+    splits = p.splits if p else load_data(cfg)  # loaded once: by _start on a new race, here on a resumed one
     val = check_images(splits.val)[0]  # a score cannot skip a file: unchecked large data is checked here
     runs = {c["name"]: candidate_config(cfg, state["settings"], c, run) for c in state["candidates"]}
     _run_rungs(state, runs, val, splits, save)
@@ -167,10 +171,10 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     return run
 
 
-def _start(cfg: RunConfig, run: Path, *, overwrite: bool) -> tuple[dict | None, Splits]:
+def _start(cfg: RunConfig, run: Path, *, overwrite: bool) -> tuple[dict | None, Prepared]:
     """A new race's state, written to race.json with the probe's evidence (None, and the
     reason said, when the budget affords no race or the model has no linear head), and the
-    data it loaded."""
+    set-up it made (the run's own when there is no race)."""
     from layerwise import engine
 
     rd = rundir.RunDir(run)
@@ -195,7 +199,7 @@ def _start(cfg: RunConfig, run: Path, *, overwrite: bool) -> tuple[dict | None, 
                f"(--race-cost; the cheapest race, probe included, costs about {price:.2f}x)"
                if head is not None else "the model has no linear head")
         say(f"auto: {why}; the probe's thresholds choose")
-        return None, splits
+        return None, p
     if overwrite:
         rundir.clear(run)
     # evidence given by hand (--probe-skill) orders the race without a probe
@@ -210,7 +214,7 @@ def _start(cfg: RunConfig, run: Path, *, overwrite: bool) -> tuple[dict | None, 
     write_json(rd.race, state)
     write_json(rd.fingerprint, rundir.run_fingerprint(cfg))  # what compare predicts for auto
     atomic_write_text(rd.config, r.config.to_yaml())  # a run is here: --resume finds it
-    return state, splits
+    return state, p
 
 
 def _run_rungs(state: dict, runs: dict[str, RunConfig], val: Sequence[tuple], splits: Splits,
