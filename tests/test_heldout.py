@@ -199,3 +199,20 @@ def test_the_ceiling_takes_each_seeds_best_fixed_run():
     assert [(r["variant"], r["seed"]) for r in rows] == [("a", 0), ("b", 1)]
     assert oracle(data["x"]) == "a" and oracle(derived_rows(data)["x"]) == "a"  # never a derived row
     assert sum(r["test"] for r in rows) > sum(r["test"] for r in data["x"]["a"])
+
+
+def test_the_ceiling_figures_in_the_docs_are_the_suites():
+    """docs/strategies.md quotes the ceiling and the oracle on the suite's mean: recomputed
+    from bench/results/suite-test.json as its report does."""
+    import json
+    import statistics
+
+    from heldout import test_mean
+
+    root = Path(__file__).resolve().parents[1]
+    records = [r for r in json.loads((root / "bench/results/suite-test.json").read_text()).values() if r["img"] == 112]
+    data = derived_rows(complete(records))
+    ceil, orc = (statistics.fmean(test_mean(runs[v]) for runs in data.values()) for v in ("ceiling", "oracle"))
+    docs = " ".join((root / "docs/strategies.md").read_text().split())
+    quoted = f"scores {ceil:.3f} on the suite's mean, against {orc:.3f} for the oracle (the best fixed variant per dataset): {100 * (ceil - orc):.1f} points more"
+    assert quoted in docs, quoted
