@@ -90,3 +90,30 @@ def test_the_plan_keeps_its_bound_and_races_whatever_the_averaging_and_the_favou
         assert p.cost == pytest.approx(racecost.estimate(p.raced, epochs, n_train, n_val, racecost.COSTS, probe=probe,
                                                          wise=p.wise, soup=p.soup, order=race.ordered(fav)))
     assert racecost.overhead(1000, 250, racecost.COSTS, probe=False, wise=False) == 0.0
+
+
+def test_the_sizes_that_afford_no_race_are_the_docs():
+    """docs/strategies.md names the training-set sizes where auto's own budget affords no race
+    at the default bound (val a quarter of train): recomputed here from budget and racecost."""
+    from pathlib import Path
+
+    from layerwise.budget import auto_batch, auto_epochs
+    order = race.ordered("discriminative", None)
+
+    def races(n: int) -> bool:
+        epochs = auto_epochs(n, auto_batch(n))
+        return bool(racecost.plan(order, epochs, n, n // 4, racecost.COSTS, probe=True, wise=False, soup=False, limit=1.5).raced)
+
+    bands, start = [], None
+    for n in range(20, 3200):
+        if not races(n) and start is None:
+            start = n
+        elif races(n) and start is not None:
+            bands.append((start, n - 1))
+            start = None
+    wide = [b for b in bands if b[1] - b[0] >= 10]  # the docs name these; "a few sizes beside them" the rest
+    assert wide == [(160, 255), (384, 511), (960, 1023), (1920, 3040)]
+    assert sum(b[1] - b[0] + 1 for b in bands if b not in wide) <= 10
+    assert all(races(n) for n in range(3200, 100_001, 997))
+    docs = " ".join((Path(__file__).resolve().parents[1] / "docs/strategies.md").read_text().split())
+    assert "except at 160–255, 384–511, 960–1,023 and 1,920–3,040 training images" in docs
