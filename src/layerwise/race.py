@@ -142,6 +142,7 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
         write_json(rd.race, state)
 
     splits = p.splits if p else load_data(cfg)  # loaded once: by _start on a new race, here on a resumed one
+    del p  # its model, on the device, was the probe's: each candidate builds its own
     val = check_images(splits.val)[0]  # a score cannot skip a file: unchecked large data is checked here
     runs = {c["name"]: candidate_config(cfg, state["settings"], c, run) for c in state["candidates"]}
     _run_rungs(state, runs, val, splits, save)
