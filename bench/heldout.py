@@ -120,7 +120,7 @@ def ceiling(runs: dict[str, list[dict]]) -> list[dict]:
 def loo_rule(data: dict[str, dict[str, list[dict]]], key: str = "bn_shift") -> dict[str, str]:
     """dataset -> the fixed variant a one-threshold rule on auto's ``key`` evidence picks for it,
     the rule fitted on the *other* datasets' best val accuracy (bench/suite_stats.py)."""
-    fixed = sorted(set.intersection(*({v for v in runs if v not in FIXED_EXCLUDED} for runs in data.values())))
+    fixed = sorted(set.intersection(*(set(fixed_variants(runs)) for runs in data.values())))
     val = {d: {v: statistics.fmean(r["best"] for r in runs[v]) for v in fixed} for d, runs in data.items()}
     evidence = {d: statistics.fmean(r[key] for r in runs["auto"]) for d, runs in data.items()}
     return {r["dataset"]: r["choice"] for r in loo_threshold_rule(val, evidence, fixed)}
@@ -129,7 +129,7 @@ def loo_rule(data: dict[str, dict[str, list[dict]]], key: str = "bn_shift") -> d
 def derived_rows(data: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, list[dict]]]:
     """Each dataset's runs plus rows made of fixed runs: the hindsight oracle, the per-seed ceiling and the
     leave-one-dataset-out shift rule (when every auto run recorded a shift)."""
-    fixed = any(v not in FIXED_EXCLUDED for runs in data.values() for v in runs)  # not an auto-only backbone run
+    fixed = any(fixed_variants(runs) for runs in data.values())  # not an auto-only backbone run
     loo = loo_rule(data) if fixed and len(data) >= 3 and all(
         r.get("bn_shift") is not None for runs in data.values() for r in runs["auto"]) else {}
     out = {}

@@ -106,9 +106,10 @@ def test_the_sizes_that_afford_no_race_are_the_docs():
 
     bands, start = [], None
     for n in range(20, 3200):
-        if not races(n) and start is None:
+        raced = races(n)
+        if not raced and start is None:
             start = n
-        elif races(n) and start is not None:
+        elif raced and start is not None:
             bands.append((start, n - 1))
             start = None
     wide = [b for b in bands if b[1] - b[0] >= 10]  # the docs name these; "a few sizes beside them" the rest
