@@ -9,7 +9,9 @@ same run configs the race builds, lp-ft from the probe's head) for one rung unde
 - ``own``: epoch 1 of the candidate's own cosine over auto's whole budget (what the race does);
 - ``restart``: a cosine that restarts every epoch (``--scheduler cosine-restarts --t0 1
   --t-mult 1``), so the rung ends with its LR decayed;
-- ``constant``: a constant LR (``--scheduler constant``), the decay left for the winner.
+- ``constant``: a constant LR (``--scheduler constant``), the decay left for the winner;
+- ``half``: the first half of epoch 1 of the candidate's own schedule (a rung shorter than an
+  epoch, paused mid-epoch and scored with the weights it paused with: racecost.RUNGS).
 
 Each rung is scored as the race scores it (race.rung_result: val, BatchNorm statistics
 re-estimated for candidates on batch statistics). The yardstick is the final *test* accuracy of
@@ -29,15 +31,17 @@ from pathlib import Path
 from competitor import save_json  # bench/ is on the path: these run as scripts
 from suite import RESULTS, ROOT, budget, datasets, held_out
 
-SCHEDULES = {"own": {}, "restart": {"scheduler": "cosine-restarts", "t0": 1, "t_mult": 1},
-             "constant": {"scheduler": "constant"}}
+# schedule -> (config overrides, rung in epochs)
+SCHEDULES: dict[str, tuple[dict, float]] = {
+    "own": ({}, 1.0), "restart": ({"scheduler": "cosine-restarts", "t0": 1, "t_mult": 1}, 1.0),
+    "constant": ({"scheduler": "constant"}, 1.0), "half": ({}, 0.5)}
 # race candidate -> its complete fixed run's variant in suite-test.json
 FINAL = {"discriminative-bn-eval": "discriminative+bn-eval", "full": "full", "lp-ft-bn-eval": "lp-ft+bn-eval"}
 OUT = RESULTS / "rung-schedule.json"
 
 
-def rungs(name: str, data: Path, seed: int, img: int) -> dict[str, dict[str, dict]]:
-    """schedule -> candidate -> its rung's val accuracy and per-image outcomes."""
+def rungs(name: str, data: Path, seed: int, img: int, schedules: list[str]) -> dict[str, dict[str, dict]]:
+    """schedule -> candidate -> its rung's val accuracy and per-image outcomes, for ``schedules``."""
     from layerwise import engine, race
     from layerwise.config import RunConfig
     from layerwise.data import check_images
@@ -53,13 +57,15 @@ def rungs(name: str, data: Path, seed: int, img: int) -> dict[str, dict[str, dic
     splits, val = p.splits, check_images(p.splits.val)[0]
     settings = {"epochs": epochs, "batch_size": batch, "patience": patience, "img_size": img}
     out: dict[str, dict[str, dict]] = {}
-    for sched, overrides in SCHEDULES.items():
+    for sched in schedules:
+        overrides, rung = SCHEDULES[sched]
         out[sched] = {}
         for cand in race.ordered("discriminative"):
             sub = race.candidate_config(dataclasses.replace(cfg, **overrides), settings, dataclasses.asdict(cand), root)
             sub = dataclasses.replace(sub, out=str(root / sched / cand.name))
-            race.train_rung(sub, race.RUNG_EPOCHS)
-            res = race.rung_result(Path(sub.out), val, splits if on_batch_statistics(sub.bn) else None)
+            race.train_rung(sub, rung)
+            res = race.rung_result(Path(sub.out), val, splits if on_batch_statistics(sub.bn) else None,
+                                   paused=race.mid_epoch(rung))
             out[sched][cand.name] = {"val_acc": res["val_acc"], "correct": res["correct"]}
             print(f"{name} {sched:8s} {cand.name:24s} rung val {res['val_acc']:.4f}", flush=True)
     return out
@@ -85,24 +91,26 @@ def regret(final: dict[str, float], accs: dict[str, float]) -> float:
 
 def outcomes(results: dict, suite: dict) -> list[tuple[str, int, dict[str, float], dict[str, dict[str, float]]]]:
     """Per recorded dataset with complete fixed runs: (name, seed, final test per candidate,
-    schedule -> rung val accuracy per candidate)."""
+    schedule -> rung val accuracy per candidate, for the schedules it has run)."""
     out = []
     for _key, rec in sorted(results.items()):
         final = finals(suite, rec["dataset"], rec["seed"], rec["img"])
         if final is not None:
             out.append((rec["dataset"], rec["seed"], final,
-                        {s: {c: v["val_acc"] for c, v in rec["rungs"][s].items()} for s in SCHEDULES}))
+                        {s: {c: v["val_acc"] for c, v in rec["rungs"][s].items()} for s in SCHEDULES
+                         if s in rec["rungs"]}))
     return out
 
 
 def summary(results: dict, suite: dict) -> dict[str, tuple[int, int, float, float]]:
-    """schedule -> (times its rung leader ended best, datasets, mean and max regret in points)."""
+    """schedule -> (times its rung leader ended best, datasets, mean and max regret in points),
+    over the datasets where the schedule ran."""
     rows = outcomes(results, suite)
     out = {}
     for s in SCHEDULES:
-        regrets = [regret(final, accs[s]) for _, _, final, accs in rows]
+        regrets = [regret(final, accs[s]) for _, _, final, accs in rows if s in accs]
         hits = sum(r == 0 for r in regrets)
-        out[s] = (hits, len(rows), statistics.mean(regrets) if rows else 0.0, max(regrets, default=0.0))
+        out[s] = (hits, len(regrets), statistics.mean(regrets) if regrets else 0.0, max(regrets, default=0.0))
     return out
 
 
@@ -110,7 +118,7 @@ def report(results: dict, suite: dict) -> str:
     rows = []
     for name, seed, final, accs in outcomes(results, suite):
         cells = [f"{leader(accs[s])} ({' / '.join(f'{a:.3f}' for a in accs[s].values())}); regret "
-                 f"{regret(final, accs[s]):.1f}" for s in SCHEDULES]
+                 f"{regret(final, accs[s]):.1f}" if s in accs else "not run" for s in SCHEDULES]
         rows.append(f"| {name} | {seed} | " + " / ".join(f"{final[c]:.3f}" for c in FINAL) + " | "
                     + " | ".join(cells) + " |")
     lines = ["# Which schedule inside a rung predicts the final ranking", "",
@@ -138,14 +146,16 @@ def main() -> None:
     if not args.report_only:
         for name, data in datasets().items():
             key = f"{name}|{args.img_size}|{args.seed}"
-            if (args.datasets and name not in args.datasets.split(",")) or key in results:
+            todo = [s for s in SCHEDULES if s not in results.get(key, {}).get("rungs", {})]
+            if (args.datasets and name not in args.datasets.split(",")) or not todo:
                 continue
             if finals(suite, name, args.seed, args.img_size) is None:
                 print(f"{name}: no complete fixed runs at seed {args.seed} in suite-test.json; skipped")
                 continue
             held = held_out(name, data, ROOT / "runs" / "suite-split")
+            done = results.get(key, {}).get("rungs", {})
             results[key] = {"dataset": name, "seed": args.seed, "img": args.img_size,
-                            "rungs": rungs(name, held, args.seed, args.img_size)}
+                            "rungs": done | rungs(name, held, args.seed, args.img_size, todo)}
             save_json(OUT, results)
     text = report(results, suite)
     OUT.with_suffix(".md").write_text(text)

@@ -79,11 +79,11 @@ def test_the_race_pauses_the_losers_and_the_winner_becomes_the_run(raced):
     for name in names:
         rows = read_jsonl(raced / "race" / name / "metrics.jsonl")
         trained = [r for r in rows if r["epoch"] >= 0]  # lp-ft's first row is the probe's head (epoch -1)
-        assert len(trained) == (3 if name == state["winner"] else race.RUNG_EPOCHS)  # losers stopped at the rung
+        assert len(trained) == (3 if name == state["winner"] else state["rung_epochs"])  # losers stopped at the rung
         assert (rows[0]["epoch"] == -1) == name.startswith("lp-ft")
         if name.startswith("lp-ft"):  # from the probe's head, its rung fine-tunes every group, as the others' do
             assert len(trained[0]["trainable_groups"]) > 1
-        assert state["rungs"][name]["curve"] == [r["val_acc"] for r in rows if r["epoch"] < race.RUNG_EPOCHS]
+        assert state["rungs"][name]["curve"] == [r["val_acc"] for r in rows if r["epoch"] < state["rung_epochs"]]
         rung = state["rungs"][name]
         if next(c["bn"] for c in state["candidates"] if c["name"] == name) == "eval":
             assert rung["val_acc"] == pytest.approx(max(rung["curve"])) and "norm_images" not in rung  # same numerics
@@ -91,7 +91,7 @@ def test_the_race_pauses_the_losers_and_the_winner_becomes_the_run(raced):
             assert rung["norm_images"] == 24 and rung["running_stats_val_acc"] == rung["curve"][-1]
 
     winner = raced / "race" / state["winner"]
-    rung = [r for r in read_jsonl(winner / "metrics.jsonl") if r["epoch"] < race.RUNG_EPOCHS]  # kept, not trained again
+    rung = [r for r in read_jsonl(winner / "metrics.jsonl") if r["epoch"] < state["rung_epochs"]]  # kept, not trained again
     assert sum(r["epoch_seconds"] for r in rung) == state["rungs"][state["winner"]]["epoch_seconds"]
     assert (raced / "best.safetensors").read_bytes() == (winner / "best.safetensors").read_bytes()
     assert read_jsonl(raced / "metrics.jsonl") == read_jsonl(winner / "metrics.jsonl")
@@ -120,11 +120,11 @@ def test_a_race_stopped_part_way_resumes_into_the_same_race(data, tmp_path, monk
     calls = []
     real = race.rung_result
 
-    def second_stops(*args):
+    def second_stops(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt  # a kill between the second candidate's rung and its result
-        return real(*args)
+        return real(*args, **kwargs)
 
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert _race(data, ref, "--probe-skill", "0.5") == 0
@@ -142,6 +142,39 @@ def test_a_race_stopped_part_way_resumes_into_the_same_race(data, tmp_path, monk
     assert "norm_images" in done["rungs"]["full"]  # scored on re-estimated statistics, as on batch statistics
     assert done["winner"] == ref_state["winner"] and outcomes(done) == outcomes(ref_state)
     assert (run / "best.safetensors").read_bytes() == (ref / "best.safetensors").read_bytes()
+
+
+def test_a_rung_shorter_than_an_epoch_pauses_mid_epoch_and_the_winner_runs_on_exactly(data, tmp_path, monkeypatch):
+    """Where one epoch's rungs do not fit, a race of half-epoch rungs does: each candidate pauses
+    after half of epoch 0's batches (2 of 3), is scored with the weights it paused with (after
+    re-estimating BatchNorm on batch statistics), and the winner continues from mid-epoch to the
+    end a run straight through reaches; the losers stay paused there."""
+    from layerwise.checkpoint import load_state
+    from layerwise.data import check_images, load_splits
+    from layerwise.inference import validated_scorer
+
+    monkeypatch.setattr(race, "RUNGS", (0.5,))
+    run = tmp_path / "run"
+    assert _race(data, run, "--probe-skill", "0.5") == 0  # discriminative --bn eval first, then full
+    state = json.loads((run / "race.json").read_text())
+    assert state["rung_epochs"] == 0.5 and state["cost"]["estimate"] <= 1.5
+    val = check_images(load_splits(str(data)).val)[0]
+    for name in state["rungs"]:
+        folder = run / "race" / name
+        if name != state["winner"]:
+            ckpt = load_state(folder / "last" / "state.pt")
+            assert ckpt["epoch"] == -1 and ckpt["progress"]["batches"] == 2  # paused mid-epoch 0
+            assert not [r for r in read_jsonl(folder / "metrics.jsonl") if r["epoch"] >= 0]
+            paused = validated_scorer(folder, paused=True)(val).acc
+            rung = state["rungs"][name]
+            assert (rung.get("running_stats_val_acc", rung["val_acc"])) == paused  # the paused weights, scored
+    assert "norm_images" in state["rungs"]["full"]
+    winner = run / "race" / state["winner"]
+    straight = tmp_path / "straight"
+    engine.fit(dataclasses.replace(config_from(load_yaml(winner / "config.yaml")), out=str(straight)))
+    a, b = load_file(winner / "best.safetensors"), load_file(straight / "best.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_jsonl(winner / "steps.jsonl") == read_jsonl(straight / "steps.jsonl")
 
 
 def test_no_race_keeps_the_thresholds_choice(data, tmp_path):

@@ -11,17 +11,19 @@ from layerwise import race, racecost
 
 
 @given(st.integers(1, 60), st.integers(2, 100_000), st.integers(1, 20_000), st.booleans(), st.booleans(), st.booleans(),
-       st.sampled_from(["discriminative", "full", "lp-ft"]), st.floats(1, 4))
+       st.sampled_from(["discriminative", "full", "lp-ft"]), st.floats(1, 4), st.sampled_from([1.0, 0.5, 0.25]))
 def test_a_race_costs_at_most_its_limit_probe_soup_and_wise_ft_included(epochs, n_train, n_val, probe, wise, soup, fav,
-                                                                         limit):
-    order, costs, parts = race.ordered(fav), racecost.COSTS, {"probe": probe, "wise": wise, "soup": soup}
+                                                                         limit, rung):
+    order, costs = race.ordered(fav), racecost.COSTS
+    parts = {"probe": probe, "wise": wise, "soup": soup, "rung": rung}
     raced = racecost.affordable(order, epochs, n_train, n_val, costs, **parts, limit=limit)
     if raced:
         assert raced[0] == order[0] and len(raced) >= 2 and all(c in order for c in raced)
         losers = len(raced) - 1 if soup else 0
         cost = (racecost.overhead(n_train, n_val, costs, probe=probe, wise=wise, soup_losers=losers)
-                + (epochs - racecost.RUNG_EPOCHS)
-                + sum(racecost.rung_cost(n_train, n_val, costs, first=i == 0, norm=i == 0) for i in range(len(raced))))
+                + (epochs - rung)
+                + sum(racecost.rung_cost(n_train, n_val, costs, rung=rung, first=i == 0, norm=i == 0)
+                      for i in range(len(raced))))
         assert cost <= limit * epochs + 1e-9
         assert racecost.estimate(raced, epochs, n_train, n_val, costs, **parts, order=order) * epochs == pytest.approx(cost)
     # whether a race happens does not depend on the favourite: it can be known before the probe
@@ -118,3 +120,15 @@ def test_the_sizes_that_afford_no_race_are_the_docs():
     assert all(races(n) for n in range(3200, 100_001, 997))
     docs = " ".join((Path(__file__).resolve().parents[1] / "docs/strategies.md").read_text().split())
     assert "except at 160–255, 384–511, 960–1,023 and 1,920–3,040 training images" in docs
+
+
+def test_the_race_takes_the_longest_rung_that_affords_one():
+    """2,000 training and 500 val images over 4 epochs: rungs of an epoch cost 1.58x one run,
+    probe included, and afford no race within 1.5x; rungs of half an epoch cost 1.48x. At 5
+    epochs an epoch's rungs fit and are taken."""
+    order, kw = race.ordered("discriminative"), {"probe": True, "wise": False, "soup": False, "limit": 1.5}
+    assert not racecost.plan(order, 4, 2000, 500, **kw, rungs=(1.0,)).raced
+    half = racecost.plan(order, 4, 2000, 500, **kw, rungs=(1.0, 0.5))
+    assert half.rung == 0.5 and len(half.raced) == 2 and half.cost == pytest.approx(1.478, abs=1e-3)
+    assert racecost.plan(order, 5, 2000, 500, **kw, rungs=(1.0, 0.5)).rung == 1.0
+    assert not racecost.plan(order, 4, 2000, 500, **(kw | {"limit": 1.2}), rungs=(1.0, 0.5)).raced

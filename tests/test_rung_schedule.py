@@ -20,7 +20,7 @@ def _suite(name: str, finals: dict[str, float]) -> dict:
 
 def _rungs(name: str, accs: dict[str, dict[str, float]]) -> dict:
     return {f"{name}|112|0": {"dataset": name, "seed": 0, "img": 112,
-                              "rungs": {s: {c: {"val_acc": a} for c, a in accs[s].items()} for s in SCHEDULES}}}
+                              "rungs": {s: {c: {"val_acc": a} for c, a in v.items()} for s, v in accs.items()}}}
 
 
 def test_a_schedule_whose_leader_ends_worse_pays_the_gap():
@@ -31,6 +31,19 @@ def test_a_schedule_whose_leader_ends_worse_pays_the_gap():
     assert out["own"] == (1, 1, 0.0, 0.0)
     hits, n, mean, worst = out["restart"]
     assert (hits, n) == (0, 1) and mean == pytest.approx(20.0) and worst == pytest.approx(20.0)
+
+
+def test_a_schedule_counts_only_the_datasets_where_it_ran():
+    """A schedule added later (``half``) has run on fewer datasets than the others: its summary
+    counts those, and the others' are unchanged."""
+    finals = {"discriminative-bn-eval": 0.80, "full": 0.90, "lp-ft-bn-eval": 0.70}
+    right = {"discriminative-bn-eval": 0.5, "full": 0.6, "lp-ft-bn-eval": 0.4}
+    wrong = {"discriminative-bn-eval": 0.5, "full": 0.4, "lp-ft-bn-eval": 0.6}
+    results = _rungs("x", {"own": right, "half": wrong}) | _rungs("y", {"own": right})
+    out = summary(results, _suite("x", finals) | _suite("y", finals))
+    assert out["own"] == (2, 2, 0.0, 0.0)
+    assert out["half"][:2] == (0, 1) and out["half"][2] == pytest.approx(20.0)
+    assert out["restart"] == (0, 0, 0.0, 0.0)
 
 
 def test_ties_keep_the_race_order():

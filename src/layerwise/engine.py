@@ -215,14 +215,14 @@ def build_trainer(cfg: RunConfig, run: Path, info: DistInfo = DistInfo()) -> Tra
     return build(p, p.resolved, run, info)
 
 
-def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, until: int | None = None,
+def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, until: float | None = None,
         prepared: Prepared | None = None) -> Path:
     """Train ``cfg`` into its run folder (``cfg.out``); returns the folder.
 
     A folder that already holds a run is refused unless ``resume`` (continue it) or
     ``overwrite`` (replace it); one process writes a run folder at a time. ``until``: stop
-    after that many epochs, checkpointed, as an interruption would (auto's race pauses its
-    candidates this way; a resume continues them exactly). ``prepared``: :func:`prepare`'s
+    after that many epochs (a fraction: mid-epoch), checkpointed, as an interruption would
+    (auto's race pauses its candidates this way; a resume continues them exactly). ``prepared``: :func:`prepare`'s
     result for ``cfg``, untouched since, when the caller already set up (auto deciding
     against a race)."""
     started = time.perf_counter()

@@ -14,7 +14,7 @@ from torch import nn
 
 from layerwise import rundir
 from layerwise.augment import eval_transform
-from layerwise.checkpoint import load_weights
+from layerwise.checkpoint import load_state, load_weights
 from layerwise.data import (
     IMAGE_ERRORS,
     check_images,
@@ -44,23 +44,39 @@ class RunModel:
         return eval_transform(self.img_size, self.mean, self.std)
 
 
-def load_run(run: str | Path) -> RunModel:
-    """Rebuild RUN's architecture and head, then load its best weights."""
+def load_run(run: str | Path, *, paused: bool = False) -> RunModel:
+    """Rebuild RUN's architecture and head, then load its best weights (``paused``: the
+    weights its checkpoint holds, where the run paused, the EMA's when it keeps one; auto's
+    race scores a rung shorter than an epoch so)."""
     run = Path(run)
     info = rundir.read_model_info(run)
-    wpath = rundir.RunDir(run).best
+    wpath = rundir.RunDir(run).state if paused else rundir.RunDir(run).best
     if not wpath.is_file():
-        raise MissingPathError(f"{str(wpath)!r} does not exist; the run has not finished an epoch yet")
+        raise MissingPathError(f"{str(wpath)!r} does not exist; the run has not "
+                               + ("started" if paused else "finished an epoch yet"))
     # Build the exact architecture that was trained (e.g. tf_efficientnet_lite0), unweighted,
     # once its shapes are known to match the weights file: a crafted model.json must not make
     # us allocate a giant model first.
     build = dict(name=f"{info['source']}/{info['arch']}", num_classes=info["num_classes"], weights="none",
                  head=info["head"], hidden=info["hidden"])
-    _check_shapes(wpath, build)
-    loaded = create_model(**build)
-    load_weights(wpath, loaded.model)
+    if paused:  # our own checkpoint, loaded weights-only
+        loaded = create_model(**build)
+        loaded.model.load_state_dict(checkpoint_weights(load_state(wpath)))
+    else:
+        _check_shapes(wpath, build)
+        loaded = create_model(**build)
+        load_weights(wpath, loaded.model)
     loaded.model.eval()
     return RunModel(loaded.model, info["classes"], tuple(info["mean"]), tuple(info["std"]), info["img_size"])
+
+
+def checkpoint_weights(state: dict) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's run evaluates with: its EMA's (AveragedModel keeps them under
+    ``module.``) when it keeps one, else the model's."""
+    ema = state.get("ema")
+    if ema is not None:
+        return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+    return state["model"]
 
 
 @dataclass
@@ -83,22 +99,24 @@ class Scorer:
 
 
 def scorer(run: str | Path, *, precision: str = "fp32", device: str = "auto", batch_size: int | None = None,
-           channels_last: bool = False) -> Scorer:
-    """RUN's best weights, ready to score images."""
+           channels_last: bool = False, paused: bool = False) -> Scorer:
+    """RUN's best weights (``paused``: :func:`load_run`'s), ready to score images."""
     from layerwise.hardware import pick_device
 
-    rm, dev = load_run(run), pick_device(device)
+    rm, dev = load_run(run, paused=paused), pick_device(device)
     rm.model.to(dev)
     return Scorer(rm, dev, Amp(precision, dev), batch_size or eval_batch_size(rm.img_size), channels_last)
 
 
-def validated_scorer(run: str | Path) -> Scorer:
-    """RUN's best weights with the numerics the run validated with (config.yaml's device,
-    precision and memory format), so a score on val is its metrics row's."""
+def validated_scorer(run: str | Path, *, paused: bool = False) -> Scorer:
+    """RUN's best weights (``paused``: :func:`load_run`'s) with the numerics the run validated
+    with (config.yaml's device, precision and memory format), so a score on val is its metrics
+    row's."""
     from layerwise.config import load_yaml
 
     saved = load_yaml(rundir.RunDir(Path(run)).config)
-    return scorer(run, precision=saved["precision"], device=saved["device"], channels_last=saved["channels_last"])
+    return scorer(run, precision=saved["precision"], device=saved["device"], channels_last=saved["channels_last"],
+                  paused=paused)
 
 
 def _check_shapes(wpath: Path, build: dict) -> None:

@@ -4,6 +4,7 @@ then the best weights evaluated and the report written. Reads the run's fixed pl
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +20,13 @@ from layerwise.errors import LayerwiseError
 from layerwise.evaluation import EvalResult, evaluate, evaluate_features, gather_eval
 from layerwise.progress import bar, say
 from layerwise.rng import epoch_seed, seed_everything
-from layerwise.trainer import EpochProgress, Interrupted, StopRequested, Trainer, check_finite
+from layerwise.trainer import EpochProgress, Interrupted, Paused, StopRequested, Trainer, check_finite
 
 
-def run_epochs(t: Trainer, info: DistInfo, until: int | None = None) -> Path:
+def run_epochs(t: Trainer, info: DistInfo, until: float | None = None) -> Path:
     """The epochs, then the best weights evaluated and the report written. ``until``: pause
-    after that many epochs instead (the checkpoint holds the run; a resume continues it)."""
+    after that many epochs instead, a fraction of one mid-epoch (the checkpoint holds the run;
+    a resume continues it exactly)."""
     run = t.run
     writer = _tensorboard(run.root) if info.is_main else None
     with contextlib.closing(writer) if writer is not None else contextlib.nullcontext(), \
@@ -33,13 +35,19 @@ def run_epochs(t: Trainer, info: DistInfo, until: int | None = None) -> Path:
             for epoch in range(t.start_epoch, t.cfg.epochs):
                 if until is not None and epoch >= until:
                     return run.root
-                row = epoch_row(t, epoch, stop, t.progress if epoch == t.start_epoch else None)
+                progress = t.progress if epoch == t.start_epoch else None
+                pause_at = pause_batch(until, epoch, len(t.kit.loaders.train))
+                if pause_at is not None and progress is not None and progress.batches >= pause_at:
+                    return run.root  # paused there already: a resume to the same point trains nothing
+                row = epoch_row(t, epoch, stop, progress, pause_at)
                 if _record(t, row, writer):
                     say(f"early stopping: val accuracy has not improved for {t.cfg.patience} epochs")
                     break
                 if t.cfg.time_budget and time.perf_counter() - t.started >= t.cfg.time_budget:
                     say(f"time budget of {t.cfg.time_budget:.0f}s spent after epoch {epoch + 1}")
                     break
+        except Paused:
+            return run.root
         except Interrupted:
             say(f"\ninterrupted: last/ holds the run up to the last step. Resume with: layerwise fit --resume {run}")
             raise
@@ -58,8 +66,18 @@ def run_epochs(t: Trainer, info: DistInfo, until: int | None = None) -> Path:
     return run.root
 
 
-def epoch_row(t: Trainer, epoch: int, stop: StopRequested, progress: EpochProgress | None = None) -> dict:
-    """One epoch planned, trained and validated: its metrics row (``progress`` resumes it)."""
+def pause_batch(until: float | None, epoch: int, batches: int) -> int | None:
+    """The batch of ``epoch`` after which to pause, when ``until`` ends inside it (0.5: after
+    half of epoch 0's batches, rounded up, at least one); None when it does not."""
+    if until is None or not epoch < until < epoch + 1:
+        return None
+    return max(1, math.ceil((until - epoch) * batches))
+
+
+def epoch_row(t: Trainer, epoch: int, stop: StopRequested, progress: EpochProgress | None = None,
+              pause_at: int | None = None) -> dict:
+    """One epoch planned, trained and validated: its metrics row (``progress`` resumes it;
+    ``pause_at``: :func:`pause_batch`, which raises Paused there)."""
     cfg = t.cfg
     seed_everything(epoch_seed(cfg.seed, epoch))
     t.kit.loaders.reseed(epoch_seed(cfg.seed, epoch))
@@ -73,10 +91,11 @@ def epoch_row(t: Trainer, epoch: int, stop: StopRequested, progress: EpochProgre
         loaders = t.kit.loaders
         batches = _progress(store.batches(epoch, cfg.batch_size, loaders.generator, loaders.train.drop_last),
                             epoch, cfg.epochs, cfg.quiet, len(loaders.train))
-        tr = t.train_epoch(epoch, stop, batches, progress, forward=cut.suffix)
+        tr = t.train_epoch(epoch, stop, batches, progress, forward=cut.suffix, pause_at=pause_at)
     else:
         t.features = None  # the trainable set reaches the cut: cached inputs are stale
-        tr = t.train_epoch(epoch, stop, _progress(t.kit.loaders.train, epoch, cfg.epochs, cfg.quiet), progress)
+        tr = t.train_epoch(epoch, stop, _progress(t.kit.loaders.train, epoch, cfg.epochs, cfg.quiet), progress,
+                           pause_at=pause_at)
     train_s = time.perf_counter() - tic
     if cut is not None and t.features is not None and t.kit.ema is None:
         ev = evaluate_features(cut.suffix, t.features.val, t.features.val_labels, t.kit.amp, t.kit.device,

@@ -2,7 +2,8 @@
 
 The probe's thresholds (strategies.auto_choice) only *order* the candidates, favourite first.
 Each candidate is a complete run folder under ``RUN/race/``, trained by :func:`engine.fit`
-for one rung (:data:`RUNG_EPOCHS`) of its own full plan and paused there, checkpointed. The
+for one rung (racecost.RUNGS: an epoch, or less where that affords no race) of its own full plan
+and paused there, checkpointed, mid-epoch if the rung ends there. The
 candidates are compared on the same val images; a lead inside the noise keeps the favourite.
 The winner's run then resumes from its own checkpoint, so no step is trained twice and its
 steps are exactly those of an uninterrupted run; the losers stay paused and resumable. At the
@@ -33,8 +34,8 @@ from layerwise.groups import head_module
 from layerwise.progress import say
 from layerwise.racecost import (
     COSTS,
-    RUNG_EPOCHS,
     RUNG_NORM_IMAGES,
+    RUNGS,
     Candidate,
     RacePlan,
     estimate,
@@ -151,7 +152,8 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
         state |= {"winner": verdict.winner, "reason": verdict.reason,
                   "stopped": {k: f"paused after the rung: {verdict.winner} won" for k in runs if k != verdict.winner}}
         save()
-    say(f"race: {state['winner']} wins ({state['reason']}); it continues from its epoch-{state['rung_epochs']} checkpoint")
+    say(f"race: {state['winner']} wins ({state['reason']}); it continues from its checkpoint after "
+        f"{state['rung_epochs']:g} epoch(s)")
     engine.fit(runs[state["winner"]], resume=True)
     # saved only with the averaging and the guard (the last save below): a race killed before
     # then resumes as a race, not as the plain run the promoted folder would look like
@@ -187,7 +189,7 @@ def _start(cfg: RunConfig, run: Path, *, overwrite: bool) -> tuple[dict | None, 
 
     def race_plan(favourite: str) -> RacePlan:
         return plan(ordered(favourite, cfg.bn), epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None,
-                    wise=cfg.wise, soup=cfg.soup, limit=cfg.race_cost)
+                    wise=cfg.wise, soup=cfg.soup, limit=cfg.race_cost, rungs=RUNGS)
 
     # whether a race happens depends on neither the favourite nor the averaging (racecost.plan),
     # so it is known before the probe
@@ -195,7 +197,7 @@ def _start(cfg: RunConfig, run: Path, *, overwrite: bool) -> tuple[dict | None, 
     if not race_plan("discriminative").raced or head is None:
         order = ordered("discriminative", cfg.bn)  # the price of a race of two is the favourite's too
         price = estimate(order[:2], epochs, n_train, n_val, COSTS, probe=cfg.probe_skill is None, wise=False,
-                         soup=False, order=order)
+                         soup=False, order=order, rung=min(RUNGS))
         why = (f"{epochs} epochs of {n_train} images afford no race within {cfg.race_cost:g}x one run "
                f"(--race-cost; the cheapest race, probe included, costs about {price:.2f}x)"
                if head is not None else "the model has no linear head")
@@ -210,7 +212,7 @@ def _start(cfg: RunConfig, run: Path, *, overwrite: bool) -> tuple[dict | None, 
                 if asked and not kept]
     if left_out:
         say(f"auto: {' and '.join(left_out)} left out: the race takes the budget (--race-cost {cfg.race_cost:g})")
-    state = _new_state(r, rp.raced) | {"cost": {"limit": cfg.race_cost, "estimate": round(rp.cost, 3)},
+    state = _new_state(r, rp.raced, rp.rung) | {"cost": {"limit": cfg.race_cost, "estimate": round(rp.cost, 3)},
                                        "averaging": {"wise": rp.wise, "soup": rp.soup}}
     write_json(rd.race, state)
     write_json(rd.fingerprint, rundir.run_fingerprint(cfg))  # what compare predicts for auto
@@ -223,14 +225,15 @@ def _run_rungs(state: dict, runs: dict[str, RunConfig], val: Sequence[tuple], sp
     """Each candidate trained to its rung (those already there are kept) and scored on val."""
     priced = (f", about {state['cost']['estimate']:.2f}x one run in all (limit {state['cost']['limit']:g}x)"
               if "cost" in state else "")
-    say(f"auto: racing {', '.join(runs)} for {state['rung_epochs']} epoch(s) each ({_order_note(state)}"
+    say(f"auto: racing {', '.join(runs)} for {state['rung_epochs']:g} epoch(s) each ({_order_note(state)}"
         f"{priced}); then the winner continues from its checkpoint")
     for name, sub in runs.items():
         if name not in state["rungs"]:
             train_rung(sub, state["rung_epochs"])
-            state["rungs"][name] = rung_result(Path(sub.out), val, splits if on_batch_statistics(sub.bn) else None)
+            state["rungs"][name] = rung_result(Path(sub.out), val, splits if on_batch_statistics(sub.bn) else None,
+                                               paused=mid_epoch(state["rung_epochs"]))
             save()
-        say(f"race: {name}: val acc {state['rungs'][name]['val_acc']:.4f} after {state['rung_epochs']} epoch(s)"
+        say(f"race: {name}: val acc {state['rungs'][name]['val_acc']:.4f} after {state['rung_epochs']:g} epoch(s)"
             + _norm_note(state["rungs"][name]))
 
 
@@ -244,11 +247,11 @@ def soup_losers(runs: dict[str, RunConfig], rungs: dict, winner: str) -> dict[Pa
             if k != winner and bool(sub.probe_head) == start}
 
 
-def _new_state(r: Resolved, raced: list[Candidate]) -> dict:
+def _new_state(r: Resolved, raced: list[Candidate], rung: float) -> dict:
     """race.json as the race starts: the evidence, the order, the settings every candidate shares."""
     c = r.config
     return {"favourite": r.strategy.name, "rule": r.strategy.reason, "budget": r.budget, "probe_skill": c.probe_skill,
-            "bn_shift": c.bn_shift, "rung_epochs": RUNG_EPOCHS,
+            "bn_shift": c.bn_shift, "rung_epochs": rung,
             "settings": {"epochs": c.epochs, "batch_size": c.batch_size, "patience": c.patience,
                          "img_size": c.img_size},
             "candidates": [dataclasses.asdict(k) for k in raced],
@@ -270,7 +273,12 @@ def candidate_config(cfg: RunConfig, settings: dict, c: dict, run: Path) -> RunC
                                probe_skill=None, bn_shift=None, **lp, out=str(run / rundir.RACE_DIR / c["name"]))
 
 
-def train_rung(sub: RunConfig, epochs: int) -> None:
+def mid_epoch(rung: float) -> bool:
+    """Whether a rung of this many epochs ends inside an epoch (its candidates pause mid-epoch)."""
+    return not float(rung).is_integer()
+
+
+def train_rung(sub: RunConfig, epochs: float) -> None:
     """Train a candidate to the end of its rung (or on from where a kill left it)."""
     from layerwise import engine
 
@@ -278,23 +286,27 @@ def train_rung(sub: RunConfig, epochs: int) -> None:
     engine.fit(sub, resume=started, overwrite=not started, until=epochs)
 
 
-def rung_result(run: Path, val: Sequence[tuple], norm_from: Splits | None = None) -> dict:
+def rung_result(run: Path, val: Sequence[tuple], norm_from: Splits | None = None, *, paused: bool = False) -> dict:
     """A paused candidate: its val accuracy per epoch, and its best weights' right/wrong on
-    each val image (the same images for every candidate: the comparison is paired). With
-    ``norm_from`` (a candidate on batch statistics) its BatchNorm statistics are re-estimated on
-    training images first, in memory only: mid-schedule its running statistics lag its weights
-    (racecost.RUNG_NORM_IMAGES), which would rank it below what it has learnt."""
+    each val image (the same images for every candidate: the comparison is paired); with
+    ``paused`` (a rung that ends mid-epoch, with no epoch's best yet) the weights it paused
+    with. With ``norm_from`` (a candidate on batch statistics) its BatchNorm statistics are
+    re-estimated on training images first, in memory only: mid-schedule its running statistics
+    lag its weights (racecost.RUNG_NORM_IMAGES), which would rank it below what it has learnt."""
     from layerwise.inference import validated_scorer
 
     rows = read_jsonl(rundir.RunDir(run).metrics)
-    score = validated_scorer(run)
-    seen = recalibrate_norms(score.run.model, NormBatches(norm_from, score, RUNG_NORM_IMAGES)()) if (
-        norm_from is not None and has_norms(score.run.model)) else 0
-    ev = score(val)  # without a re-estimation, the rung's accuracy is its metrics row's
+    score = validated_scorer(run, paused=paused)
+    renorm = norm_from is not None and has_norms(score.run.model)
+    # the running statistics' score, kept beside the re-estimated one: an epoch's metrics row
+    # holds it; paused mid-epoch, no row does (the val pass racecost prices as the epoch's)
+    running = (score(val).acc if paused else rows[-1]["val_acc"]) if renorm else None
+    seen = recalibrate_norms(score.run.model, NormBatches(norm_from, score, RUNG_NORM_IMAGES)()) if renorm else 0
+    ev = score(val)  # without a re-estimation or a pause mid-epoch, the rung's accuracy is its metrics row's
     return {"val_acc": ev.acc, "curve": [r["val_acc"] for r in rows],
             "epoch_seconds": sum(r["epoch_seconds"] for r in rows),
             "correct": "".join("1" if ok else "0" for ok in (ev.preds == ev.labels).tolist())} | (
-        {"norm_images": seen, "running_stats_val_acc": rows[-1]["val_acc"]} if seen else {})
+        {"norm_images": seen, "running_stats_val_acc": running} if seen else {})
 
 
 def _order_note(state: dict) -> str:
@@ -345,7 +357,7 @@ def race_section(state: dict) -> str:
     """report.md's account of the race."""
     lines = ["", "## auto's race", "",
              f"The probe's thresholds ordered the candidates ({_order_note(state)}: {state['rule']}). Each "
-             f"trained {state['rung_epochs']} epoch(s) of its own plan; the winner continued from its checkpoint.", "",
+             f"trained {state['rung_epochs']:g} epoch(s) of its own plan; the winner continued from its checkpoint.", "",
              "| candidate | val acc per epoch | at the rung | outcome |", "|---|---|---:|---|"]
     for name, res in state["rungs"].items():
         outcome = "won" if name == state["winner"] else state["stopped"].get(name, "")

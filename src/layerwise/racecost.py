@@ -25,7 +25,10 @@ class Candidate:
 # that picked the epoch: development figures, inside one val set's 1.5-2.3-point standard error).
 # The threshold rule, fitted on the other seven datasets each time, trailed the best of all nine
 # fixed variants (a wider field than these three) by 1.3.
-RUNG_EPOCHS = 1
+RUNG_EPOCHS = 1.0
+# The rung lengths a race may take, in epochs, longest first: it takes the longest whose race of
+# two fits --race-cost (a shorter rung lets a race fit where a one-epoch rung does not).
+RUNGS: tuple[float, ...] = (RUNG_EPOCHS,)
 # Training images for a rung's BatchNorm statistics, for a candidate on batch statistics (race.py):
 # mid-schedule, at a high LR, its running statistics lag its weights. On the digits' held-out
 # split (112 px, seed 0) full's rung scored 0.528 on val with its running statistics and 0.933 /
@@ -60,13 +63,14 @@ def _epoch(n_train: int, n_val: int, costs: Costs) -> float:
     return n_train + costs.forward * n_val
 
 
-def rung_cost(n_train: int, n_val: int, costs: Costs = COSTS, *, first: bool = False, norm: bool = False) -> float:
-    """A candidate's rung in epochs of one run: an epoch of training (lp-ft's too: it starts
+def rung_cost(n_train: int, n_val: int, costs: Costs = COSTS, *, rung: float = RUNG_EPOCHS, first: bool = False,
+              norm: bool = False) -> float:
+    """A candidate's rung in epochs of one run: ``rung`` epochs of training (lp-ft's too: it starts
     from the probe's head, race.candidate_config), two val passes (lp-ft's probe row and the
     rung's own: priced alike for every candidate, so whether a race happens never depends on
     the favourite), after the first candidate its set-up, and with ``norm`` a BatchNorm
     re-estimation before its score."""
-    steps = (RUNG_EPOCHS * n_train + 2 * costs.forward * n_val + (0 if first else costs.setup)
+    steps = (rung * n_train + 2 * costs.forward * n_val + (0 if first else costs.setup)
              + (costs.forward * min(n_train, RUNG_NORM_IMAGES) if norm else 0))
     return steps / _epoch(n_train, n_val, costs)
 
@@ -99,53 +103,63 @@ def overhead(n_train: int, n_val: int, costs: Costs = COSTS, *, probe: bool, wis
 
 
 def affordable(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *,
-               probe: bool, wise: bool, soup: bool, limit: float) -> list[Candidate]:
+               probe: bool, wise: bool, soup: bool, limit: float, rung: float = RUNG_EPOCHS) -> list[Candidate]:
     """The candidates raced within ``limit`` runs (--race-cost): the favourite, then each next one whose
     rung still fits ([] when fewer than two do). The whole race costs the overhead, every
-    rung, and the winner's epochs after its rung (``epochs - RUNG_EPOCHS`` of training whoever
+    rung, and the winner's epochs after its rung (``epochs - rung`` of training whoever
     wins)."""
     raced = list(order[:1])
     for c in order[1:]:
-        if estimate([*raced, c], epochs, n_train, n_val, costs, probe=probe, wise=wise, soup=soup, order=order) <= limit:
+        if estimate([*raced, c], epochs, n_train, n_val, costs, probe=probe, wise=wise, soup=soup, order=order,
+                    rung=rung) <= limit:
             raced.append(c)
     return raced if len(raced) > 1 else []
 
 
 def estimate(raced: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *,
-             probe: bool, wise: bool, soup: bool, order: Sequence[Candidate] | None = None) -> float:
+             probe: bool, wise: bool, soup: bool, order: Sequence[Candidate] | None = None,
+             rung: float = RUNG_EPOCHS) -> float:
     """What auto's whole run costs with ``raced``, the first candidates of ``order`` (default:
     ``raced`` itself), in runs of one fixed strategy (what ``--race-cost`` bounds): the overhead,
-    every rung (:func:`norm_rungs` of them with a BatchNorm re-estimation), the winner's
-    remaining epochs."""
+    every rung of ``rung`` epochs (:func:`norm_rungs` of them with a BatchNorm re-estimation),
+    the winner's remaining epochs."""
     norms = norm_rungs(raced if order is None else order, len(raced))
-    rungs = sum(rung_cost(n_train, n_val, costs, first=i == 0, norm=i < norms) for i in range(len(raced)))
+    rungs = sum(rung_cost(n_train, n_val, costs, rung=rung, first=i == 0, norm=i < norms) for i in range(len(raced)))
     losers = len(raced) - 1 if soup else 0
-    return (overhead(n_train, n_val, costs, probe=probe, wise=wise, soup_losers=losers) + rungs + epochs - RUNG_EPOCHS) / epochs
+    return (overhead(n_train, n_val, costs, probe=probe, wise=wise, soup_losers=losers) + rungs + epochs - rung) / epochs
 
 
 @dataclass(frozen=True)
 class RacePlan:
-    """What auto's run does within ``--race-cost``: the candidates raced ([]: no race), then
-    which averaging runs after the race, and what the whole costs in runs of one strategy."""
+    """What auto's run does within ``--race-cost``: the candidates raced ([]: no race) and for
+    how many epochs each (its rung), then which averaging runs after the race, and what the
+    whole costs in runs of one strategy."""
 
     raced: list[Candidate]
+    rung: float
     wise: bool
     soup: bool
     cost: float
 
 
 def plan(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *, probe: bool,
-         wise: bool, soup: bool, limit: float) -> RacePlan:
+         wise: bool, soup: bool, limit: float, rungs: Sequence[float] = RUNGS) -> RacePlan:
     """The race first, then WiSE-FT, then the soup, each only if it still fits: the race changed
     auto's answer on the held-out suite (cifar10-mini, seed 0), while neither averaging kept
     anything but the winner in any race there (gtsrb, pbc-blood, cifar10-mini, caltech101), so
     the budget goes to measuring before mixing. Whether a race happens never depends on the
-    averaging or on the favourite, so it is known before the probe."""
-    raced = affordable(order, epochs, n_train, n_val, costs, probe=probe, wise=False, soup=False, limit=limit)
+    averaging or on the favourite, so it is known before the probe. The rung is the longest of
+    ``rungs`` that affords a race."""
+    raced: list[Candidate] = []
+    for rung in rungs:
+        raced = affordable(order, epochs, n_train, n_val, costs, probe=probe, wise=False, soup=False, limit=limit,
+                           rung=rung)
+        if raced:
+            break
 
     def price(w: bool, s: bool) -> float:
-        return estimate(raced, epochs, n_train, n_val, costs, probe=probe, wise=w, soup=s, order=order)
+        return estimate(raced, epochs, n_train, n_val, costs, probe=probe, wise=w, soup=s, order=order, rung=rung)
 
     fits_wise = bool(raced) and wise and price(True, False) <= limit
     fits_soup = bool(raced) and soup and price(fits_wise, True) <= limit
-    return RacePlan(raced, fits_wise, fits_soup, price(fits_wise, fits_soup) if raced else 0.0)
+    return RacePlan(raced, rung, fits_wise, fits_soup, price(fits_wise, fits_soup) if raced else 0.0)

@@ -68,6 +68,11 @@ class Interrupted(Exception):
     """Training stopped on a signal; ``last/`` holds the last completed epoch."""
 
 
+class Paused(Exception):
+    """Training reached the step it was asked to pause at, mid-epoch (auto's race, a rung
+    shorter than an epoch); ``last/`` holds it, and a resume continues it exactly."""
+
+
 # --nan skip stops after this many non-finite batches in a row: the weights are gone by then.
 MAX_SKIPPED_IN_A_ROW = 10
 
@@ -218,8 +223,10 @@ class Trainer:
         return self.features
 
     def train_epoch(self, epoch: int, stop: StopRequested, batches: Iterator | None = None,
-                    progress: EpochProgress | None = None, forward: nn.Module | None = None) -> dict[str, float]:
-        """Train one epoch; ``progress`` resumes it after its first ``progress.batches``."""
+                    progress: EpochProgress | None = None, forward: nn.Module | None = None,
+                    pause_at: int | None = None) -> dict[str, float]:
+        """Train one epoch; ``progress`` resumes it after its first ``progress.batches``;
+        ``pause_at``: checkpoint after that many batches and raise :class:`Paused`."""
         self.kit.model.train()
         p = progress or EpochProgress(epoch, start_step=self.state.step)
         done = p.batches
@@ -233,11 +240,13 @@ class Trainer:
             p.batches = i + 1
             if hasattr(bar, "set_postfix") and p.total:
                 bar.set_postfix(loss=f"{p.loss_sum / p.total:.4f}", acc=f"{p.correct / p.total:.3f}")
-            if stop.flag or self.checkpoint_due():  # between steps: a consistent state to resume from
+            if stop.flag or self.checkpoint_due() or p.batches == pause_at:  # between steps: a consistent state
                 p.rng = get_rng()
                 self.save_last(epoch - 1, p)
                 if stop.flag:
                     raise Interrupted
+                if p.batches == pause_at:
+                    raise Paused
         if self.kit.dist.is_main:
             self.run.append_steps(p.rows)
         total, correct, loss_sum = all_sum([p.total, p.correct, p.loss_sum], self.kit.dist)
