@@ -139,14 +139,19 @@ def main() -> None:
     p.add_argument("--datasets", default="", help="comma-separated subset (default: all with complete fixed runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--img-size", type=int, default=112)
+    p.add_argument("--schedules", default=",".join(SCHEDULES), help=f"comma-separated subset of {', '.join(SCHEDULES)}")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    wanted = args.schedules.split(",")
+    unknown = [s for s in wanted if s not in SCHEDULES]
+    if unknown:
+        p.error(f"unknown schedule {unknown[0]!r}; choose from {', '.join(SCHEDULES)}")
     suite = json.loads((RESULTS / "suite-test.json").read_text())
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
     if not args.report_only:
         for name, data in datasets().items():
             key = f"{name}|{args.img_size}|{args.seed}"
-            todo = [s for s in SCHEDULES if s not in results.get(key, {}).get("rungs", {})]
+            todo = [s for s in wanted if s not in results.get(key, {}).get("rungs", {})]
             if (args.datasets and name not in args.datasets.split(",")) or not todo:
                 continue
             if finals(suite, name, args.seed, args.img_size) is None:

@@ -127,7 +127,7 @@ def test_a_mix_is_scored_on_test_with_the_runs_tta_views(data, tmp_path, monkeyp
                  "--no-channels-last", "--out", str(winner)]) == 0
     run.mkdir()
 
-    def nudged(model, winner_acc, losers, val_acc, norm):  # a soup that moved the weights
+    def nudged(model, winner_acc, losers, val_acc, norm, **kw):  # a soup that moved the weights
         with torch.no_grad():
             next(model.parameters()).mul_(0.5)
         return {"members": ["winner", "other"], "val_acc": val_acc()}

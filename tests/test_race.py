@@ -148,16 +148,19 @@ def test_a_rung_shorter_than_an_epoch_pauses_mid_epoch_and_the_winner_runs_on_ex
     """Where one epoch's rungs do not fit, a race of half-epoch rungs does: each candidate pauses
     after half of epoch 0's batches (2 of 3), is scored with the weights it paused with (after
     re-estimating BatchNorm on batch statistics), and the winner continues from mid-epoch to the
-    end a run straight through reaches; the losers stay paused there."""
+    end a run straight through reaches; the losers stay paused there, and the soup tries each
+    loser with those same weights."""
     from layerwise.checkpoint import load_state
     from layerwise.data import check_images, load_splits
     from layerwise.inference import validated_scorer
 
     monkeypatch.setattr(race, "RUNGS", (0.5,))
     run = tmp_path / "run"
-    assert _race(data, run, "--probe-skill", "0.5") == 0  # discriminative --bn eval first, then full
+    # discriminative --bn eval first, then full; the soup after, WiSE-FT left out (its own tests)
+    assert main(["fit", str(data), *TINY, "--strategy", "auto", "--epochs", "3", "--no-wise", "--probe-skill", "0.5",
+                 "--race-cost", "2", "--out", str(run)]) == 0
     state = json.loads((run / "race.json").read_text())
-    assert state["rung_epochs"] == 0.5 and state["cost"]["estimate"] <= 1.5
+    assert state["rung_epochs"] == 0.5 and state["cost"]["estimate"] <= 2 and state["averaging"]["soup"]
     val = check_images(load_splits(str(data)).val)[0]
     for name in state["rungs"]:
         folder = run / "race" / name
@@ -169,9 +172,14 @@ def test_a_rung_shorter_than_an_epoch_pauses_mid_epoch_and_the_winner_runs_on_ex
             rung = state["rungs"][name]
             assert (rung.get("running_stats_val_acc", rung["val_acc"])) == paused  # the paused weights, scored
     assert "norm_images" in state["rungs"]["full"]
+    soup = json.loads((run / "soup.json").read_text())  # without a probe every racer starts from the same head
+    shared = {k: v["val_acc"] for k, v in state["rungs"].items() if k != state["winner"]}
+    assert soup["rung_val_acc"] == shared and [t["ingredient"] for t in soup["tried"]][1:] == list(shared)
     winner = run / "race" / state["winner"]
     straight = tmp_path / "straight"
     engine.fit(dataclasses.replace(config_from(load_yaml(winner / "config.yaml")), out=str(straight)))
+    if not state["soup"]["members"][1:]:  # the run is the winner as trained unless the soup kept a loser
+        assert (run / "best.safetensors").read_bytes() == (winner / "best.safetensors").read_bytes()
     a, b = load_file(winner / "best.safetensors"), load_file(straight / "best.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_jsonl(winner / "steps.jsonl") == read_jsonl(straight / "steps.jsonl")

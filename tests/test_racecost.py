@@ -90,7 +90,11 @@ def test_the_plan_keeps_its_bound_and_races_whatever_the_averaging_and_the_favou
                for w in (False, True) for s in (False, True))
     if p.raced:
         assert p.cost == pytest.approx(racecost.estimate(p.raced, epochs, n_train, n_val, racecost.COSTS, probe=probe,
-                                                         wise=p.wise, soup=p.soup, order=race.ordered(fav)))
+                                                         wise=p.wise, soup=p.soup, order=race.ordered(fav),
+                                                         rung=p.rung))
+        assert p.rung == max(r for r in racecost.RUNGS if racecost.affordable(
+            race.ordered(fav), epochs, n_train, n_val, racecost.COSTS, probe=probe, wise=False, soup=False, limit=limit,
+            rung=r))  # the longest rung that races
     assert racecost.overhead(1000, 250, racecost.COSTS, probe=False, wise=False) == 0.0
 
 
@@ -115,11 +119,15 @@ def test_the_sizes_that_afford_no_race_are_the_docs():
             bands.append((start, n - 1))
             start = None
     wide = [b for b in bands if b[1] - b[0] >= 10]  # the docs name these; "a few sizes beside them" the rest
-    assert wide == [(160, 255), (384, 511), (960, 1023), (1920, 3040)]
+    assert wide == [(192, 255), (480, 511), (960, 1023)]
     assert sum(b[1] - b[0] + 1 for b in bands if b not in wide) <= 10
     assert all(races(n) for n in range(3200, 100_001, 997))
     docs = " ".join((Path(__file__).resolve().parents[1] / "docs/strategies.md").read_text().split())
-    assert "except at 160–255, 384–511, 960–1,023 and 1,920–3,040 training images" in docs
+    assert "except at 192–255, 480–511 and 960–1,023 training images" in docs
+    # with rungs of an epoch only, as before half-epoch rungs
+    assert not any(racecost.plan(order, auto_epochs(n, auto_batch(n)), n, n // 4, racecost.COSTS, probe=True,
+                                 wise=False, soup=False, limit=1.5, rungs=(1.0,)).raced for n in (160, 384, 1920, 3040))
+    assert "An epoch's rungs left 160–255, 384–511, 960–1,023 and 1,920–3,040 without a race" in docs
 
 
 def test_the_race_takes_the_longest_rung_that_affords_one():

@@ -61,10 +61,13 @@ def test_strategies_md_quotes_the_committed_results():
     suite = json.loads((ROOT / "bench/results/suite-test.json").read_text())
     out = summary(results, suite)
     docs = " ".join((ROOT / "docs/strategies.md").read_text().split())
-    (h0, n, m0, _), (h1, _, m1, _), (h2, _, m2, w2) = (out[s] for s in ("own", "restart", "constant"))
-    names = ", ".join(sorted(r["dataset"] for r in results.values())[:-1]) + " and " + sorted(
-        r["dataset"] for r in results.values())[-1]
+    (h0, n, m0, _), (h1, n1, m1, _), (h2, n2, m2, w2), (h3, n3, m3, w3) = (
+        out[s] for s in ("own", "restart", "constant", "half"))
+    datasets = sorted({r["dataset"] for r in results.values()})
+    names = ", ".join(datasets[:-1]) + " and " + datasets[-1]
     assert f"the held-out splits of {names};" in docs
     assert (f"The race's own schedule's rung leader ended best on {h0} of {n} (regret {m0:.1f} points on average), "
-            f"the restarted cosine's on {h1} of {n} ({m1:.1f}), the constant LR's on {h2} of {n} ({m2:.1f} on "
+            f"the restarted cosine's on {h1} of {n1} ({m1:.1f}), the constant LR's on {h2} of {n2} ({m2:.1f} on "
             f"average, {w2:.1f} at most)") in docs
+    assert (f"Half an epoch of the race's own schedule (the rung where an epoch's does not fit, scored with the "
+            f"weights it paused with) ended best on {h3} of {n3} ({m3:.1f} on average, {w3:.1f} at most)") in docs

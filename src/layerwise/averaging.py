@@ -29,7 +29,7 @@ from layerwise.data import ImageDataset, Splits, check_images, spread
 from layerwise.evaluation import score_test
 from layerwise.freeze import recalibrate_norms
 from layerwise.groups import head_module
-from layerwise.inference import Scorer, run_views, validated_scorer
+from layerwise.inference import Scorer, paused_weights, run_views, validated_scorer
 from layerwise.progress import say
 from layerwise.racecost import WISE_NORM_IMAGES
 from layerwise.soup import greedy_soup
@@ -56,8 +56,9 @@ class NormBatches:
 
 
 def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float], val: Sequence[tuple],
-           splits: Splits) -> dict:
-    """The soup of the winner and ``losers`` (their run folders and rung val accuracies), then
+           splits: Splits, *, paused: bool = False) -> dict:
+    """The soup of the winner and ``losers`` (their run folders and rung val accuracies; with
+    ``paused``, their weights where they paused mid-epoch, else their best), then
     WiSE-FT, as ``cfg.soup`` and ``cfg.wise`` ask. Writes soup.json, wise.json, report.md
     sections and, when the result beats the winner on val, best.safetensors and test.json.
     Returns race.json's record of both."""
@@ -74,7 +75,7 @@ def finish(cfg: RunConfig, run: Path, winner: Path, losers: Mapping[Path, float]
         return score_test(lambda v: score(test()[0], views=v), *test(), views)
 
     if cfg.soup and losers:
-        out["soup"] = _soup(model, winner_acc, losers, lambda: score(val).acc, norm)
+        out["soup"] = _soup(model, winner_acc, losers, lambda: score(val).acc, norm, paused=paused)
         acc = out["soup"]["val_acc"]
         kept["soup_members"] = out["soup"]["members"]
         soup = dict(out["soup"])
@@ -156,14 +157,17 @@ def probe_guard(cfg: RunConfig, run: Path, val: Sequence[tuple], splits: Splits)
 
 
 def _soup(model: nn.Module, winner_acc: float, losers: Mapping[Path, float], val_acc: Callable[[], float],
-          norm: Callable[[], list[torch.Tensor]]) -> dict:
+          norm: Callable[[], list[torch.Tensor]], *, paused: bool = False) -> dict:
     """A greedy soup in ``model`` (which holds the winner): the winner first, whatever its val
-    accuracy against the losers' rungs (it trained longest), then the losers best first."""
+    accuracy against the losers' rungs (it trained longest), then the losers best first (with
+    ``paused``, each with the weights it paused with mid-epoch: the ones its rung was scored on)."""
     from safetensors.torch import load_file
 
     names = ["winner", *(p.name for p in losers)]
+    device = next(model.parameters()).device
     states: list[State] = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
-    states += [load_file(rundir.RunDir(p).best, device=str(next(model.parameters()).device)) for p in losers]
+    states += [{k: v.to(device) for k, v in paused_weights(p).items()} if paused
+               else load_file(rundir.RunDir(p).best, device=str(device)) for p in losers]
     if any(s.keys() != states[0].keys() for s in states[1:]):
         return {"skipped": "the racers' models differ in their tensors", "members": ["winner"], "val_acc": winner_acc}
     recal = any(norm_stats_differ(model, states[0], s) for s in states[1:])

@@ -61,7 +61,7 @@ def load_run(run: str | Path, *, paused: bool = False) -> RunModel:
                  head=info["head"], hidden=info["hidden"])
     if paused:  # our own checkpoint, loaded weights-only
         loaded = create_model(**build)
-        loaded.model.load_state_dict(checkpoint_weights(load_state(wpath)))
+        loaded.model.load_state_dict(paused_weights(run))
     else:
         _check_shapes(wpath, build)
         loaded = create_model(**build)
@@ -70,9 +70,10 @@ def load_run(run: str | Path, *, paused: bool = False) -> RunModel:
     return RunModel(loaded.model, info["classes"], tuple(info["mean"]), tuple(info["std"]), info["img_size"])
 
 
-def checkpoint_weights(state: dict) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint's run evaluates with: its EMA's (AveragedModel keeps them under
-    ``module.``) when it keeps one, else the model's."""
+def paused_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The weights RUN's checkpoint evaluates with, where it paused: its EMA's (AveragedModel
+    keeps them under ``module.``) when it keeps one, else the model's."""
+    state = load_state(rundir.RunDir(run).state)
     ema = state.get("ema")
     if ema is not None:
         return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}

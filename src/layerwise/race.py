@@ -162,7 +162,8 @@ def _race(cfg: RunConfig, run: Path, *, resume: bool, overwrite: bool) -> Path:
     averaging = state.get("averaging", {"wise": cfg.wise, "soup": cfg.soup})  # what the race's budget left room for
     if (averaging["soup"] or averaging["wise"]) and "averaged" not in state:
         state |= finish(dataclasses.replace(cfg, **averaging), run, Path(runs[state["winner"]].out),
-                        soup_losers(runs, state["rungs"], state["winner"]), val, splits) | {"averaged": True}
+                        soup_losers(runs, state["rungs"], state["winner"]), val, splits,
+                        paused=mid_epoch(state["rung_epochs"])) | {"averaged": True}
     # never below the probe on val, as without a race; WiSE-FT, when it ran, already was (its
     # alpha 0 is the probe model, scored exactly), so the guard would only score it again
     wise_ran = "wise" in state and "skipped" not in state["wise"]

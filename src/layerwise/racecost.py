@@ -27,8 +27,15 @@ class Candidate:
 # fixed variants (a wider field than these three) by 1.3.
 RUNG_EPOCHS = 1.0
 # The rung lengths a race may take, in epochs, longest first: it takes the longest whose race of
-# two fits --race-cost (a shorter rung lets a race fit where a one-epoch rung does not).
-RUNGS: tuple[float, ...] = (RUNG_EPOCHS,)
+# two fits --race-cost. Half an epoch races where the probe (about an epoch) leaves no room for
+# an epoch's rungs: at the default bound, most sizes of 1,920-3,040 training images and of
+# 160-255 and 384-511 (tests/test_racecost.py). Set on the held-out splits of caltech101,
+# cifar10-mini, digits, dtd, flowers17, gtsrb and pbc-blood (Lite0, 112 px, seed 0;
+# bench/results/rung-schedule.md): the leader of the three after half an epoch of its own
+# schedule, scored as the race scores it, ended best as often as after a whole epoch (5 of 7,
+# regret 0.8 points on average, 3.2 at most), the same candidate on six, a tie at the end on
+# the seventh. Shorter rungs were not measured.
+RUNGS: tuple[float, ...] = (RUNG_EPOCHS, 0.5)
 # Training images for a rung's BatchNorm statistics, for a candidate on batch statistics (race.py):
 # mid-schedule, at a high LR, its running statistics lag its weights. On the digits' held-out
 # split (112 px, seed 0) full's rung scored 0.528 on val with its running statistics and 0.933 /
