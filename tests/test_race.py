@@ -180,6 +180,9 @@ def test_a_rung_shorter_than_an_epoch_pauses_mid_epoch_and_the_winner_runs_on_ex
     engine.fit(dataclasses.replace(config_from(load_yaml(winner / "config.yaml")), out=str(straight)))
     if not state["soup"]["members"][1:]:  # the run is the winner as trained unless the soup kept a loser
         assert (run / "best.safetensors").read_bytes() == (winner / "best.safetensors").read_bytes()
+    loser = next(run / "race" / k for k in state["rungs"] if k != state["winner"])
+    assert main(["fit", "--resume", str(loser)]) == 0  # a paused loser finishes as the plain run it is
+    assert [r["epoch"] for r in read_jsonl(loser / "metrics.jsonl") if r["epoch"] >= 0] == [0, 1, 2]
     a, b = load_file(winner / "best.safetensors"), load_file(straight / "best.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_jsonl(winner / "steps.jsonl") == read_jsonl(straight / "steps.jsonl")
