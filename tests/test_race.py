@@ -172,6 +172,7 @@ def test_a_rung_shorter_than_an_epoch_pauses_mid_epoch_and_the_winner_runs_on_ex
             rung = state["rungs"][name]
             assert (rung.get("running_stats_val_acc", rung["val_acc"])) == paused  # the paused weights, scored
     assert "norm_images" in state["rungs"]["full"]
+    assert "| none: paused mid-epoch |" in (run / "report.md").read_text()  # no epoch row to show
     soup = json.loads((run / "soup.json").read_text())  # without a probe every racer starts from the same head
     shared = {k: v["val_acc"] for k, v in state["rungs"].items() if k != state["winner"]}
     assert soup["rung_val_acc"] == shared and [t["ingredient"] for t in soup["tried"]][1:] == list(shared)

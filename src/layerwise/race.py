@@ -362,6 +362,7 @@ def race_section(state: dict) -> str:
              "| candidate | val acc per epoch | at the rung | outcome |", "|---|---|---:|---|"]
     for name, res in state["rungs"].items():
         outcome = "won" if name == state["winner"] else state["stopped"].get(name, "")
-        lines.append(f"| {name} | {' / '.join(f'{a:.4f}' for a in res['curve'])} | {res['val_acc']:.4f}"
+        curve = " / ".join(f"{a:.4f}" for a in res["curve"]) or "none: paused mid-epoch"
+        lines.append(f"| {name} | {curve} | {res['val_acc']:.4f}"
                      f"{_norm_note(res)} | {outcome} |")
     return "\n".join([*lines, "", f"Verdict: {state['reason']}.", ""])
