@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+from collections.abc import Collection
 from pathlib import Path
 
 from competitor import save_json  # bench/ is on the path: these run as scripts
@@ -102,10 +103,10 @@ def outcomes(results: dict, suite: dict) -> list[tuple[str, int, dict[str, float
     return out
 
 
-def summary(results: dict, suite: dict) -> dict[str, tuple[int, int, float, float]]:
+def summary(results: dict, suite: dict, seeds: Collection[int] | None = None) -> dict[str, tuple[int, int, float, float]]:
     """schedule -> (times its rung leader ended best, datasets, mean and max regret in points),
-    over the datasets where the schedule ran."""
-    rows = outcomes(results, suite)
+    over the datasets where the schedule ran (at ``seeds``, default all)."""
+    rows = [r for r in outcomes(results, suite) if seeds is None or r[1] in seeds]
     out = {}
     for s in SCHEDULES:
         regrets = [regret(final, accs[s]) for _, _, final, accs in rows if s in accs]
@@ -128,9 +129,14 @@ def report(results: dict, suite: dict) -> str:
              "the rung leader's final, in points.", "",
              "| dataset | seed | final test | " + " | ".join(f"rung: {s}" for s in SCHEDULES) + " |",
              "|---|---:|---|" + "---|" * len(SCHEDULES), *rows, ""]
-    for s, (hits, n, mean, worst) in summary(results, suite).items():
-        if n:
-            lines.append(f"- `{s}`: the leader ended best on {hits} of {n}; regret mean {mean:.1f}, max {worst:.1f} points")
+    for seed in sorted({r[1] for r in outcomes(results, suite)}):
+        lines.append(f"Seed {seed}:")
+        lines.append("")
+        for s, (hits, n, mean, worst) in summary(results, suite, {seed}).items():
+            if n:
+                lines.append(f"- `{s}`: the leader ended best on {hits} of {n}; regret mean {mean:.1f}, max {worst:.1f} "
+                             "points")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from rung_schedule import FINAL, SCHEDULES, leader, summary  # noqa: E402
+from rung_schedule import FINAL, SCHEDULES, leader, outcomes, summary  # noqa: E402
 
 
 def _suite(name: str, finals: dict[str, float]) -> dict:
@@ -57,17 +57,23 @@ def test_a_dataset_without_its_fixed_runs_is_not_scored():
 
 
 def test_strategies_md_quotes_the_committed_results():
+    """Seed 0 compares all four schedules; the race's own and half an epoch also ran at seed 1."""
     results = json.loads((ROOT / "bench/results/rung-schedule.json").read_text())
     suite = json.loads((ROOT / "bench/results/suite-test.json").read_text())
-    out = summary(results, suite)
+    first, both = summary(results, suite, {0}), summary(results, suite)
     docs = " ".join((ROOT / "docs/strategies.md").read_text().split())
-    (h0, n, m0, _), (h1, n1, m1, _), (h2, n2, m2, w2), (h3, n3, m3, w3) = (
-        out[s] for s in ("own", "restart", "constant", "half"))
+    (h0, n, m0, _), (h1, n1, m1, _), (h2, n2, m2, w2) = (first[s] for s in ("own", "restart", "constant"))
     datasets = sorted({r["dataset"] for r in results.values()})
     names = ", ".join(datasets[:-1]) + " and " + datasets[-1]
     assert f"the held-out splits of {names};" in docs
     assert (f"The race's own schedule's rung leader ended best on {h0} of {n} (regret {m0:.1f} points on average), "
             f"the restarted cosine's on {h1} of {n1} ({m1:.1f}), the constant LR's on {h2} of {n2} ({m2:.1f} on "
             f"average, {w2:.1f} at most)") in docs
+    (ho, no, mo, wo), (hh, nh, mh, wh) = both["own"], both["half"]
     assert (f"Half an epoch of the race's own schedule (the rung where an epoch's does not fit, scored with the "
-            f"weights it paused with) ended best on {h3} of {n3} ({m3:.1f} on average, {w3:.1f} at most)") in docs
+            f"weights it paused with) ended best on {hh} of {nh} ({mh:.1f} on average, {wh:.1f} at most) over "
+            f"seeds 0 and 1, against {ho} of {no} ({mo:.1f}, {wo:.1f}) for a whole epoch's") in docs
+    assert {r["seed"] for r in results.values()} == {0, 1}
+    rows = [accs for *_, accs in outcomes(results, suite) if "half" in accs]
+    same = sum(leader(a["own"]) == leader(a["half"]) for a in rows)
+    assert f"the same leader on {same} of the {len(rows)}," in docs

@@ -30,11 +30,11 @@ RUNG_EPOCHS = 1.0
 # two fits --race-cost. Half an epoch races where the probe (about an epoch) leaves no room for
 # an epoch's rungs: at the default bound, most sizes of 1,920-3,040 training images and of
 # 160-255 and 384-511 (tests/test_racecost.py). Set on the held-out splits of caltech101,
-# cifar10-mini, digits, dtd, flowers17, gtsrb and pbc-blood (Lite0, 112 px, seed 0;
+# cifar10-mini, digits, dtd, flowers17, gtsrb and pbc-blood (Lite0, 112 px, seeds 0 and 1;
 # bench/results/rung-schedule.md): the leader of the three after half an epoch of its own
-# schedule, scored as the race scores it, ended best as often as after a whole epoch (5 of 7,
-# regret 0.8 points on average, 3.2 at most), the same candidate on six, a tie at the end on
-# the seventh. Shorter rungs were not measured.
+# schedule, scored as the race scores it, ended best as often as after a whole epoch (7 of 14,
+# regret 1.4 points on average, 4.4 at most, both), the same candidate on 13, a tie at the end
+# on the fourteenth. Shorter rungs were not measured.
 RUNGS: tuple[float, ...] = (RUNG_EPOCHS, 0.5)
 # Training images for a rung's BatchNorm statistics, for a candidate on batch statistics (race.py):
 # mid-schedule, at a high LR, its running statistics lag its weights. On the digits' held-out
