@@ -12,6 +12,8 @@ same run configs the race builds, lp-ft from the probe's head) for one rung unde
 - ``constant``: a constant LR (``--scheduler constant``), the decay left for the winner;
 - ``half``: the first half of epoch 1 of the candidate's own schedule (a rung shorter than an
   epoch, paused mid-epoch and scored with the weights it paused with: racecost.RUNGS).
+- ``quarter``: the first quarter of epoch 1, alike (not a rung the race takes: measured to see
+  whether it could be).
 
 Each rung is scored as the race scores it (race.rung_result: val, BatchNorm statistics
 re-estimated for candidates on batch statistics). The yardstick is the final *test* accuracy of
@@ -35,7 +37,7 @@ from suite import RESULTS, ROOT, budget, datasets, held_out
 # schedule -> (config overrides, rung in epochs)
 SCHEDULES: dict[str, tuple[dict, float]] = {
     "own": ({}, 1.0), "restart": ({"scheduler": "cosine-restarts", "t0": 1, "t_mult": 1}, 1.0),
-    "constant": ({"scheduler": "constant"}, 1.0), "half": ({}, 0.5)}
+    "constant": ({"scheduler": "constant"}, 1.0), "half": ({}, 0.5), "quarter": ({}, 0.25)}
 # race candidate -> its complete fixed run's variant in suite-test.json
 FINAL = {"discriminative-bn-eval": "discriminative+bn-eval", "full": "full", "lp-ft-bn-eval": "lp-ft+bn-eval"}
 OUT = RESULTS / "rung-schedule.json"

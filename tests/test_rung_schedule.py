@@ -74,6 +74,9 @@ def test_strategies_md_quotes_the_committed_results():
             f"weights it paused with) ended best on {hh} of {nh} ({mh:.1f} on average, {wh:.1f} at most) over "
             f"seeds 0 and 1, against {ho} of {no} ({mo:.1f}, {wo:.1f}) for a whole epoch's") in docs
     assert {r["seed"] for r in results.values()} == {0, 1}
+    hq, nq, mq, wq = first["quarter"]
+    assert f"A quarter of an epoch, measured to see whether the race could go shorter still, ended best on {hq} of " \
+           f"{nq} at seed 0 ({mq:.1f} on average, {wq:.1f} at most)" in docs
     rows = [accs for *_, accs in outcomes(results, suite) if "half" in accs]
     same = sum(leader(a["own"]) == leader(a["half"]) for a in rows)
     assert f"the same leader on {same} of the {len(rows)}," in docs
