@@ -71,10 +71,10 @@ def test_resume_equals_uninterrupted_run(data, tmp_path, monkeypatch):
     assert _fit(*common, "--out", str(a)) == 0
     real = engine.Trainer.train_epoch
 
-    def interrupted_in_epoch_2(self, epoch, stop, batches=None, progress=None):
+    def interrupted_in_epoch_2(self, epoch, stop, batches=None, progress=None, **kw):
         if epoch == 2:
             stop.flag = True  # as if SIGINT arrived during epoch 2: it stops after one step
-        return real(self, epoch, stop, batches, progress)
+        return real(self, epoch, stop, batches, progress, **kw)
 
     monkeypatch.setattr(engine.Trainer, "train_epoch", interrupted_in_epoch_2)
     assert _fit(*common, "--out", str(b)) == 130
