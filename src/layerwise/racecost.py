@@ -123,17 +123,27 @@ def affordable(order: Sequence[Candidate], epochs: int, n_train: int, n_val: int
     return raced if len(raced) > 1 else []
 
 
+def final_eval(n_train: int, n_val: int, costs: Costs = COSTS) -> float:
+    """The val pass that ends every run, a fixed strategy's and auto's winner's alike (its best
+    weights scored once more: loop.run_epochs), in epochs of one run."""
+    return costs.forward * n_val / _epoch(n_train, n_val, costs)
+
+
 def estimate(raced: Sequence[Candidate], epochs: int, n_train: int, n_val: int, costs: Costs = COSTS, *,
              probe: bool, wise: bool, soup: bool, order: Sequence[Candidate] | None = None,
              rung: float = RUNG_EPOCHS) -> float:
     """What auto's whole run costs with ``raced``, the first candidates of ``order`` (default:
     ``raced`` itself), in runs of one fixed strategy (what ``--race-cost`` bounds): the overhead,
     every rung of ``rung`` epochs (:func:`norm_rungs` of them with a BatchNorm re-estimation),
-    the winner's remaining epochs."""
+    the winner's remaining epochs. Both sides end with :func:`final_eval`; the rest of what
+    both pay once (start-up, data checks, the test split's pass, the report) is left out of
+    both, which only overstates the ratio."""
     norms = norm_rungs(raced if order is None else order, len(raced))
     rungs = sum(rung_cost(n_train, n_val, costs, rung=rung, first=i == 0, norm=i < norms) for i in range(len(raced)))
     losers = len(raced) - 1 if soup else 0
-    return (overhead(n_train, n_val, costs, probe=probe, wise=wise, soup_losers=losers) + rungs + epochs - rung) / epochs
+    end = final_eval(n_train, n_val, costs)
+    return ((overhead(n_train, n_val, costs, probe=probe, wise=wise, soup_losers=losers) + rungs + epochs - rung + end)
+            / (epochs + end))
 
 
 @dataclass(frozen=True)
