@@ -4,7 +4,7 @@ suite's held-out splits, with their wall time and speed, and how the backbone ru
     .venv/bin/python bench/backbone_table.py            # print the table
     .venv/bin/python bench/backbone_table.py --readme   # and rewrite README.md's block
 
-Reads bench/results/suite-test.json (Lite0, the ``auto`` variant), suite-test-MODEL.json for
+Reads suite-test-efficientnet_lite0.json (Lite0's ``auto``; suite-test.json's without it), suite-test-MODEL.json for
 the other backbones and for ``--model auto`` (bench/suite.py --model MODEL --variants auto), and
 backbone-speed.json (bench/backbone_speed.py). Pure functions over those records, so they are
 tested on made-up ones.
@@ -30,10 +30,15 @@ README_END = "<!-- end of the backbone table -->"
 
 
 def load(results: Path) -> dict[str, list[dict]]:
-    """model -> its ``auto`` records at 112 px (Lite0's from suite-test.json)."""
+    """model -> its ``auto`` records at 112 px. Lite0's come from suite-test-efficientnet_lite0.json
+    where it exists: its auto runs at the commit the other backbones' ran at (before 8b06073
+    let the 960-1,023-image band race), so that every backbone's auto is the same code; else
+    from suite-test.json."""
     out = {}
     for model in (*BACKBONES, "auto"):
-        path = results / ("suite-test.json" if model == BACKBONES[0] else f"suite-test-{model}.json")
+        path = results / f"suite-test-{model}.json"
+        if model == BACKBONES[0] and not path.is_file():
+            path = results / "suite-test.json"
         if path.is_file():
             recs = [r for r in json.loads(path.read_text()).values() if r["variant"] == "auto" and r["img"] == 112]
             if kept := [r for r in recs if "test_correct" in r]:  # a model with no run yet is not in the tables

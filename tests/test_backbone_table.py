@@ -122,6 +122,17 @@ def test_only_datasets_every_backbone_ran_are_compared():
     assert any(line.startswith("| x |") for line in lines) and not any(line.startswith("| y |") for line in lines)
 
 
+def test_lite0s_auto_comes_from_its_own_file_when_there_is_one(tmp_path):
+    """The backbones compare auto runs of one commit: Lite0's own file (its auto at the other
+    backbones' commit) wins over suite-test.json's current auto, which is the fallback."""
+    def write(name: str, bits: str) -> None:
+        (tmp_path / name).write_text(json.dumps({"k": single("efficientnet_lite0", "x", bits, 0.5)}))
+    write("suite-test.json", "10")
+    assert [r["test_correct"] for r in load(tmp_path)["efficientnet_lite0"]] == ["10"]
+    write("suite-test-efficientnet_lite0.json", "11")
+    assert [r["test_correct"] for r in load(tmp_path)["efficientnet_lite0"]] == ["11"]
+
+
 def test_speed_rates_are_images_over_the_median_lap():
     laps = {"a": {"train": [10.0, 20.0, 11.0], "val": [1.0, 2.0, 4.0]}}
     assert rates(laps, n_train=1000, n_val=100) == {"a": {"train": pytest.approx(1000 / 11), "infer": pytest.approx(50)}}
