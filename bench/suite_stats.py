@@ -87,6 +87,10 @@ def summary_tables(records: Sequence[dict], img: int, evidence: dict[str, dict] 
     running = {d: n for d, n in count.items() if n < max(count.values(), default=0)}
     data = {d: v for d, v in everything.items() if d not in running}
     lines = [f"# Transfer suite ({img} px)", "",
+             "**Superseded** by [suite-test.md](suite-test.md): the held-out test split, three paired seeds, 95 % "
+             "intervals, fastai run as its docs teach. Every figure below is best val accuracy on the split that "
+             "also made the choices, with fastai at `base_lr=1e-3` and no `aug_transforms`: the record of the "
+             "suite that set auto's thresholds, kept for that.", "",
              "Written by `bench/suite.py` from `bench/results/suite.json`. Best val accuracy is the mean ± std over "
              "seeds; wall time is the whole process (start-up, data, probe); *to fastai* is the time until the "
              "run first reaches fastai `fine_tune`'s final accuracy on that dataset.", "",
