@@ -208,3 +208,16 @@ def test_hf_hub_names_are_timm_names_and_fail_offline_with_the_fix(tmp_path):
                           "--num-classes", "3"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "resnet18.a1_in1k" in out.stderr and "--weights none" in out.stderr
+
+
+def test_lite_weights_refuse_a_model_whose_tensor_does_not_fit():
+    """Every renamed tensor's shape is checked against the model's own: a 10-class head is
+    not the packaged 1000-class one, and the message names both."""
+    import timm
+
+    from layerwise.models import lite_state_dict
+
+    with pytest.raises(LayerwiseError, match=r"does not fit classifier\.weight"):
+        lite_state_dict(timm.create_model("tf_efficientnet_lite0", num_classes=10, pretrained=False), 0)
+    ok = lite_state_dict(timm.create_model("tf_efficientnet_lite0", pretrained=False), 0)
+    assert ok["classifier.weight"].shape == (1000, 1280)
