@@ -143,3 +143,29 @@ def test_fit_with_disk_cache(data, tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in stores}
     _same(rows, _metrics(data, tmp_path / "r2", *common, "--cache", "disk", "--cache-dir", str(tmp_path / "c")))
     assert {p: p.stat().st_mtime_ns for p in stores} == mtimes
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_decoding_keeps_every_image_in_order_across_batches_and_skips_unreadable_ones(tmp_path, workers):
+    """Workers hand images over a batch at a time (cache.DECODE_BATCH): the store holds each
+    readable file's pixels, in the items' order, with its own label, whatever the batching."""
+    from layerwise import cache
+
+    items, expected = [], []
+    for i in range(cache.DECODE_BATCH + 7):  # more than one batch, the last one short
+        path = tmp_path / f"{i:03d}.png"
+        if i == 5:
+            path.write_bytes(b"not an image")
+        else:
+            colour = (i * 3 % 256, i * 7 % 256, i * 11 % 256)
+            Image.new("RGB", (8 + i % 3, 8), colour).save(path)
+            expected.append((colour, i % 4))
+        items.append((str(path), i % 4))
+    if workers:  # the warning is the worker process's own
+        images, labels = cache._decode(items, 8, workers, False)
+    else:
+        with pytest.warns(UserWarning, match="skipping unreadable image"):
+            images, labels = cache._decode(items, 8, workers, False)
+    assert labels == [label for _, label in expected]
+    assert [tuple(int(v) for v in img[:, 0, 0]) for img in images] == [colour for colour, _ in expected]
+    assert all(img.dtype == torch.uint8 and img.shape[0] == 3 and img.shape[1] == stored_side(8) for img in images)
