@@ -86,10 +86,10 @@ def _pack(batch: list) -> tuple[torch.Tensor, list[tuple[int, ...]], list[int]]:
 
 
 def _unpack(batches: Iterable[tuple[torch.Tensor, list[tuple[int, ...]], list[int]]]) -> Iterator[tuple[torch.Tensor, int]]:
-    """Each image of :func:`_pack`'s batches, a view of its batch's own copy (out of the
-    workers' shared memory, which is not kept)."""
+    """Each image of :func:`_pack`'s batches, a view of its batch: copied out of a worker's
+    shared memory, which is not kept (each batch there holds a file descriptor open)."""
     for flat, shapes, labels in batches:
-        flat, pos = flat.clone(), 0
+        flat, pos = (flat.clone() if flat.is_shared() else flat), 0
         for shape, label in zip(shapes, labels):
             n = math.prod(shape)
             yield flat[pos:pos + n].view(shape), label

@@ -28,8 +28,8 @@ class Candidate:
 RUNG_EPOCHS = 1.0
 # The rung lengths a race may take, in epochs, longest first: it takes the longest whose race of
 # two fits --race-cost. Half an epoch races where the probe (about an epoch) leaves no room for
-# an epoch's rungs: at the default bound, most sizes of 1,920-3,040 training images and of
-# 160-255 and 384-511 (tests/test_racecost.py). Set on the held-out splits of caltech101,
+# an epoch's rungs: at the default bound, most sizes of 1,920-2,830 and 960-1,023 training
+# images and some of 160-255 and 384-511 (tests/test_racecost.py). Set on the held-out splits of caltech101,
 # cifar10-mini, digits, dtd, flowers17, gtsrb and pbc-blood (Lite0, 112 px, seeds 0 and 1;
 # bench/results/rung-schedule.md): the leader of the three after half an epoch of its own
 # schedule, scored as the race scores it, ended best as often as after a whole epoch (7 of 14,
