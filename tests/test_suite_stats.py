@@ -149,3 +149,18 @@ def test_where_the_1000_image_races_repeat_the_fixed_run_is_what_the_docs_say():
     assert same == {("gtsrb", 2), ("cifar10-mini", 1), ("cifar10-mini", 2)}
     docs = " ".join((root / "docs/strategies.md").read_text().split())
     assert "(gtsrb's third seed, cifar10-mini's second and third)" in docs
+
+
+def test_fashion_mnists_races_and_probe_guards_are_what_the_docs_say():
+    """docs/strategies.md: on fashion-mnist the race kept full at every seed, and the probe guard
+    kept the probe model at two of the three."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    runs = json.loads((root / "bench/results/suite-test.json").read_text())
+    races = [runs[f"fashion-mnist|auto|112|{s}"]["race"] for s in range(3)]
+    assert [r["winner"] for r in races] == ["full"] * 3
+    assert sum(r["probe_guard"]["kept"] for r in races) == 2
+    docs = " ".join((root / "docs/strategies.md").read_text().split())
+    assert ("the race kept `full`, the thresholds' choice, at every seed, and at two seeds the probe guard then kept "
+            "the probe model") in docs
