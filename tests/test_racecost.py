@@ -142,3 +142,47 @@ def test_the_race_takes_the_longest_rung_that_affords_one():
     assert half.rung == 0.5 and len(half.raced) == 2 and half.cost == pytest.approx(1.467, abs=1e-3)
     assert racecost.plan(order, 5, 2000, 500, **kw, rungs=(1.0, 0.5)).rung == 1.0
     assert not racecost.plan(order, 4, 2000, 500, **(kw | {"limit": 1.2}), rungs=(1.0, 0.5)).raced
+
+
+def _suite_sizes() -> dict[str, tuple[int, int]]:
+    """Each suite dataset's training images and the val half that bench/suite.py's held_out
+    keeps (each val class's first half by file name's SHA-1: len // 2 of it)."""
+    from collections import Counter
+
+    from conftest import SHARED_DATA
+    from layerwise.data import digits, load_splits
+
+    folders = {p.name: p for p in sorted((SHARED_DATA / "suite").iterdir()) if (p / "train").is_dir()}
+    folders["cifar10-mini"] = SHARED_DATA / "cifar10-mini"
+    out = {name: (len(load_splits(str(p)).train),
+                  sum(sum(f.is_file() for f in c.iterdir()) // 2 for c in (p / "val").iterdir() if c.is_dir()))
+           for name, p in folders.items()}
+    d = digits()
+    out["digits"] = (len(d.train), sum(n // 2 for n in Counter(label for _, label in d.val).values()))
+    return out
+
+
+def test_what_the_suites_held_out_splits_afford():
+    """docs/strategies.md says how each suite dataset's held-out split races at auto's own budget
+    and the default bound: recomputed from the datasets' sizes (fails if a size, the budget rule
+    or the price moves the plan the docs describe)."""
+    from pathlib import Path
+
+    from layerwise.budget import auto_batch, auto_epochs
+
+    sizes = _suite_sizes()
+    assert len(sizes) == 8
+    epochs = {k: auto_epochs(n, auto_batch(n)) for k, (n, _) in sizes.items()}
+    plans = {k: racecost.plan(race.ordered("discriminative", None), epochs[k], n, v, racecost.COSTS, probe=True,
+                              wise=True, soup=True, limit=1.5) for k, (n, v) in sizes.items()}
+    assert all(len(p.raced) == 2 for p in plans.values())
+    assert {k for k, p in plans.items() if p.rung == 0.5} == {"gtsrb", "cifar10-mini", "fashion-mnist"}
+    assert all(sizes[k][0] == 1000 and epochs[k] == 4 for k, p in plans.items() if p.rung == 0.5)
+    assert {k for k, p in plans.items() if p.wise} == {"dtd", "digits"}
+    assert {k for k, p in plans.items() if p.soup} == {"digits"}
+    lo, hi = min(epochs.values()), max(epochs.values())
+    small, large = min(n for n, _ in sizes.values()), max(n for n, _ in sizes.values())
+    docs = " ".join((Path(__file__).resolve().parents[1] / "docs/strategies.md").read_text().split())
+    assert (f"Of the suite's held-out budgets ({lo}–{hi} epochs of {small:,}–{large:,} images), all race two at 1.5x: "
+            "gtsrb, cifar10-mini and fashion-mnist (4 epochs of 1,000) for half an epoch, the others for an epoch "
+            "(dtd then affords WiSE-FT, the digits both averagings)") in docs
