@@ -165,9 +165,12 @@ def table(by_model: dict[str, list[dict]], speed: dict | None, cost: dict | None
                   "(leave one dataset out):", *rule_lines(by_model, speed["gflops"])]
     if "auto" in by_model:
         both = shared(by_model)
+        best = best_single(by_model, keys)
+        # a paired comparison needs only its two sides' runs: seeds the other backbones lack still count
+        pairs = shared({m: by_model[m] for m in (BACKBONES[0], best, "auto")})
         lines += ["", f"`--model auto` on the {len({d for d, _ in both})} datasets where it has run:", "",
-                  *grid(by_model, [*models, "auto"], both, None), "", *comparisons(by_model, both),
-                  worst_dataset(by_model, both)]
+                  *grid(by_model, [*models, "auto"], both, None), "", *comparisons(by_model, pairs, best),
+                  worst_dataset(by_model, pairs)]
     if cost and cost["geomean"] is not None:
         lines.append(f"- Controlled cost (`bench/model_auto_cost.py`: the two runs back to back on each dataset, "
                      f"nothing else running; [model-auto-cost.md](bench/results/model-auto-cost.md)): `--model auto` "
@@ -231,16 +234,18 @@ def against(by_model: dict[str, list[dict]], models: Sequence[str], ref: str, ke
     return [f"- {SHORT[m]}'s auto − {SHORT[ref]}'s: {paired(by_model, lambda k, m=m: m, ref, keys)}" for m in models]
 
 
-def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]) -> list[str]:
-    """`--model auto` against Lite0's auto and the best single backbone's, paired, 95 % intervals."""
-    best = best_single(by_model, keys)
+def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]], best: str) -> list[str]:
+    """`--model auto` against Lite0's auto and ``best``'s (the best single backbone), paired on
+    ``keys``' seeds and test images, 95 % intervals."""
+    seeds = ", ".join(map(str, sorted({s for _, s in keys})))
     out = []
     for m in dict.fromkeys((BACKBONES[0], best)):
         ratio = over_datasets(lambda k, m=m: pick(by_model, "auto", k)["wall"] / pick(by_model, m, k)["wall"], keys)
         # a ratio of runs that shared the CPU measures the other job: said, not quoted
         wall = (f"wall time {ratio:.2f}× its" if not (loaded(by_model, "auto", keys) or loaded(by_model, m, keys))
                 else "wall times not comparable (†: a run shared the CPU)")
-        out.append(f"- `--model auto` − {SHORT[m]}'s auto{' (the best single backbone)' if m == best else ''}: "
+        out.append(f"- `--model auto` − {SHORT[m]}'s auto{' (the best single backbone)' if m == best else ''}, "
+                   f"seeds {seeds}: "
                    f"{paired(by_model, lambda k: 'auto', m, keys)}; {wall}")
     return out
 
@@ -253,7 +258,8 @@ def worst_dataset(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int
              for d in sorted({d for d, _ in keys})}
     d = min(diffs, key=lambda d: diffs[d].mean)
     outside = [x for x, v in diffs.items() if v.hi < 0]
-    return (f"- Worst dataset for `--model auto` against {SHORT[ref]}'s auto: {d}, "
+    return (f"- Worst dataset for `--model auto` against {SHORT[ref]}'s auto (seeds "
+            f"{', '.join(map(str, sorted({s for _, s in keys})))}): {d}, "
             f"{diffs[d].cell().replace(']', '] points', 1)}; below it outside the interval on "
             + (", ".join(outside) if outside else "none") + f" of the {len(diffs)}")
 
