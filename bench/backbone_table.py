@@ -201,7 +201,8 @@ def grid(by_model: dict[str, list[dict]], models: Sequence[str], keys: Sequence[
             lines.append(f"| {label} | " + " | ".join(f"{rates[m][what]:.0f}" if m in rates else "" for m in models) + end)
     if shared_cpu:
         lines += ["", f"† measured while another job shared the 2-core CPU (load average above {LOADED:g}): "
-                  "the wall time is not the backbone's; its speed rows are"]
+                  "the wall time is not the backbone's; the img/s rows (one process, the backbones taking turns) and "
+                  "the controlled cost line compare speed"]
     return lines
 
 
