@@ -18,6 +18,8 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from competitor import LOADED, ROOT, run_child, save_json
@@ -42,6 +44,16 @@ def wait_for_quiet(limit: float = QUIET, patience_s: float = 600.0) -> float:
     while os.getloadavg()[0] > limit and time.monotonic() < deadline:
         time.sleep(10)
     return os.getloadavg()[0]
+
+
+def record_quiet(path: Path, results: dict, key: str, run: Callable[[], dict], fields: dict) -> dict:
+    """``run()`` once the machine is quiet, recorded under ``key`` with ``fields`` and the load
+    average before and after, and saved at once, so that an interrupted bench resumes."""
+    before = wait_for_quiet()
+    rec = run()
+    results[key] = rec | fields | {"load": [before, os.getloadavg()[0]]}
+    save_json(path, results)
+    return results[key]
 
 
 def run_one(data: Path, model: str, img: int, seed: int, out: Path) -> dict:
@@ -124,11 +136,10 @@ def main() -> None:
                 key = f"{name}|{model}|{args.img_size}|{args.seed}"
                 if key in results:
                     continue
-                before = wait_for_quiet()
-                rec = run_one(data, model, args.img_size, args.seed, ROOT / "runs" / "model-auto-cost" / name / model)
-                results[key] = rec | {"dataset": name, "model": model, "load": [before, os.getloadavg()[0]]}
-                print(f"{name} {model}: {rec['wall']:.0f}s ({rec['backbone']}), load {before:.1f}", flush=True)
-                save_json(path, results)
+                out = ROOT / "runs" / "model-auto-cost" / name / model
+                rec = record_quiet(path, results, key, partial(run_one, data, model, args.img_size, args.seed, out),
+                                   {"dataset": name, "model": model})
+                print(f"{name} {model}: {rec['wall']:.0f}s ({rec['backbone']}), load {rec['load'][0]:.1f}", flush=True)
     (RESULTS / "model-auto-cost.md").write_text(report(results))
     print(report(results))
 

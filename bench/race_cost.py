@@ -22,10 +22,11 @@ import argparse
 import json
 import os
 import statistics
+from functools import partial
 from pathlib import Path
 
-from competitor import LOADED, ROOT, run_child, save_json
-from model_auto_cost import wait_for_quiet
+from competitor import LOADED, ROOT, run_child
+from model_auto_cost import record_quiet
 from suite import budget, datasets, fit_command, held_out
 
 RESULTS = ROOT / "bench" / "results"
@@ -147,12 +148,10 @@ def main() -> None:
                     key = f"{size}|{variant}|{r}"
                     if key in results:
                         continue
-                    before = wait_for_quiet()
-                    rec = run_one(data, variant, args.race_cost, ROOT / "runs" / "race-cost" / "out" / variant)
-                    results[key] = rec | {"size": size, "variant": variant, "round": r, "limit": args.race_cost,
-                                          "load": [before, os.getloadavg()[0]]}
-                    print(f"{size} round {r} {variant}: {rec['wall']:.0f}s, load {before:.1f}", flush=True)
-                    save_json(path, results)
+                    out = ROOT / "runs" / "race-cost" / "out" / variant
+                    rec = record_quiet(path, results, key, partial(run_one, data, variant, args.race_cost, out),
+                                       {"size": size, "variant": variant, "round": r, "limit": args.race_cost})
+                    print(f"{size} round {r} {variant}: {rec['wall']:.0f}s, load {rec['load'][0]:.1f}", flush=True)
     (RESULTS / "race-cost-pairs.md").write_text(report(results))
     print(report(results))
 
