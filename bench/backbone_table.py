@@ -52,6 +52,11 @@ def shared(by_model: dict[str, list[dict]]) -> list[tuple[str, int]]:
     return sorted(set.intersection(*keys)) if keys else []
 
 
+def seed_list(keys: Sequence[tuple[str, int]]) -> str:
+    """The seeds ``keys`` cover, as the lines name them: "0, 1, 2"."""
+    return ", ".join(map(str, sorted({s for _, s in keys})))
+
+
 def pick(by_model: dict[str, list[dict]], model: str, key: tuple[str, int]) -> dict:
     return next(r for r in by_model[model] if (r["dataset"], r["seed"]) == key)
 
@@ -153,8 +158,7 @@ def table(by_model: dict[str, list[dict]], speed: dict | None, cost: dict | None
     with its comparisons, and (``cost``: model_auto_cost.summary) its controlled cost."""
     models = singles(by_model)
     keys = shared({m: by_model[m] for m in models})
-    seeds = sorted({s for _, s in keys})
-    lines = [f"Test accuracy of each backbone's `auto` (seeds {', '.join(map(str, seeds))}; 112 px; the suite's "
+    lines = [f"Test accuracy of each backbone's `auto` (seeds {seed_list(keys)}; 112 px; the suite's "
              f"held-out splits, `bench/suite.py --test-split --model MODEL --variants auto`).", "",
              *grid(by_model, models, keys, speed), "",
              "Fine-tuning gain (auto's best val accuracy minus its frozen probe's, both on val, mean over these "
@@ -238,7 +242,6 @@ def against(by_model: dict[str, list[dict]], models: Sequence[str], ref: str, ke
 def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]], best: str) -> list[str]:
     """`--model auto` against Lite0's auto and ``best``'s (the best single backbone), paired on
     ``keys``' seeds and test images, 95 % intervals."""
-    seeds = ", ".join(map(str, sorted({s for _, s in keys})))
     out = []
     for m in dict.fromkeys((BACKBONES[0], best)):
         ratio = over_datasets(lambda k, m=m: pick(by_model, "auto", k)["wall"] / pick(by_model, m, k)["wall"], keys)
@@ -246,7 +249,7 @@ def comparisons(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int]]
         wall = (f"wall time {ratio:.2f}× its" if not (loaded(by_model, "auto", keys) or loaded(by_model, m, keys))
                 else "wall times not comparable (†: a run shared the CPU)")
         out.append(f"- `--model auto` − {SHORT[m]}'s auto{' (the best single backbone)' if m == best else ''}, "
-                   f"seeds {seeds}: "
+                   f"seeds {seed_list(keys)}: "
                    f"{paired(by_model, lambda k: 'auto', m, keys)}; {wall}")
     return out
 
@@ -259,8 +262,7 @@ def worst_dataset(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int
              for d in sorted({d for d, _ in keys})}
     d = min(diffs, key=lambda d: diffs[d].mean)
     outside = [x for x, v in diffs.items() if v.hi < 0]
-    return (f"- Worst dataset for `--model auto` against {SHORT[ref]}'s auto (seeds "
-            f"{', '.join(map(str, sorted({s for _, s in keys})))}): {d}, "
+    return (f"- Worst dataset for `--model auto` against {SHORT[ref]}'s auto (seeds {seed_list(keys)}): {d}, "
             f"{diffs[d].cell().replace(']', '] points', 1)}; below it outside the interval on "
             + (", ".join(outside) if outside else "none") + f" of the {len(diffs)}")
 

@@ -56,6 +56,11 @@ def with_load(run: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> tuple[T
     return out, [before, os.getloadavg()[0]]
 
 
+def load_json(path: Path) -> dict:
+    """A bench's recorded results, or none yet (a bench resumes from what ``save_json`` wrote)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def save_json(path: Path, obj: object) -> None:
     """Write through a temporary file: a benchmark saves after every run, and a kill then loses
     at most the run in progress, never the file."""

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from competitor import ROOT
+from competitor import ROOT, load_json
 from suite import datasets
 
 RESULTS = ROOT / "bench" / "results"
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--datasets", default="", help="comma-separated subset (default: all)")
     args = p.parse_args()
     path = RESULTS / "evidence.json"
-    table = json.loads(path.read_text()) if path.is_file() else {}
+    table = load_json(path)
     at = table.setdefault(str(args.img_size), {})
     for name, data in datasets().items():
         if args.datasets and name not in args.datasets.split(","):

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from competitor import LOADED, ROOT, run_child, save_json
+from competitor import LOADED, ROOT, load_json, run_child, save_json
 from suite import budget, datasets, fit_command, held_out
 
 RESULTS = ROOT / "bench" / "results"
@@ -127,7 +127,7 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     path = Path(args.results)
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = load_json(path)
     if not args.report_only:
         found = datasets()
         for i, name in enumerate(args.datasets.split(",")):

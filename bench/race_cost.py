@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from functools import partial
 from pathlib import Path
 
-from competitor import LOADED, ROOT, run_child
+from competitor import LOADED, ROOT, load_json, run_child
 from model_auto_cost import record_quiet
-from suite import budget, datasets, fit_command, held_out
+from suite import budget, datasets, fit_command, held_out, link
 
 RESULTS = ROOT / "bench" / "results"
 VARIANTS = {"discriminative": ["--bn", "eval"], "auto": []}  # the reference first: --race-cost counts in its runs
@@ -49,10 +48,7 @@ def subset(data: Path, train: int, val: int, root: Path) -> Path:
         return out
     for part, n in (("train", train), ("val", val)):
         for cls in sorted(p for p in (data / part).iterdir() if p.is_dir()):
-            dst = out / part / cls.name
-            dst.mkdir(parents=True, exist_ok=True)
-            for f in sorted(f for f in cls.iterdir() if f.is_file())[:n]:
-                os.symlink(f.resolve(), dst / f.name)
+            link(sorted(f for f in cls.iterdir() if f.is_file())[:n], out / part / cls.name)
     return out
 
 
@@ -92,11 +88,12 @@ def summary(results: dict) -> dict[str, dict]:
     for size, rounds in sorted(by.items()):
         done = {r: v for r, v in sorted(rounds.items()) if all(k in v for k in VARIANTS)}
         ratios = {r: v["auto"]["wall"] / v["discriminative"]["wall"] for r, v in done.items()}
-        clean = [x for r, x in ratios.items() if not any(loaded(v) for v in done[r].values())]
-        autos = [v["auto"] for v in done.values()]
-        out[size] = {"ratios": ratios, "clean": len(clean), "geomean": statistics.geometric_mean(clean) if clean else None,
-                     "priced": autos[0].get("priced") if autos else None, "raced": autos[0].get("raced") if autos else None,
-                     "rung": autos[0].get("rung") if autos else None, "limit": autos[0].get("limit") if autos else None,
+        shared_cpu = {r for r, v in done.items() if any(loaded(x) for x in v.values())}
+        clean = [x for r, x in ratios.items() if r not in shared_cpu]
+        first = next(iter(done.values()))["auto"] if done else {}
+        out[size] = {"ratios": ratios, "shared": shared_cpu, "clean": len(clean),
+                     "geomean": statistics.geometric_mean(clean) if clean else None,
+                     **{k: first.get(k) for k in ("priced", "raced", "rung", "limit")},
                      "walls": {k: [v[k]["wall"] for v in done.values()] for k in VARIANTS}}
     return out
 
@@ -116,8 +113,7 @@ def report(results: dict) -> str:
         recs = [r for r in results.values() if r["size"] == size]
         epochs, batch = recs[0]["epochs"], recs[0]["batch"]
         plan = (f"{', '.join(s['raced'])} for {s['rung']:g} epoch(s)" if s["raced"] else "no race")
-        marks = {r: any(loaded(x) for x in recs if x["round"] == r) for r in s["ratios"]}
-        ratios = ", ".join(f"{x:.2f}{' †' * marks[r]}" for r, x in s["ratios"].items())
+        ratios = ", ".join(f"{x:.2f}{' †' * (r in s['shared'])}" for r, x in s["ratios"].items())
         walls = {k: ", ".join(f"{w:.0f}" for w in v) for k, v in s["walls"].items()}
         mean = f"{s['geomean']:.2f}" if s["geomean"] is not None else "—"
         lines.append(f"| {size} | {epochs}, {batch} | {plan} | {s['priced'] if s['priced'] is not None else '—'} | "
@@ -135,7 +131,7 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     path = Path(args.results)
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = load_json(path)
     if not args.report_only:
         found = datasets()
         for text in args.sizes.split(","):

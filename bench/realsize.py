@@ -25,7 +25,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from competitor import ROOT, run_child, save_json, with_load  # bench/ is on the path: these run as scripts
+from competitor import ROOT, load_json, run_child, save_json, with_load  # bench/ is on the path: these run as scripts
 from suite_stats import time_to
 
 from layerwise.resolution import snap
@@ -123,7 +123,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     path = Path(args.results)
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = load_json(path)
     for name in args.datasets.split(","):
         data = SUITE / name
         if not (data / "train").is_dir():

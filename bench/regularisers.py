@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from competitor import ROOT, run_child, save_json
+from competitor import ROOT, load_json, run_child, save_json
 from heldout import paired_matrix, suite_diff
 from suite import RESULTS, budget, datasets, fit_command, held_out, test_record
 
@@ -59,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     data = held_out(args.dataset, datasets()[args.dataset], ROOT / "runs" / "suite-split")
     b = budget(data)
-    records = json.loads(PATH.read_text()) if PATH.is_file() else {}
+    records = load_json(PATH)
     strategy = args.strategy.split()
     for seed in (int(s) for s in args.seeds.split(",")):
         for reg in REGS:

@@ -31,7 +31,7 @@ import statistics
 from collections.abc import Collection
 from pathlib import Path
 
-from competitor import save_json  # bench/ is on the path: these run as scripts
+from competitor import load_json, save_json  # bench/ is on the path: these run as scripts
 from suite import RESULTS, ROOT, budget, datasets, held_out
 
 # schedule -> (config overrides, rung in epochs)
@@ -155,7 +155,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown schedule {unknown[0]!r}; choose from {', '.join(SCHEDULES)}")
     suite = json.loads((RESULTS / "suite-test.json").read_text())
-    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    results = load_json(OUT)
     if not args.report_only:
         for name, data in datasets().items():
             key = f"{name}|{args.img_size}|{args.seed}"

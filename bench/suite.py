@@ -28,10 +28,10 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from competitor import ROOT, run_child, save_json, with_load  # bench/ is on the path: these run as scripts
+from competitor import ROOT, load_json, run_child, save_json, with_load  # bench/ is on the path: these run as scripts
 
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "bench" / "results"
@@ -62,25 +62,28 @@ def held_out(name: str, data: Path, root: Path) -> Path:
     reported). train/ is unchanged. Written once as a tree of symlinks under ``root``; the
     shared data is never modified."""
     import hashlib
-    import os
 
     out = root / name
     if (out / "test").is_dir():
         return out
     for cls in sorted(p for p in (data / "train").iterdir() if p.is_dir()):
-        dst = out / "train" / cls.name
-        dst.mkdir(parents=True, exist_ok=True)
-        for f in cls.iterdir():
-            os.symlink(f.resolve(), dst / f.name)
+        link(cls.iterdir(), out / "train" / cls.name)
     for cls in sorted(p for p in (data / "val").iterdir() if p.is_dir()):
         files = sorted((f for f in cls.iterdir() if f.is_file()), key=lambda f: hashlib.sha1(f.name.encode()).hexdigest())
         half = len(files) // 2
         for part, chunk in (("val", files[:half]), ("test", files[half:])):
-            dst = out / part / cls.name
-            dst.mkdir(parents=True, exist_ok=True)
-            for f in chunk:
-                os.symlink(f.resolve(), dst / f.name)
+            link(chunk, out / part / cls.name)
     return out
+
+
+def link(files: Iterable[Path], dst: Path) -> None:
+    """Symlinks to ``files`` in folder ``dst`` (created), under the same names: a split's class
+    folder without copying or touching the shared data."""
+    import os
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        os.symlink(f.resolve(), dst / f.name)
 
 
 def export_digits(root: Path) -> Path:
@@ -242,7 +245,7 @@ def main() -> None:
     if args.test_split and args.results == str(RESULTS / "suite.json"):
         args.results = str(RESULTS / f"suite-test{tag}.json")  # never mixed with the runs that chose on their score
     results_path = Path(args.results)
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = load_json(results_path)
     chosen = [v for v in variants(args.quick, args.model) if not args.variants or v in args.variants.split(",")]
     for name, data in ({} if args.report_only else datasets()).items():
         if args.datasets and name not in args.datasets.split(","):

@@ -18,12 +18,11 @@ Results: bench/results/tta-views.json (resumable) and tta-views.md.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 from pathlib import Path
 
-from competitor import ROOT, save_json
+from competitor import ROOT, load_json, save_json
 
 RESULTS = ROOT / "bench" / "results"
 SETS = ("none", "hflip", "multi-scale", "hflip+multi-scale")  # fewer views first
@@ -129,7 +128,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     path = RESULTS / "tta-views.json"
-    records = json.loads(path.read_text()) if path.is_file() else {}
+    records = load_json(path)
     if not args.report_only:
         import torch
 
