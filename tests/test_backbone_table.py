@@ -149,13 +149,14 @@ def test_the_readme_block_is_the_committed_results():
 def test_the_backbone_figures_in_concepts_md_are_the_suites():
     """docs/concepts.md quotes the backbones' gains, SqueezeNet's auto against Lite0's and the
     rules' scores: recomputed here from the committed results."""
-    from backbone_table import RULES, gains, mean_test, pick, shared, singles
+    from backbone_table import RULES, gains, mean_test, paired_diff, pick, shared, singles
+    from heldout import Diff
 
     results = ROOT / "bench" / "results"
     by_model = load(results)
     models = singles(by_model)
     keys = shared({m: by_model[m] for m in models})
-    words = {7: "seven", 8: "eight"}
+    words = {2: "two", 7: "seven", 8: "eight"}
     lo, sq = "efficientnet_lite0", "squeezenet1_1"
     gflops = json.loads((results / "backbone-speed.json").read_text())["gflops"]
     score = {}
@@ -171,6 +172,12 @@ def test_the_backbone_figures_in_concepts_md_are_the_suites():
     assert all(pick(by_model, sq, k)["test"] < pick(by_model, lo, k)["test"] for k in keys)
     assert (f"below Lite0's on all {words[len(datasets)]} held-out splits at seeds {', '.join(map(str, seeds))} "
             f"(mean {mean_test(by_model, sq, keys):.3f} against {mean_test(by_model, lo, keys):.3f})") in docs
+    def probe_ahead(k: tuple[str, int]) -> bool:
+        return pick(by_model, sq, k)["probe_acc"] > pick(by_model, lo, k)["probe_acc"]
+
+    ahead = sorted(d for d in datasets if all(probe_ahead(k) for k in keys if k[0] == d))
+    assert not any(probe_ahead(k) for k in keys if k[0] not in ahead)  # "ahead on two datasets", nowhere else
+    assert f"ahead of Lite0's on {words[len(ahead)]} datasets ({' and '.join(ahead)}, at every seed)" in docs
     old, new, cheap = (score[n] for n in ("probe only, cheapest within the noise",
                                           "probe + fine-tuning gain (backbones.choose)",
                                           "probe + fine-tuning gain, cheapest within the noise"))
@@ -181,6 +188,14 @@ def test_the_backbone_figures_in_concepts_md_are_the_suites():
     assert (f"the gain rule scores {new[0]:.3f} ({counts(new[1])}), against "
             f"{mean_test(by_model, 'efficientnet_lite2', keys):.3f} for always Lite2, the best single backbone, "
             f"and {mean_test(by_model, lo, keys):.3f} for always Lite0") in docs
+    def interval(d: Diff) -> str:  # Diff.cell's figures, with the docs' minus signs
+        return f"{100 * d.mean:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}]".replace("-", "−")
+
+    rule = rule_outcome(by_model, RULES["probe + fine-tuning gain (backbones.choose)"], gflops)
+    assert (f"(the rule − always Lite2: {interval(paired_diff(by_model, lambda k: rule[k], 'efficientnet_lite2', keys))}"
+            " points)") in docs
+    assert (f"(Lite1's auto − Lite0's: {interval(paired_diff(by_model, lambda k: 'efficientnet_lite1', lo, keys))}"
+            " points)") in docs
     assert f"picked Lite0 on {cheap[1][lo]} of the {len(keys)} runs and scored {cheap[0]:.3f}, no better than" in docs
     assert cheap[0] <= mean_test(by_model, lo, keys) + 1e-9
     lift = mean_test(by_model, "efficientnet_lite2", keys) - mean_test(by_model, lo, keys)
