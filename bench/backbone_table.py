@@ -12,6 +12,7 @@ tested on made-up ones.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from collections.abc import Callable, Sequence
@@ -99,12 +100,18 @@ def best_probe(probe: dict[str, float], gflops: dict[str, float], gains: dict[st
     return max(probe, key=lambda k: (probe[k], -gflops[k]))
 
 
+def always(model: str, probe: dict[str, float], gflops: dict[str, float], gains: dict[str, float], n_val: int) -> str:
+    """No choice: ``model`` on every dataset (the single backbones, as rules, so val can rank them too)."""
+    return model
+
+
 RULES: dict[str, Rule] = {
     "probe + fine-tuning gain (backbones.choose)": with_gain,
     "probe + fine-tuning gain, cheapest within the noise": gain_cheapest_in_noise,
     "probe only, cheapest within the noise": cheapest_in_noise,
     "best probe": best_probe,
     "largest within the noise": largest_in_noise,
+    **{f"always {SHORT[m]}": functools.partial(always, m) for m in BACKBONES},
 }
 
 
@@ -267,19 +274,42 @@ def worst_dataset(by_model: dict[str, list[dict]], keys: Sequence[tuple[str, int
             + (", ".join(outside) if outside else "none") + f" of the {len(diffs)}")
 
 
-def rule_lines(by_model: dict[str, list[dict]], gflops: dict[str, float]) -> list[str]:
-    """Each rule's mean test accuracy on the datasets where every single backbone's auto ran, and
-    its picks minus the best single backbone's auto, paired (95 % interval)."""
+def rule_scores(by_model: dict[str, list[dict]], gflops: dict[str, float]
+                ) -> dict[str, tuple[float, float, dict[tuple[str, int], str]]]:
+    """Rule name -> its picks' mean val accuracy (their auto's best val epoch: the score that may
+    choose a rule), mean test accuracy (only reported) and the picks themselves, on the datasets
+    where every single backbone's auto ran; a rule that picks a backbone with no runs is left out."""
     keys = shared({m: by_model[m] for m in singles(by_model)})
-    best = best_single(by_model, keys)
-    out = []
+    out = {}
     for name, rule in RULES.items():
         picks = rule_outcome(by_model, rule, gflops)
-        acc = over_datasets(lambda k, p=picks: pick(by_model, p[k], k)["test"], keys)
+        if set(picks.values()) <= set(by_model):
+            out[name] = tuple(over_datasets(lambda k, p=picks, s=split: pick(by_model, p[k], k)[s], keys)
+                              for split in ("best", "test")) + (picks,)
+    return out
+
+
+def chosen_on_val(scores: dict[str, tuple[float, float, dict]]) -> str:
+    """The rule with the best mean val accuracy (the first listed on a tie)."""
+    return max(scores, key=lambda n: scores[n][0])
+
+
+def rule_lines(by_model: dict[str, list[dict]], gflops: dict[str, float]) -> list[str]:
+    """Each rule's mean val and test accuracy (:func:`rule_scores`) and its picks minus the best
+    single backbone's auto on test, paired (95 % interval); then the rule val chooses and what
+    that choice scores on test."""
+    keys = shared({m: by_model[m] for m in singles(by_model)})
+    best = best_single(by_model, keys)
+    scores, out = rule_scores(by_model, gflops), []
+    for name, (val, acc, picks) in scores.items():
         counts = ", ".join(f"{SHORT[b]} {sum(v == b for v in picks.values())}" for b in BACKBONES
                            if any(v == b for v in picks.values()))
-        out.append(f"- rule *{name}*: mean test {acc:.3f} ({counts}); − {SHORT[best]}'s auto, the best single "
-                   f"backbone: {paired(by_model, lambda k, p=picks: p[k], best, keys)}")
+        out.append(f"- rule *{name}*: mean val {val:.3f}, mean test {acc:.3f} ({counts}); − {SHORT[best]}'s "
+                   f"auto, the best single backbone: {paired(by_model, lambda k, p=picks: p[k], best, keys)}")
+    chosen = chosen_on_val(scores)
+    picks = scores[chosen][2]
+    out.append(f"- Chosen on val (the best mean val): *{chosen}*; its test − {SHORT[best]}'s auto, the best single "
+               f"backbone on test: {paired(by_model, lambda k: picks[k], best, keys)}")
     return out
 
 

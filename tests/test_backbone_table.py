@@ -94,9 +94,9 @@ def test_the_table_scores_each_rule_by_the_picked_backbones_own_auto():
     assert "- SqueezeNet's auto − Lite0's: -50.0 [" in text and "- Lite1's auto − Lite0's: -25.0 [" in text
     # on y every probe is outside the noise (100,000 images): best probe picks SqueezeNet (0.5); the
     # gain rule, with x's gains, Lite0 (1.0)
-    assert "rule *probe + fine-tuning gain (backbones.choose)*: mean test 1.000 (Lite0 2); − Lite0's auto, the best single backbone: the same run" in text
-    assert "rule *best probe*: mean test 0.750 (Lite0 1, SqueezeNet 1); − Lite0's auto, the best single backbone: -25.0 [" in text
-    assert "rule *probe only, cheapest within the noise*: mean test 0.500 (SqueezeNet 2)" in text
+    assert "rule *probe + fine-tuning gain (backbones.choose)*: mean val 1.000, mean test 1.000 (Lite0 2); − Lite0's auto, the best single backbone: the same run" in text
+    assert "rule *best probe*: mean val 0.750, mean test 0.750 (Lite0 1, SqueezeNet 1); − Lite0's auto, the best single backbone: -25.0 [" in text
+    assert "rule *probe only, cheapest within the noise*: mean val 0.500, mean test 0.500 (SqueezeNet 2)" in text
 
 
 def test_a_rule_is_scored_with_the_gains_of_the_other_datasets_only():
@@ -200,6 +200,19 @@ def test_the_backbone_figures_in_concepts_md_are_the_suites():
     assert cheap[0] <= mean_test(by_model, lo, keys) + 1e-9
     lift = mean_test(by_model, "efficientnet_lite2", keys) - mean_test(by_model, lo, keys)
     assert f"Lite2's auto is {100 * lift:+.1f} points above Lite0's there, inside the noise" in docs
+    from backbone_table import chosen_on_val, rule_scores
+
+    scores = rule_scores(by_model, gflops)
+    ranked = [n for n in sorted(scores, key=lambda n: -scores[n][0]) if n != "largest within the noise"]  # = always Lite2
+    assert ranked[:3] == ["always Lite0", "always Lite2", "probe + fine-tuning gain (backbones.choose)"]
+    assert (f"always Lite0 comes first ({scores[ranked[0]][0]:.3f}), then always Lite2 ({scores[ranked[1]][0]:.3f}) "
+            f"and the gain rule ({scores[ranked[2]][0]:.3f})") in docs
+    assert chosen_on_val(scores) == "always Lite0"
+    assert (f"its test is {interval(paired_diff(by_model, lambda k: lo, 'efficientnet_lite2', keys))} points from "
+            "always Lite2's") in docs
+    speed = json.loads((results / "backbone-speed.json").read_text())["rates"]
+    ratio = speed[lo]["train"] / speed["efficientnet_lite2"]["train"]
+    assert f"Lite2's training steps are {ratio:.1f}× Lite0's" in docs
 
 
 def test_the_shipped_fine_tuning_gains_are_the_suites():
@@ -259,3 +272,17 @@ def test_model_auto_is_compared_on_every_seed_its_two_sides_ran():
     assert "`--model auto` − Lite0's auto, seeds 0, 1: +37.5 [" in text
     assert "`--model auto` − Lite2's auto (the best single backbone), seeds 0, 1: +25.0 [" in text
     assert "Worst dataset for `--model auto` against Lite0's auto (seeds 0, 1): x, +37.5 [" in text
+
+
+def test_val_chooses_the_rule_and_test_only_reports_it():
+    """Lite2's best val epoch leads on both datasets but its test trails Lite0's: the rule chosen is
+    one val ranks first (one that picks Lite2: the gain rule ties with always-Lite2, the first listed
+    wins), and its test line is the loss test then shows."""
+    by_model = {"efficientnet_lite0": [single("efficientnet_lite0", d, "1111", 0.8, best=0.7) for d in "xy"],
+                "efficientnet_lite2": [single("efficientnet_lite2", d, "1100", 0.7, best=0.9) for d in "xy"]}
+    lines = table(by_model, {"gflops": GFLOPS, "rates": {}})
+    assert "- rule *always Lite2*: mean val 0.900, mean test 0.500 (Lite2 2); − Lite0's auto, the best single backbone: -50.0 [" in "\n".join(lines)
+    chosen = next(line for line in lines if line.startswith("- Chosen on val"))
+    assert chosen.startswith("- Chosen on val (the best mean val): *probe + fine-tuning gain (backbones.choose)*; its "
+                             "test − Lite0's auto, the best single backbone on test: -50.0 [")
+    assert not any("always Lite1" in line for line in lines)  # no runs of Lite1: no rule for it
