@@ -333,3 +333,16 @@ def test_the_probes_classical_fits_run_in_one_thread_and_restore_the_pools():
     assert threads() == before
     for fn in (probe.fit_probe, probe.knn_accuracy, probe.h_score):
         assert getattr(fn, "__wrapped__", None) is not None, fn  # decorated with one_thread
+
+
+def test_a_single_c_is_the_c_the_probe_fits_at():
+    """The earlier-depth probe passes the last depth's C alone: it must be fitted at that C (it
+    was fitted at sklearn's default 1.0 whatever C was passed)."""
+    from layerwise.probe import fit_probe
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 5)), np.repeat(np.arange(3), 20)
+    x[:, 0] += y  # one informative feature
+    strong, weak = fit_probe(x, y, 3, cs=(0.01,)), fit_probe(x, y, 3, cs=(10.0,))
+    assert (strong.c, weak.c) == (0.01, 10.0)
+    assert np.abs(strong.weight).sum() < np.abs(weak.weight).sum()  # stronger regularisation, smaller weights

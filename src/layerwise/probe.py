@@ -117,7 +117,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, num_classes: int, *, seed: int = 0, 
     from sklearn.preprocessing import StandardScaler
 
     counts = np.bincount(y, minlength=num_classes)
-    c = 1.0
+    c = cs[0] if len(cs) == 1 else 1.0  # one C given: that one; none searchable: sklearn's default
     if len(cs) > 1 and counts[counts > 0].min() >= 2 and len(y) * holdout >= (counts > 0).sum():
         fit_x, held_x, fit_y, held_y = train_test_split(x, y, test_size=holdout, stratify=y, random_state=seed)
         scaler = StandardScaler().fit(fit_x)
