@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from competitor import LOADED
-from heldout import Diff, paired_matrix, suite_diff, with_block
+from heldout import Diff, complete, derived_rows, fixed_variants, paired_matrix, seed_text, suite_diff, with_block
 
 from layerwise.backbones import Candidate, choose, noise
 
@@ -45,6 +45,31 @@ def load(results: Path) -> dict[str, list[dict]]:
             if kept := [r for r in recs if "test_correct" in r]:  # a model with no run yet is not in the tables
                 out[model] = kept
     return out
+
+
+def load_fixed(results: Path) -> dict[str, list[dict]]:
+    """model -> every run recorded on it at 112 px (auto and the fixed strategies): Lite0's from
+    suite-test.json, the suite's own, the others from suite-test-MODEL.json."""
+    out = {}
+    for model in BACKBONES:
+        path = results / ("suite-test.json" if model == BACKBONES[0] else f"suite-test-{model}.json")
+        if path.is_file():
+            out[model] = [r for r in json.loads(path.read_text()).values() if r["img"] == 112 and "test_correct" in r]
+    return out
+
+
+def against_fixed(records: Sequence[dict], model: str) -> str | None:
+    """``model``'s auto minus the hindsight oracle among the fixed strategies run on it, over the
+    datasets and seeds every variant has (heldout.complete), paired: whether auto's thresholds,
+    set on Lite0's suite runs, still reach the best fixed strategy on this backbone. None where
+    no fixed strategy has run on every dataset."""
+    data = derived_rows(complete(records))
+    if not data or "oracle" not in next(iter(data.values())):
+        return None
+    fixed = sorted(set.intersection(*(set(fixed_variants(runs)) for runs in data.values())))
+    diff = suite_diff([paired_matrix(runs["auto"], runs["oracle"]) for runs in data.values()])
+    return (f"- {SHORT[model]}: auto − the oracle of its {len(fixed)} fixed strategies ({', '.join(fixed)}), "
+            f"{len(data)} datasets, seeds {seed_text(data)}: {diff.cell().replace(']', '] points', 1)}")
 
 
 def shared(by_model: dict[str, list[dict]]) -> list[tuple[str, int]]:
@@ -159,10 +184,12 @@ def mean_test(by_model: dict[str, list[dict]], model: str, keys: Sequence[tuple[
     return over_datasets(lambda k: pick(by_model, model, k)["test"], keys)
 
 
-def table(by_model: dict[str, list[dict]], speed: dict | None, cost: dict | None = None) -> list[str]:
-    """The single backbones over the datasets they all ran, their fine-tuning gains and the
-    backbone rules scored on them; then ``--model auto`` over the datasets where it has run too,
-    with its comparisons, and (``cost``: model_auto_cost.summary) its controlled cost."""
+def table(by_model: dict[str, list[dict]], speed: dict | None, cost: dict | None = None,
+          fixed: dict[str, list[dict]] | None = None) -> list[str]:
+    """The single backbones over the datasets they all ran, their fine-tuning gains, (``fixed``:
+    load_fixed) each one's auto against the fixed strategies run on it, and the backbone rules
+    scored on them; then ``--model auto`` over the datasets where it has run too, with its
+    comparisons, and (``cost``: model_auto_cost.summary) its controlled cost."""
     models = singles(by_model)
     keys = shared({m: by_model[m] for m in models})
     lines = [f"Test accuracy of each backbone's `auto` (seeds {seed_list(keys)}; 112 px; the suite's "
@@ -171,6 +198,10 @@ def table(by_model: dict[str, list[dict]], speed: dict | None, cost: dict | None
              "Fine-tuning gain (auto's best val accuracy minus its frozen probe's, both on val, mean over these "
              "datasets): " + ", ".join(f"{SHORT[m]} {100 * g:+.1f}" for m, g in gains(by_model, keys).items()) + " points.",
              "", *against(by_model, models[1:], models[0], keys)]
+    if held := [line for m, recs in (fixed or {}).items() if (line := against_fixed(recs, m))]:
+        lines += ["", "Each backbone's auto against the fixed strategies run on the same backbone (auto's thresholds "
+                  "were set on Lite0's suite runs; the oracle is each dataset's best fixed strategy on test, in "
+                  "hindsight; Lite0's auto here is the suite's, which races the 960–1,023-image band too):", *held]
     if speed:
         lines += ["", "Backbone rules on the same datasets, each scored with the gains of the *other* datasets "
                   "(leave one dataset out):", *rule_lines(by_model, speed["gflops"])]
@@ -313,8 +344,9 @@ def rule_lines(by_model: dict[str, list[dict]], gflops: dict[str, float]) -> lis
     return out
 
 
-def readme_block(by_model: dict[str, list[dict]], speed: dict | None, cost: dict | None = None) -> str:
-    return "\n".join([README_BEGIN, *table(by_model, speed, cost), README_END])
+def readme_block(by_model: dict[str, list[dict]], speed: dict | None, cost: dict | None = None,
+                 fixed: dict[str, list[dict]] | None = None) -> str:
+    return "\n".join([README_BEGIN, *table(by_model, speed, cost, fixed), README_END])
 
 
 def load_cost(results: Path) -> dict | None:
@@ -336,7 +368,7 @@ if __name__ == "__main__":
     results = args.results or root / "bench" / "results"
     speed_path = results / "backbone-speed.json"
     block = readme_block(load(results), json.loads(speed_path.read_text()) if speed_path.is_file() else None,
-                         load_cost(results))
+                         load_cost(results), load_fixed(results))
     print(block)
     if args.readme:
         (root / "README.md").write_text(with_block((root / "README.md").read_text(), block, README_BEGIN, README_END))

@@ -23,6 +23,7 @@ from backbone_table import (  # noqa: E402
     largest_in_noise,
     load,
     load_cost,
+    load_fixed,
     readme_block,
     rule_outcome,
     table,
@@ -142,7 +143,8 @@ def test_the_readme_block_is_the_committed_results():
     results = ROOT / "bench" / "results"
     readme = (ROOT / "README.md").read_text()
     speed = results / "backbone-speed.json"
-    block = readme_block(load(results), json.loads(speed.read_text()) if speed.is_file() else None, load_cost(results))
+    block = readme_block(load(results), json.loads(speed.read_text()) if speed.is_file() else None, load_cost(results),
+                         load_fixed(results))
     assert readme[readme.index(README_BEGIN):readme.index(README_END) + len(README_END)] == block
 
 
@@ -287,3 +289,21 @@ def test_val_chooses_the_rule_and_test_only_reports_it():
     assert chosen.startswith("- Chosen on val (the best mean val): *probe + fine-tuning gain (backbones.choose)*; its "
                              "test − Lite0's auto, the best single backbone on test: -50.0 [")
     assert not any("always Lite1" in line for line in lines)  # no runs of Lite1: no rule for it
+
+
+def test_auto_is_set_against_the_best_fixed_strategy_run_on_its_own_backbone():
+    """The oracle is each dataset's best fixed strategy in hindsight; a variant missing on a
+    dataset leaves that dataset out (never compared on unequal sets); no fixed runs, no line."""
+    from backbone_table import against_fixed
+
+    def run(d: str, v: str, bits: str, seed: int = 0) -> dict:
+        return rec("efficientnet_lite2", d, bits, seed=seed) | {"variant": v, "best": 0.5}
+
+    recs = [run("x", "auto", "1110"), run("x", "full", "1110"), run("x", "head", "1000"),
+            run("y", "auto", "1111"), run("y", "full", "1100"), run("y", "head", "1110"),
+            run("z", "auto", "1111"), run("z", "full", "0000")]  # z lacks head: left out
+    line = against_fixed(recs, "efficientnet_lite2")
+    # x: 0.75 - 0.75 (full); y: 1.00 - 0.75 (head, not full): a mean of +12.5 points
+    assert line is not None and line.startswith("- Lite2: auto − the oracle of its 2 fixed strategies (full, head), "
+                                                "2 datasets, seeds 0: +12.5 [")
+    assert against_fixed([r for r in recs if r["variant"] == "auto"], "efficientnet_lite2") is None
