@@ -40,11 +40,16 @@ def load(results: Path) -> dict[str, list[dict]]:
         path = results / f"suite-test-{model}.json"
         if model == BACKBONES[0] and not path.is_file():
             path = results / "suite-test.json"
-        if path.is_file():
-            recs = [r for r in json.loads(path.read_text()).values() if r["variant"] == "auto" and r["img"] == 112]
-            if kept := [r for r in recs if "test_correct" in r]:  # a model with no run yet is not in the tables
-                out[model] = kept
+        if kept := [r for r in scored(path) if r["variant"] == "auto"]:  # a model with no run yet is not in the tables
+            out[model] = kept
     return out
+
+
+def scored(path: Path) -> list[dict]:
+    """The runs recorded in ``path`` at 112 px that have a test score (none if no file yet)."""
+    if not path.is_file():
+        return []
+    return [r for r in json.loads(path.read_text()).values() if r["img"] == 112 and "test_correct" in r]
 
 
 def load_fixed(results: Path) -> dict[str, list[dict]]:
@@ -52,9 +57,8 @@ def load_fixed(results: Path) -> dict[str, list[dict]]:
     suite-test.json, the suite's own, the others from suite-test-MODEL.json."""
     out = {}
     for model in BACKBONES:
-        path = results / ("suite-test.json" if model == BACKBONES[0] else f"suite-test-{model}.json")
-        if path.is_file():
-            out[model] = [r for r in json.loads(path.read_text()).values() if r["img"] == 112 and "test_correct" in r]
+        if recs := scored(results / ("suite-test.json" if model == BACKBONES[0] else f"suite-test-{model}.json")):
+            out[model] = recs
     return out
 
 
@@ -66,7 +70,7 @@ def against_fixed(records: Sequence[dict], model: str) -> str | None:
     data = derived_rows(complete(records))
     if not data or "oracle" not in next(iter(data.values())):
         return None
-    fixed = sorted(set.intersection(*(set(fixed_variants(runs)) for runs in data.values())))
+    fixed = sorted(fixed_variants(next(iter(data.values()))))  # complete(): every dataset has every variant
     diff = suite_diff([paired_matrix(runs["auto"], runs["oracle"]) for runs in data.values()])
     return (f"- {SHORT[model]}: auto − the oracle of its {len(fixed)} fixed strategies ({', '.join(fixed)}), "
             f"{len(data)} datasets, seeds {seed_text(data)}: {diff.cell().replace(']', '] points', 1)}")
