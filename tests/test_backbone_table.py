@@ -151,7 +151,7 @@ def test_the_readme_block_is_the_committed_results():
 def test_the_backbone_figures_in_concepts_md_are_the_suites():
     """docs/concepts.md quotes the backbones' gains, SqueezeNet's auto against Lite0's and the
     rules' scores: recomputed here from the committed results."""
-    from backbone_table import RULES, gains, mean_test, paired_diff, pick, shared, singles
+    from backbone_table import chosen_on_val, gains, mean_test, paired_diff, pick, rule_scores, shared, singles
     from heldout import Diff
 
     results = ROOT / "bench" / "results"
@@ -161,11 +161,8 @@ def test_the_backbone_figures_in_concepts_md_are_the_suites():
     words = {2: "two", 7: "seven", 8: "eight"}
     lo, sq = "efficientnet_lite0", "squeezenet1_1"
     gflops = json.loads((results / "backbone-speed.json").read_text())["gflops"]
-    score = {}
-    for name, rule in RULES.items():
-        picks = rule_outcome(by_model, rule, gflops)
-        score[name] = (sum(pick(by_model, picks[k], k)["test"] for k in keys) / len(keys),
-                       {m: sum(v == m for v in picks.values()) for m in models})
+    scores = rule_scores(by_model, gflops)  # name -> (mean val, mean test, picks)
+    score = {n: (test, {m: sum(v == m for v in picks.values()) for m in models}) for n, (_, test, picks) in scores.items()}
     docs = " ".join((ROOT / "docs" / "concepts.md").read_text().split())
     g = gains(by_model, [k for k in keys if k[1] == 0])  # FINE_TUNE_GAIN's, set at seed 0
     assert ("112 px: " + ", ".join(f"{SHORT[m]} {100 * g[m]:+.1f}" for m in models).replace("+-", "-")
@@ -193,7 +190,7 @@ def test_the_backbone_figures_in_concepts_md_are_the_suites():
     def interval(d: Diff) -> str:  # Diff.cell's figures, with the docs' minus signs
         return f"{100 * d.mean:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}]".replace("-", "−")
 
-    rule = rule_outcome(by_model, RULES["probe + fine-tuning gain (backbones.choose)"], gflops)
+    rule = scores["probe + fine-tuning gain (backbones.choose)"][2]
     assert (f"(the rule − always Lite2: {interval(paired_diff(by_model, lambda k: rule[k], 'efficientnet_lite2', keys))}"
             " points)") in docs
     assert (f"(Lite1's auto − Lite0's: {interval(paired_diff(by_model, lambda k: 'efficientnet_lite1', lo, keys))}"
@@ -202,9 +199,6 @@ def test_the_backbone_figures_in_concepts_md_are_the_suites():
     assert cheap[0] <= mean_test(by_model, lo, keys) + 1e-9
     lift = mean_test(by_model, "efficientnet_lite2", keys) - mean_test(by_model, lo, keys)
     assert f"Lite2's auto is {100 * lift:+.1f} points above Lite0's there, inside the noise" in docs
-    from backbone_table import chosen_on_val, rule_scores
-
-    scores = rule_scores(by_model, gflops)
     ranked = [n for n in sorted(scores, key=lambda n: -scores[n][0]) if n != "largest within the noise"]  # = always Lite2
     assert ranked[:3] == ["always Lite0", "always Lite2", "probe + fine-tuning gain (backbones.choose)"]
     assert (f"always Lite0 comes first ({scores[ranked[0]][0]:.3f}), then always Lite2 ({scores[ranked[1]][0]:.3f}) "
