@@ -204,6 +204,9 @@ def test_the_backbone_figures_in_concepts_md_are_the_suites():
     assert (f"always Lite0 comes first ({scores[ranked[0]][0]:.3f}), then always Lite2 ({scores[ranked[1]][0]:.3f}) "
             f"and the gain rule ({scores[ranked[2]][0]:.3f})") in docs
     assert chosen_on_val(scores) == "always Lite0"
+    two = "efficientnet_lite2"
+    assert f"(Lite2 − Lite0: {interval(paired_diff(by_model, lambda k: two, lo, keys))} points)" in docs
+    assert f"the val gap, {100 * (scores['always Lite0'][0] - scores['always Lite2'][0]):.1f} points, has no interval" in docs
     assert (f"its test is {interval(paired_diff(by_model, lambda k: lo, 'efficientnet_lite2', keys))} points from "
             "always Lite2's") in docs
     gtsrb = [k for k in shared(by_model) if k[0] == "gtsrb"]
